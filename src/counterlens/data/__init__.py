@@ -1,0 +1,1 @@
+"""Data loading (images, synthetic datasets)."""
