@@ -1,0 +1,239 @@
+"""What every attribution method shares: targets, the batched evaluator, the registry.
+
+Every method is "many model evaluations". They all go through :class:`Evaluator`, which feeds the
+model chunks of at most ``batch_size`` rows, keeps tensors on the model's device and halves the
+chunk when CUDA runs out of memory, so no method loops in Python per sample or per image.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..errors import InputError, MethodError, TargetError
+from ..model import Classifier
+
+
+# -- targets --------------------------------------------------------------------------------------
+def resolve_targets(clf: Classifier, x: torch.Tensor, target, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """One class index per row, ``LongTensor[B]`` on ``clf.device``.
+
+    ``target`` may be ``"predicted"``, a class name, an int, or one of those per row
+    (list / tensor of length B).
+    """
+    batch = x.shape[0]
+    if logits is None:
+        with torch.no_grad():
+            logits = clf.logits(x)
+    n_classes = logits.shape[1]
+    names = clf.class_names(n_classes)
+
+    def one(t) -> int:
+        if isinstance(t, str):
+            if t == "predicted":
+                raise TargetError("'predicted' cannot be mixed with other targets in a list")
+            lowered = {n.lower(): i for i, n in enumerate(names)}
+            if t.lower() not in lowered:
+                raise TargetError(f"target {t!r} is not a class of this model; classes: {names}")
+            return lowered[t.lower()]
+        try:
+            i = int(t)
+        except (TypeError, ValueError) as exc:
+            raise TargetError(f"target {t!r} is not a class index or name; classes: {names}") from exc
+        if not 0 <= i < n_classes:
+            raise TargetError(f"target {i} is out of range: the model has {n_classes} classes ({names})")
+        return i
+
+    if isinstance(target, str) and target == "predicted":
+        out = logits.argmax(dim=1)
+    elif isinstance(target, (str, int)) or (isinstance(target, torch.Tensor) and target.dim() == 0):
+        out = torch.full((batch,), one(target.item() if isinstance(target, torch.Tensor) else target))
+    else:
+        items = target.tolist() if isinstance(target, torch.Tensor) else list(target)
+        if len(items) != batch:
+            raise TargetError(f"{len(items)} targets for a batch of {batch}; pass one per row or a single one")
+        out = torch.tensor([one(t) for t in items])
+    return out.to(device=clf.device, dtype=torch.long)
+
+
+# -- the evaluator --------------------------------------------------------------------------------
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+class Evaluator:
+    """Runs many model evaluations in chunks of at most ``batch_size`` rows.
+
+    ``run(n_rows, work)`` calls ``work(start, stop)`` for consecutive chunks covering
+    ``range(n_rows)`` and returns the list of results. A chunk that runs out of CUDA memory is
+    retried at half the size (down to one row); the smaller size is kept for the rest of the call.
+    Rows can be anything a method indexes: (image, IG step), (image, noise sample), (image, window).
+    """
+
+    def __init__(self, clf: Classifier, batch_size: int = 64):
+        if int(batch_size) < 1:
+            raise InputError(f"batch_size={batch_size}; pass a positive number of rows per model call")
+        self.clf = clf
+        self.batch_size = int(batch_size)
+        self.calls = 0      # model calls made (chunks)
+        self.rows = 0       # rows evaluated
+
+    def run(self, n_rows: int, work: Callable[[int, int], object]) -> list:
+        results, start = [], 0
+        while start < n_rows:
+            stop = min(start + self.batch_size, n_rows)
+            try:
+                results.append(work(start, stop))
+            except RuntimeError as exc:
+                if not _is_oom(exc) or self.batch_size == 1:
+                    raise
+                self.batch_size = max(1, (stop - start) // 2)
+                if self.clf.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            self.calls += 1
+            self.rows += stop - start
+            start = stop
+        return results
+
+    def scores(self, x: torch.Tensor, target: torch.Tensor, *, grad: bool = False, output: str = "logit"):
+        """Target scores of each row of ``x`` (``[N]``), and their input gradients if ``grad``.
+
+        ``x``: ``[N, C, *spatial]`` data-space rows; ``target``: ``[N]`` class per row.
+        ``output``: ``"logit"`` (default) or ``"prob"`` (softmax probability).
+        """
+        score_parts, grad_parts = [], []
+
+        def work(a: int, b: int):
+            xb = x[a:b].detach().requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                s = target_score(self.clf.forward(xb), target[a:b], output)
+                g = gradient_of(s, xb) if grad else None
+            score_parts.append(s.detach())
+            if grad:
+                grad_parts.append(g)
+
+        with self.clf.eval_mode():
+            self.run(x.shape[0], work)
+        s = torch.cat(score_parts)
+        return (s, torch.cat(grad_parts)) if grad else s
+
+
+def target_score(logits: torch.Tensor, target: torch.Tensor, output: str = "logit") -> torch.Tensor:
+    """``[N]`` score of each row's target class from logits ``[N, K]``."""
+    if output == "prob":
+        logits = torch.softmax(logits, dim=1)
+    elif output != "logit":
+        raise InputError(f"output={output!r}; pass 'logit' or 'prob'")
+    return logits.gather(1, target.view(-1, 1)).squeeze(1)
+
+
+def gradient_of(score: torch.Tensor, wrt: torch.Tensor) -> torch.Tensor:
+    """d sum(score) / d wrt, with a clear error for a model that is not differentiable."""
+    if not score.requires_grad:
+        raise MethodError("the model's output does not depend differentiably on its input "
+                          "(no autograd graph); use a perturbation method such as occlusion instead")
+    (g,) = torch.autograd.grad(score.sum(), wrt, allow_unused=True)
+    if g is None:
+        raise MethodError("the model's output does not depend on its input through autograd; "
+                          "use a perturbation method instead")
+    return g
+
+
+def spatial_dims(x: torch.Tensor) -> tuple[int, ...]:
+    """All axes after batch and channel: (2, 3) for 2D, (2, 3, 4) for 3D."""
+    return tuple(range(2, x.dim()))
+
+
+# -- the registry ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    function: Callable
+    summary: str
+    kind: str            # "gradient", "cam", "perturbation", "surrogate"
+
+    def defaults(self) -> dict:
+        sig = inspect.signature(self.function)
+        return {k: p.default for k, p in sig.parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
+
+
+METHODS: dict[str, MethodInfo] = {}
+
+
+def register(kind: str, summary: str):
+    """Decorator: add ``fn`` to :data:`METHODS` under its own name."""
+    def wrap(fn):
+        METHODS[fn.__name__] = MethodInfo(fn.__name__, fn, summary, kind)
+        return fn
+    return wrap
+
+
+def get_method(name: str) -> MethodInfo:
+    key = name.strip().lower().replace("-", "_")
+    if key not in METHODS:
+        raise MethodError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[key]
+
+
+def check_params(info: MethodInfo, params: dict) -> dict:
+    """Reject parameters the method does not take, naming the ones it does."""
+    known = info.defaults()
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise MethodError(f"{info.name} has no parameter {', '.join(unknown)}; "
+                          f"its parameters: {', '.join(f'{k}={v!r}' for k, v in known.items())}")
+    return params
+
+
+def prepare(clf: Classifier, x, target) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate ``x`` and resolve ``target``: the first lines of every method."""
+    x = clf.as_input(x)
+    return x, resolve_targets(clf, x, target)
+
+
+def explain(clf: Classifier, x, target="predicted", methods: Sequence[str] = ("gradcam",),
+            batch_size: int = 64, seed: int = 0, **params) -> dict[str, torch.Tensor]:
+    """Run several attribution methods on one batch.
+
+    Parameters
+    ----------
+    clf : Classifier
+    x : Tensor ``[B, C, *spatial]`` in data space.
+    target : "predicted", class name, int, or one per row.
+    methods : method names (see ``counterlens methods``).
+    batch_size : rows per model call for every method.
+    seed : seed of the random methods.
+    params : ``{"integrated_gradients": {"steps": 64}}`` or flat ``integrated_gradients__steps=64``.
+
+    Returns ``{method: Tensor[B, *spatial]}`` on the CPU.
+    """
+    x = clf.as_input(x)
+    tgt = resolve_targets(clf, x, target)
+    per_method: dict[str, dict] = {}
+    for key, value in params.items():
+        if "__" in key:
+            name, arg = key.split("__", 1)
+            per_method.setdefault(name, {})[arg] = value
+        elif isinstance(value, dict):
+            per_method.setdefault(key, {}).update(value)
+        else:
+            raise MethodError(f"parameter {key!r}: say which method it is for, e.g. "
+                              f"integrated_gradients__steps=64 or params={{'integrated_gradients': {{...}}}}")
+    infos = [get_method(m) for m in methods]
+    unknown = set(per_method) - {i.name for i in infos}
+    if unknown:
+        raise MethodError(f"parameters given for {sorted(unknown)}, which are not among methods={list(methods)}")
+    out = {}
+    for info in infos:
+        kwargs = check_params(info, dict(per_method.get(info.name, {})))
+        defaults = info.defaults()
+        if "batch_size" in defaults:
+            kwargs.setdefault("batch_size", batch_size)
+        if "seed" in defaults:
+            kwargs.setdefault("seed", seed)
+        out[info.name] = info.function(clf, x, tgt, **kwargs).detach().cpu()
+    return out
