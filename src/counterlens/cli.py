@@ -1,0 +1,156 @@
+"""The ``counterlens`` command: parses arguments, calls the library, writes files.
+
+Every subcommand has ``--help``. Errors the user can fix are printed as one line
+(``counterlens: error: ...``) with exit status 2; nothing here computes anything itself.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from .errors import CounterlensError
+
+DEFAULT_METHODS = "gradcam,integrated_gradients"
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_params(items: list[str] | None) -> dict[str, dict]:
+    """``["integrated_gradients.steps=64"]`` -> ``{"integrated_gradients": {"steps": 64}}`` (values as YAML)."""
+    out: dict[str, dict] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not sep or not dot or not method or not name:
+            raise CounterlensError(f"--param {item!r}: write METHOD.NAME=VALUE, e.g. integrated_gradients.steps=64")
+        out.setdefault(method.strip().replace("-", "_"), {})[name.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="PATH",
+                   help="a model directory written by `counterlens train` (model.json + weights), a TorchScript "
+                        "file, a torch.export .pt2 file, or a state_dict file together with --factory")
+    p.add_argument("--factory", metavar="PKG.MODULE:FUNCTION",
+                   help="function that builds the network for a state_dict file (its weights load with weights_only=True)")
+    p.add_argument("--trust-model-file", action="store_true",
+                   help="allow loading a fully pickled model; this runs code from the file, so only for files you trust")
+    p.add_argument("--classes", type=_csv, help="class names in output order, comma-separated (default: from the model card)")
+    p.add_argument("--device", default="auto", help="'auto' (a GPU when present), 'cpu' or 'cuda[:N]' (default: auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="counterlens",
+        description="Explain what a PyTorch classifier bases its decisions on: attribution maps, "
+                    "run directories and an HTML report.")
+    parser.add_argument("--version", action="version", version=f"counterlens {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = sub.add_parser("data", help="generate datasets", description="Generate datasets.")
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    synth = data_sub.add_parser(
+        "synth", help="write a synthetic brain-mri or chest-xray dataset with ground-truth masks",
+        description="Write a seeded synthetic dataset as PNG folders in class-subfolder layout "
+                    "(OUT/Training/<class>/, OUT/Testing/<class>/) with masks in OUT/masks/<name>/.")
+    synth.add_argument("kind", choices=["brain-mri", "chest-xray"])
+    synth.add_argument("--out", required=True, type=Path, help="output folder")
+    synth.add_argument("--n-train", type=int, default=1600, help="training images (default: 1600)")
+    synth.add_argument("--n-test", type=int, default=400, help="test images (default: 400)")
+    synth.add_argument("--size", type=int, default=128, help="image side in pixels (default: 128)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    synth.add_argument("--shortcut-rate", type=float, default=None,
+                       help="chest-xray only: plant a marker that agrees with the label at this rate in training "
+                            "(e.g. 0.9); the test split stays clean")
+
+    train = sub.add_parser("train", help="train a reference model on an image folder",
+                           description="Train a reference CNN on DATA/Training (or DATA itself), test on DATA/Testing "
+                                       "when present, and save a model directory (weights + model.json card).")
+    train.add_argument("--data", required=True, type=Path, help="dataset folder in class-subfolder layout")
+    train.add_argument("--arch", required=True, help="pneumonia-cnn, brain-tumor-cnn or small-resnet")
+    train.add_argument("--out", required=True, type=Path, help="model directory to write")
+    train.add_argument("--size", type=int, default=64, help="input side the model is built for (default: 64)")
+    train.add_argument("--width", type=float, default=1.0, help="channel-width multiplier (default: 1.0)")
+    train.add_argument("--epochs", type=int, default=8, help="training epochs (default: 8)")
+    train.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
+    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    train.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]' (default: auto)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    explain = sub.add_parser("explain", help="explain every image of a folder into a run directory",
+                             description="Compute attribution maps for each image and write RUN/run.yaml, "
+                                         "RUN/results.sqlite, RUN/arrays/ and RUN/report.html. "
+                                         "Re-running into the same RUN resumes where it stopped.")
+    _add_model_args(explain)
+    explain.add_argument("--data", required=True, type=Path,
+                         help="an image file, a flat folder, or a folder in class-subfolder layout")
+    explain.add_argument("--out", required=True, type=Path, help="run directory")
+    explain.add_argument("--methods", type=_csv, default=_csv(DEFAULT_METHODS),
+                         help=f"comma-separated methods (default: {DEFAULT_METHODS}); see `counterlens methods`")
+    explain.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE",
+                         help="method parameter, repeatable, e.g. --param integrated_gradients.steps=64")
+    explain.add_argument("--target", default="predicted", help="'predicted' (default) or a class name or index")
+    explain.add_argument("--masks", type=Path, help="folder of masks matched to images by file stem")
+    explain.add_argument("--limit", type=int, help="explain at most this many images (spread over classes)")
+    explain.add_argument("--batch-size", type=int, default=64, help="rows per model call (default: 64)")
+    explain.add_argument("--images-per-batch", type=int, default=16, help="images explained together (default: 16)")
+    explain.add_argument("--seed", type=int, default=0, help="seed of random methods (default: 0)")
+    explain.add_argument("--clip-percentile", type=float, default=0.5,
+                         help="clip the colour scale of maps at 100 minus this percentile of |map| (default: 0.5)")
+    explain.add_argument("--no-report", action="store_true", help="do not write report.html")
+    explain.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub.add_parser("methods", help="list the attribution methods with their defaults",
+                   description="List every attribution method, a one-line description and its parameters.")
+
+    report = sub.add_parser("report", help="(re)write RUN/report.html from a run directory",
+                            description="Render the self-contained HTML report of a run directory.")
+    report.add_argument("run", type=Path, help="run directory")
+    report.add_argument("--clip-percentile", type=float, default=0.5, help="colour-scale clip (default: 0.5)")
+
+    demo = sub.add_parser("demo", help="the whole path on synthetic brain MRI: data, training, explanations, report",
+                          description="Synthesise brain-MRI slices, train the brain-tumour CNN, explain 16 test images "
+                                      "(correct and incorrect) and write a run directory with report.html.")
+    demo.add_argument("--out", type=Path, default=Path("demo-run"), help="run directory (default: demo-run)")
+    demo.add_argument("--work", type=Path, default=None,
+                      help="where data and model go (default: next to the run, OUT-work)")
+    demo.add_argument("--n-train", type=int, default=1600, help="training images (default: 1600)")
+    demo.add_argument("--n-test", type=int, default=400, help="test images (default: 400)")
+    demo.add_argument("--size", type=int, default=64, help="image side (default: 64)")
+    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
+    demo.add_argument("--cases", type=int, default=16, help="test images to explain (default: 16)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]' (default: auto)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from . import commands
+    handler = {"data": commands.data_synth, "train": commands.train, "explain": commands.explain,
+               "methods": commands.methods, "report": commands.report, "demo": commands.demo}[args.command]
+    try:
+        return handler(args) or 0
+    except CounterlensError as exc:
+        print(f"counterlens: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("counterlens: interrupted; results written so far are kept (re-run to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Figures: attribution overlays on the image as loaded, in correct grey polarity.
+
+A map is shown over the image it explains. Its colour scale is clipped at the
+``100 - clip_percentile`` percentile of ``|map|`` (stated on the figure) so one hot pixel does
+not wash the rest out; signed maps use a diverging scale centred on zero, non-negative maps a
+sequential one. Transparency follows ``|map|``, so unimportant regions show the image.
+3D volumes are shown by their middle slice along the first spatial axis.
+"""
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib import colormaps  # noqa: E402
+from matplotlib.colors import Normalize as ColorNormalize  # noqa: E402
+
+from ..errors import InputError  # noqa: E402
+
+SIGNED_CMAP = "RdBu_r"
+POSITIVE_CMAP = "inferno"
+
+
+def _np(a) -> np.ndarray:
+    return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+
+
+def display_image(image, value_range=None) -> np.ndarray:
+    """``[C, *spatial]`` -> a 2D grey ``[H, W]`` or RGB ``[H, W, 3]`` array in [0, 1] for imshow."""
+    img = _np(image).astype(np.float32)
+    if img.ndim == 2:
+        img = img[None]
+    if img.ndim == 4:                      # [C, D, H, W]: middle slice
+        img = img[:, img.shape[1] // 2]
+    if img.ndim != 3:
+        raise InputError(f"cannot display an image of shape {img.shape}; expected [C, H, W] or [C, D, H, W]")
+    lo, hi = value_range if value_range is not None else (float(img.min()), float(img.max()))
+    img = np.clip((img - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+    return img[0] if img.shape[0] == 1 else np.moveaxis(img[:3], 0, -1)
+
+
+def display_map(attribution) -> np.ndarray:
+    """``[*spatial]`` -> ``[H, W]`` (middle slice of a volume)."""
+    a = _np(attribution).astype(np.float32)
+    return a[a.shape[0] // 2] if a.ndim == 3 else a
+
+
+def map_scale(attribution, clip_percentile: float = 0.5) -> tuple[float, float, bool]:
+    """``(vmin, vmax, signed)``: symmetric for signed maps, ``[0, vmax]`` for non-negative ones."""
+    a = _np(attribution)
+    if not 0 <= clip_percentile < 50:
+        raise InputError(f"clip_percentile={clip_percentile}; pass a percentage in [0, 50), e.g. 0.5")
+    signed = bool((a < 0).any())
+    vmax = float(np.percentile(np.abs(a), 100 - clip_percentile)) if a.size else 0.0
+    vmax = vmax if vmax > 0 else (float(np.abs(a).max()) or 1.0)
+    return (-vmax if signed else 0.0), vmax, signed
+
+
+def overlay(ax, image, attribution, *, clip_percentile: float = 0.5, alpha: float = 0.75,
+            value_range=None, colorbar: bool = True):
+    """Draw ``image`` and ``attribution`` on it; returns the colour-bar mappable."""
+    img = display_image(image, value_range)
+    amap = display_map(attribution)
+    vmin, vmax, signed = map_scale(amap, clip_percentile)
+    cmap = colormaps[SIGNED_CMAP if signed else POSITIVE_CMAP]
+    norm = ColorNormalize(vmin, vmax, clip=True)
+    rgba = cmap(norm(amap))
+    rgba[..., 3] = alpha * np.clip(np.abs(amap) / vmax, 0, 1)
+    ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.imshow(rgba, interpolation="bilinear")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    mappable = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
+    if colorbar:
+        bar = ax.figure.colorbar(mappable, ax=ax, fraction=0.046, pad=0.03)
+        bar.ax.tick_params(labelsize=7)
+        bar.formatter.set_powerlimits((-2, 3))
+    return mappable
+
+
+def plot_attributions(maps: dict, x, *, titles=None, clip_percentile: float = 0.5, alpha: float = 0.75,
+                      value_range=None, max_rows: int = 16):
+    """Grid figure: one row per image, the image then one overlay per method.
+
+    ``maps``: ``{method: [B, *spatial]}``; ``x``: ``[B, C, *spatial]``; ``titles``: one per row.
+    Returns a matplotlib Figure.
+    """
+    x = _np(x)
+    names = list(maps)
+    rows = min(len(x), max_rows)
+    fig, axes = plt.subplots(rows, len(names) + 1, figsize=(2.6 * (len(names) + 1), 2.5 * rows), squeeze=False)
+    for r in range(rows):
+        axes[r, 0].imshow(display_image(x[r], value_range), cmap="gray", vmin=0, vmax=1)
+        axes[r, 0].set_xticks([])
+        axes[r, 0].set_yticks([])
+        axes[r, 0].set_title(titles[r] if titles else f"image {r}", fontsize=8)
+        for c, name in enumerate(names, start=1):
+            overlay(axes[r, c], x[r], _np(maps[name])[r], clip_percentile=clip_percentile, alpha=alpha,
+                    value_range=value_range)
+            if r == 0:
+                axes[r, c].set_title(name, fontsize=9)
+    fig.suptitle(f"colour scale clipped at the {100 - clip_percentile:g}th percentile of |map|", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def case_figure(image, maps: dict, *, title: str = "", clip_percentile: float = 0.5, value_range=None,
+                alpha: float = 0.75):
+    """One case: the image, then one overlay per method with its own colour bar."""
+    fig = plot_attributions({k: _np(v)[None] for k, v in maps.items()}, _np(image)[None], titles=[title],
+                            clip_percentile=clip_percentile, value_range=value_range, alpha=alpha)
+    return fig
+
+
+def image_png(image, value_range=None, size_inches: float = 2.4) -> bytes:
+    """The image alone as PNG bytes."""
+    fig, ax = plt.subplots(figsize=(size_inches, size_inches))
+    ax.imshow(display_image(image, value_range), cmap="gray", vmin=0, vmax=1)
+    ax.set_axis_off()
+    fig.subplots_adjust(0, 0, 1, 1)
+    return figure_png(fig)
+
+
+def overlay_png(image, attribution, *, clip_percentile: float = 0.5, value_range=None,
+                size_inches: float = 2.9) -> bytes:
+    """One overlay with its colour bar as PNG bytes."""
+    fig, ax = plt.subplots(figsize=(size_inches * 1.2, size_inches))
+    overlay(ax, image, attribution, clip_percentile=clip_percentile, value_range=value_range)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def figure_png(fig, dpi: int = 80) -> bytes:
+    """Render and close a figure."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
