@@ -81,7 +81,7 @@ def train_model(data: Path, arch: str, out: Path, *, size: int, width: float, ep
     module = build_model(arch, **kwargs)
     preprocess = Normalize([0.5], [0.25])
     log(f"training {arch} on {len(x)} images of {size}x{size} ({', '.join(classes)}), {epochs} epochs")
-    history = train_classifier(module, x, y, x_val=x_test, y_val=y_test, epochs=epochs, batch_size=batch_size,
+    result = train_classifier(module, x, y, x_val=x_test, y_val=y_test, epochs=epochs, batch_size=batch_size,
                                lr=lr, seed=seed, preprocess=preprocess, progress=progress, device=device)
     clf = Classifier(module, preprocess=preprocess, classes=classes, device=device)
     accuracy = evaluate_accuracy(clf, x_test, y_test)
@@ -89,7 +89,8 @@ def train_model(data: Path, arch: str, out: Path, *, size: int, width: float, ep
                     in_channels=1, input_size=[size, size], value_range=[0, 1],
                     extra={"test_accuracy": accuracy, "n_test": len(x_test), "trained_on": str(Path(data).resolve()),
                            "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-                                        "seconds": round(sum(history.get("seconds", [])), 1)}})
+                                        "seconds": round(float(result["seconds"]), 1),
+                                        "val_acc_per_epoch": [round(a, 4) for a in result["history"]["val_acc"]]}})
     log(f"test accuracy {100 * accuracy:.1f}% on {len(x_test)} images; model written to {out}")
     return json.loads((Path(out) / "model.json").read_text())
 

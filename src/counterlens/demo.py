@@ -18,7 +18,7 @@ from .commands import DEMO_METHODS, load_arrays, run_explain, train_model
 
 DEMO_ARCH = "brain-tumor-cnn"
 DEMO_WIDTH = 0.5
-DEMO_EPOCHS = 6
+DEMO_EPOCHS = 8
 
 
 def pick_cases(predictions: torch.Tensor, labels: torch.Tensor, n: int, max_incorrect: int | None = None) -> list[int]:
@@ -51,8 +51,7 @@ def run_demo(args) -> Path:
     epochs = args.epochs or DEMO_EPOCHS
     t_start = time.perf_counter()
 
-    wanted = {"kind": "brain-mri", "size": args.size, "seed": args.seed,
-              "counts": {"train": args.n_train, "test": args.n_test}}
+    wanted = {"kind": "brain-mri", "size": args.size, "seed": args.seed, "train": args.n_train, "test": args.n_test}
     if not _same_dataset(data_dir, wanted):
         say(f"[1/4] synthesising {args.n_train} + {args.n_test} brain-MRI slices of {args.size}x{args.size} ...")
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -98,4 +97,5 @@ def _same_dataset(data_dir: Path, wanted: dict) -> bool:
     if not meta.exists():
         return False
     have = json.loads(meta.read_text())
+    have.update({split: sum(per_class.values()) for split, per_class in have.get("counts", {}).items()})
     return all(have.get(k) == v for k, v in wanted.items())
