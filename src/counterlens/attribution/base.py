@@ -156,9 +156,11 @@ class MethodInfo:
     kind: str            # "gradient", "cam", "perturbation", "surrogate"
 
     def defaults(self) -> dict:
+        """Keyword parameters and their defaults (``return_*`` switches change the output type: not listed)."""
         sig = inspect.signature(self.function)
         return {k: p.default for k, p in sig.parameters.items()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
+                and not k.startswith("return_")}
 
 
 METHODS: dict[str, MethodInfo] = {}

@@ -1,0 +1,135 @@
+"""The command line as a user meets it: help everywhere, the whole path end to end, clear errors."""
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from counterlens.cli import build_parser, main
+
+SUBCOMMANDS = [["data"], ["data", "synth"], ["train"], ["explain"], ["methods"], ["report"], ["demo"]]
+
+
+@pytest.mark.parametrize("words", SUBCOMMANDS, ids=lambda w: " ".join(w))
+def test_every_subcommand_has_help(words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(words + ["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: counterlens " + " ".join(words))
+    assert len(out.splitlines()) > 3
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).parent / "counterlens"
+    proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "explain" in proc.stdout and "demo" in proc.stdout
+
+
+def test_methods_lists_methods_with_defaults(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("gradcam", "integrated_gradients", "saliency"):
+        assert name in out
+    assert "steps=50" in out and "rule='gausslegendre'" in out
+
+
+def test_param_parsing_and_errors(capsys):
+    from counterlens.cli import parse_params
+    assert parse_params(["integrated_gradients.steps=64", "integrated_gradients.baseline=blur", "gradcam.relu=false"]) == {
+        "integrated_gradients": {"steps": 64, "baseline": "blur"}, "gradcam": {"relu": False}}
+    assert main(["explain", "--model", "nowhere", "--data", "nowhere", "--out", "x", "--param", "steps64"]) == 2
+    assert "METHOD.NAME=VALUE" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Synthetic data and a trained model, through the CLI, at a small size."""
+    root = tmp_path_factory.mktemp("cli")
+    data, model = root / "data", root / "model"
+    assert main(["data", "synth", "brain-mri", "--out", str(data), "--n-train", "96", "--n-test", "24",
+                 "--size", "32", "--seed", "3"]) == 0
+    assert main(["train", "--data", str(data), "--arch", "brain-tumor-cnn", "--out", str(model), "--size", "32",
+                 "--width", "0.25", "--epochs", "1", "--quiet"]) == 0
+    return root, data, model
+
+
+@pytest.mark.slow
+def test_synth_train_explain_report(trained, capsys):
+    root, data, model = trained
+    assert sorted(p.name for p in (data / "Training").iterdir()) == ["glioma", "meningioma", "notumor", "pituitary"]
+    card = json.loads((model / "model.json").read_text())
+    assert card["architecture"] == "brain-tumor-cnn" and card["classes"][0] == "glioma"
+    assert 0 <= card["test_accuracy"] <= 1 and card["input_size"] == [32, 32]
+    assert card["preprocess"] == [{"normalize": {"mean": [0.5], "std": [0.25]}}]
+    run = root / "run"
+    capsys.readouterr()
+    code = main(["explain", "--model", str(model), "--data", str(data / "Testing"), "--out", str(run),
+                 "--methods", "gradcam,integrated_gradients,saliency", "--param", "integrated_gradients.steps=8",
+                 "--masks", str(data / "masks" / "tumor"), "--limit", "8", "--quiet"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "explained 8 images" in out and "report.html" in out
+    with sqlite3.connect(run / "results.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM images WHERE status = 'done'").fetchone()[0] == 8
+        assert db.execute("SELECT COUNT(*) FROM attributions").fetchone()[0] == 24
+        labels = {r[0] for r in db.execute("SELECT label_name FROM images")}
+        assert labels == {"glioma", "meningioma", "notumor", "pituitary"}   # --limit spreads over classes
+        assert db.execute("SELECT COUNT(mask_file) FROM images").fetchone()[0] == 8
+    assert len(list((run / "arrays" / "gradcam").glob("*.npy"))) == 8
+    html = (run / "report.html").read_text()
+    assert html.count("gradcam (target:") == 8
+    # resuming the same command does nothing new
+    assert main(["explain", "--model", str(model), "--data", str(data / "Testing"), "--out", str(run),
+                 "--methods", "gradcam,integrated_gradients,saliency", "--param", "integrated_gradients.steps=8",
+                 "--masks", str(data / "masks" / "tumor"), "--limit", "8", "--quiet", "--no-report"]) == 0
+    assert "explained 0 images (8 already done" in capsys.readouterr().out
+    assert main(["report", str(run)]) == 0
+
+
+@pytest.mark.slow
+def test_cli_errors_are_one_clear_line(trained, tmp_path, capsys):
+    root, data, model = trained
+    from counterlens.loading import load_model
+    net = load_model(model).module
+    pickled = tmp_path / "full.pt"
+    torch.save(net, pickled)
+    capsys.readouterr()
+    args = ["explain", "--model", str(pickled), "--data", str(data / "Testing"), "--out", str(tmp_path / "r"),
+            "--limit", "2", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("counterlens: error:") and "--trust-model-file" in err and "Traceback" not in err
+    assert main(args + ["--trust-model-file", "--classes", "glioma,meningioma,notumor,pituitary"]) == 0
+    capsys.readouterr()
+    assert main(["explain", "--model", str(model), "--data", str(data / "Testing"), "--out", str(tmp_path / "r2"),
+                 "--methods", "gradcam,nonsense", "--quiet"]) == 2
+    assert "available" in capsys.readouterr().err
+    assert main(["explain", "--model", str(model), "--data", str(tmp_path / "missing"), "--out",
+                 str(tmp_path / "r3"), "--quiet"]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["explain", "--model", str(model), "--data", str(data / "Testing"), "--out", str(tmp_path / "r4"),
+                 "--target", "zebra", "--limit", "2", "--quiet"]) == 2
+    assert "zebra" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_small(tmp_path, capsys):
+    out = tmp_path / "demo-run"
+    args = ["demo", "--out", str(out), "--n-train", "96", "--n-test", "32", "--size", "32", "--epochs", "1",
+            "--cases", "6"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "[4/4]" in printed and f"report: {(out / 'report.html').resolve()}" in printed
+    assert (tmp_path / "demo-run-work" / "model" / "model.json").exists()
+    with sqlite3.connect(out / "results.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM images WHERE status = 'done'").fetchone()[0] == 6
+        assert {r[0] for r in db.execute("SELECT method FROM attributions")} == {"gradcam", "integrated_gradients"}
+    assert (out / "run.yaml").exists() and (out / "report.html").stat().st_size > 10_000
+    # a second demo reuses data and model
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "reusing the synthetic data" in printed and "reusing the model" in printed
