@@ -62,9 +62,10 @@ def train_model(data: Path, arch: str, out: Path, *, size: int, width: float, ep
     from .data.images import ImageFolder
     from .loading import save_model_card
     from .model import Classifier, Normalize
-    from .models import build_model
+    from .models import architecture_name, build_model
     from .training import evaluate_accuracy, train_classifier
 
+    arch = architecture_name(arch)   # fail before loading any data
     train_dir, test_dir = split_folders(Path(data))
     train_set = ImageFolder(train_dir, channels=1, size=size)
     classes = train_set.classes

@@ -213,11 +213,17 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(name: str, **kwargs) -> nn.Module:
-    """Build the reference architecture ``name`` (a key of :data:`ARCHITECTURES`) with ``kwargs``."""
+def architecture_name(name: str) -> str:
+    """The key of :data:`ARCHITECTURES` for ``name`` (``Small_ResNet`` -> ``small-resnet``)."""
     key = str(name).strip().lower().replace("_", "-")
     if key not in ARCHITECTURES:
         raise InputError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    return key
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Build the reference architecture ``name`` (a key of :data:`ARCHITECTURES`) with ``kwargs``."""
+    key = architecture_name(name)
     factory = ARCHITECTURES[key]
     try:
         inspect.signature(factory).bind(**kwargs)
