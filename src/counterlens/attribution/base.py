@@ -17,16 +17,17 @@ from ..model import Classifier
 
 
 # -- targets --------------------------------------------------------------------------------------
-def resolve_targets(clf: Classifier, x: torch.Tensor, target, logits: torch.Tensor | None = None) -> torch.Tensor:
+def resolve_targets(clf: Classifier, x: torch.Tensor, target, logits: torch.Tensor | None = None,
+                    batch_size: int = 64) -> torch.Tensor:
     """One class index per row, ``LongTensor[B]`` on ``clf.device``.
 
     ``target`` may be ``"predicted"``, a class name, an int, or one of those per row
     (list / tensor of length B).
     """
     batch = x.shape[0]
-    if logits is None:
-        with torch.no_grad():
-            logits = clf.logits(x)
+    predicted = isinstance(target, str) and target == "predicted"
+    if logits is None:   # chunked: the whole batch for argmax, one row for the number of classes
+        logits = Evaluator(clf, batch_size).logits(x if predicted else x[:1])
     n_classes = logits.shape[1]
     names = clf.class_names(n_classes)
 
@@ -46,7 +47,7 @@ def resolve_targets(clf: Classifier, x: torch.Tensor, target, logits: torch.Tens
             raise TargetError(f"target {i} is out of range: the model has {n_classes} classes ({names})")
         return i
 
-    if isinstance(target, str) and target == "predicted":
+    if predicted:
         out = logits.argmax(dim=1)
     elif isinstance(target, (str, int)) or (isinstance(target, torch.Tensor) and target.dim() == 0):
         out = torch.full((batch,), one(target.item() if isinstance(target, torch.Tensor) else target))
@@ -97,6 +98,12 @@ class Evaluator:
             self.rows += stop - start
             start = stop
         return results
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, K]`` of the rows of ``x``, in chunks."""
+        with self.clf.eval_mode():
+            return torch.cat(self.run(x.shape[0], lambda a, b: self.clf.forward(x[a:b])))
 
     def scores(self, x: torch.Tensor, target: torch.Tensor, *, grad: bool = False, output: str = "logit"):
         """Target scores of each row of ``x`` (``[N]``), and their input gradients if ``grad``.
@@ -191,10 +198,10 @@ def check_params(info: MethodInfo, params: dict) -> dict:
     return params
 
 
-def prepare(clf: Classifier, x, target) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare(clf: Classifier, x, target, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate ``x`` and resolve ``target``: the first lines of every method."""
     x = clf.as_input(x)
-    return x, resolve_targets(clf, x, target)
+    return x, resolve_targets(clf, x, target, batch_size=batch_size)
 
 
 def explain(clf: Classifier, x, target="predicted", methods: Sequence[str] = ("gradcam",),
@@ -214,7 +221,7 @@ def explain(clf: Classifier, x, target="predicted", methods: Sequence[str] = ("g
     Returns ``{method: Tensor[B, *spatial]}`` on the CPU.
     """
     x = clf.as_input(x)
-    tgt = resolve_targets(clf, x, target)
+    tgt = resolve_targets(clf, x, target, batch_size=batch_size)
     per_method: dict[str, dict] = {}
     for key, value in params.items():
         if "__" in key:

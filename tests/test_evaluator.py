@@ -1,0 +1,60 @@
+"""The one batched evaluator: chunks of batch_size rows, halving on out-of-memory, same results."""
+import pytest
+import torch
+from torch import nn
+
+import counterlens as cl
+from counterlens.attribution import Evaluator, integrated_gradients
+from counterlens.errors import InputError
+
+
+class MemoryLimited(nn.Module):
+    """Raises the CUDA out-of-memory error for batches above ``limit`` rows; records batch sizes."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit, self.seen = limit, []
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    def forward(self, x):
+        self.seen.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return self.fc(x)
+
+
+def test_chunks_never_exceed_batch_size():
+    net = MemoryLimited(limit=10**6)
+    clf = cl.Classifier(net, device="cpu")
+    integrated_gradients(clf, torch.rand(3, 1, 4, 4), 1, steps=10, batch_size=7)
+    assert net.seen[0] == 1 and max(net.seen[1:]) == 7 and sum(net.seen[1:]) == 30   # first: target check
+
+
+def test_out_of_memory_halves_the_chunk_and_goes_on():
+    torch.manual_seed(0)
+    net = MemoryLimited(limit=5)
+    clf = cl.Classifier(net, device="cpu")
+    x = torch.rand(3, 1, 4, 4)
+    a = integrated_gradients(clf, x, 1, steps=10, batch_size=64)
+    # one row to check the target, then 30 rows -> 15 -> 7 -> 3 fit, and 3 is kept for the rest
+    assert net.seen[:5] == [1, 30, 15, 7, 3] and set(net.seen[5:]) == {3} and sum(net.seen[4:]) == 30
+    net.limit = 10**6
+    b = integrated_gradients(clf, x, 1, steps=10, batch_size=64)
+    torch.testing.assert_close(a, b)
+
+
+def test_other_errors_are_not_swallowed():
+    ev = Evaluator(cl.Classifier(nn.Identity(), device="cpu"), batch_size=4)
+
+    def work(a, b):
+        raise RuntimeError("shape mismatch")
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        ev.run(10, work)
+    with pytest.raises(InputError, match="batch_size"):
+        Evaluator(cl.Classifier(nn.Identity(), device="cpu"), batch_size=0)
+
+
+def test_run_covers_all_rows_in_order():
+    ev = Evaluator(cl.Classifier(nn.Identity(), device="cpu"), batch_size=4)
+    spans = ev.run(10, lambda a, b: (a, b))
+    assert spans == [(0, 4), (4, 8), (8, 10)] and ev.calls == 3 and ev.rows == 10
