@@ -58,3 +58,22 @@ def test_run_covers_all_rows_in_order():
     ev = Evaluator(cl.Classifier(nn.Identity(), device="cpu"), batch_size=4)
     spans = ev.run(10, lambda a, b: (a, b))
     assert spans == [(0, 4), (4, 8), (8, 10)] and ev.calls == 3 and ev.rows == 10
+
+
+def test_auto_batch_size_explores_then_settles_and_remembers():
+    net = MemoryLimited(limit=10**6)
+    clf = cl.Classifier(net, device="cpu")
+    x = torch.rand(4, 1, 4, 4)
+    a = integrated_gradients(clf, x, 1, steps=50, batch_size="auto")
+    rows = net.seen[1:]
+    assert sum(rows) == 200                              # every row exactly once
+    assert rows[:3] == [1, 2, 4]                         # doubling exploration first
+    assert max(rows) <= 64                               # the CPU cap
+    (size,) = set(clf._chunk_sizes.values())
+    assert size in rows
+    net.seen.clear()
+    b = integrated_gradients(clf, x, 1, steps=50, batch_size="auto")
+    assert net.seen[1] == size                           # remembered: no second exploration
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(InputError, match="auto"):
+        integrated_gradients(clf, x, 1, batch_size="big")

@@ -32,6 +32,18 @@ def parse_params(items: list[str] | None) -> dict[str, dict]:
     return out
 
 
+def _batch_size(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer or 'auto'")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="PATH",
                    help="a model directory written by `counterlens train` (model.json + weights), a TorchScript "
@@ -98,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--target", default="predicted", help="'predicted' (default) or a class name or index")
     explain.add_argument("--masks", type=Path, help="folder of masks matched to images by file stem")
     explain.add_argument("--limit", type=int, help="explain at most this many images (spread over classes)")
-    explain.add_argument("--batch-size", type=int, default=64, help="rows per model call (default: 64)")
+    explain.add_argument("--batch-size", type=_batch_size, default=64,
+                         help="rows per model call (default: 64); 'auto' measures the fastest chunk size")
     explain.add_argument("--images-per-batch", type=int, default=16, help="images explained together (default: 16)")
     explain.add_argument("--seed", type=int, default=0, help="seed of random methods (default: 0)")
     explain.add_argument("--clip-percentile", type=float, default=0.5,
