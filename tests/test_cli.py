@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from counterlens.cli import build_parser, main
+from counterlens.cli import main
 
 SUBCOMMANDS = [["data"], ["data", "synth"], ["train"], ["explain"], ["methods"], ["report"], ["demo"]]
 

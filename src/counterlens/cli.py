@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="an image file, a flat folder, or a folder in class-subfolder layout")
     explain.add_argument("--out", required=True, type=Path, help="run directory")
     explain.add_argument("--methods", type=_csv, default=_csv(DEFAULT_METHODS),
-                         help=f"comma-separated methods (default: {DEFAULT_METHODS}); see `counterlens methods`")
+                         help=f"comma-separated methods, or 'all' (default: {DEFAULT_METHODS}); see `counterlens methods`")
     explain.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE",
                          help="method parameter, repeatable, e.g. --param integrated_gradients.steps=64")
     explain.add_argument("--target", default="predicted", help="'predicted' (default) or a class name or index")

@@ -146,7 +146,7 @@ def run_explain(clf, dataset, out: Path, *, methods: list[str], params: dict, ta
 def explain(args) -> int:
     from .cli import parse_params
     from .data.images import ImageFolder
-    methods = [get_method(m).name for m in args.methods]
+    methods = list(METHODS) if args.methods == ["all"] else [get_method(m).name for m in args.methods]
     params = parse_params(args.param)
     clf = load_classifier(args)
     size = clf.input_size

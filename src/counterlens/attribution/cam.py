@@ -1,12 +1,21 @@
-"""Class activation maps. The target layer is found by itself: the last module with a spatial output.
+"""Class activation maps: Grad-CAM, Grad-CAM++, Layer-CAM, Score-CAM, Guided Grad-CAM.
 
-Hooks live in a context manager and are removed on error; the layer's output is captured by a
-forward hook that passes a copy on, so later in-place operations (``ReLU(inplace=True)``) cannot
-change what the map is computed from.
+One small core, in the style of pytorch-grad-cam: :func:`layer_gradients` runs the model in chunks
+of ``batch_size`` images and hands each chunk's activations ``A [b, K, *s]`` and gradients
+``G = dS/dA [b, K, *s]`` (``S`` the target logit) to a ``combine(A, G) -> [b, *s]`` function; each
+gradient CAM is that one function. :func:`class_activation_map` adds the ReLU and the upsampling to
+the input's spatial size. Score-CAM reuses the same helper forward-only and evaluates its masked
+inputs through :class:`Evaluator`.
+
+The target layer is found by itself for any input shape (1D, 2D, 3D; see :func:`find_target_layer`)
+or named, ``layer="features.3"``. Hooks live in context managers and are removed on error; the
+layer's output is captured by a forward hook that passes a copy on, so later in-place operations
+(``ReLU(inplace=True)``, ``out += identity``) cannot change what the map is computed from.
 """
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -14,35 +23,54 @@ from torch import nn
 
 from ..errors import InputError, MethodError
 from .base import Evaluator, gradient_of, prepare, register, spatial_dims, target_score
+from .gradients import make_baseline
+
+Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# -- the target layer -----------------------------------------------------------------------------
+def _is_spatial(out, x: torch.Tensor) -> bool:
+    return isinstance(out, torch.Tensor) and out.dim() == x.dim() and out.shape[2:].numel() > 1
 
 
 def find_target_layer(clf, x: torch.Tensor) -> str:
-    """Name of the last leaf module (in execution order) whose output keeps spatial axes.
+    """Name of the module whose output is the model's last feature map.
 
-    "Spatial" means an output with as many axes as ``x`` (``[B, C', *spatial']``) and more than
-    one position, so a 2D, 3D or 1D model each gets its last feature map.
+    One probe forward of ``x[:1]`` records, in the order modules finish, every output with as many
+    axes as ``x`` (``[B, C', *spatial']``) and more than one position: so a 1D, 2D or 3D model each
+    gets its last feature map. Of the modules that returned that same tensor in its final state
+    (same object, no in-place change since), the innermost one called once per forward is chosen:
+    ``features.4`` rather than its container ``features``; the in-place ReLU rather than the conv
+    before it; a residual block (``layer4.1``) rather than its reused ReLU module. Functional code in
+    the model's own ``forward`` after the last module (``F.relu(h + self.block(h))``) is not a module:
+    the map is then taken at the last module before it; name another with ``layer=...``.
     """
     if not isinstance(clf.module, nn.Module):
         raise MethodError("CAM methods need an nn.Module to hook; pass layer=... or use another method")
-    found: list[str] = []
-    names = {m: n for n, m in clf.module.named_modules()}
+    names = {m: n for n, m in clf.module.named_modules() if n}
+    calls: dict[nn.Module, int] = {}
+    seen: list[tuple[nn.Module, torch.Tensor, int]] = []
 
     def hook(module, _inp, out):
-        if isinstance(out, torch.Tensor) and out.dim() == x.dim() and out.shape[2:].numel() > 1:
-            found.append(names[module])
+        calls[module] = calls.get(module, 0) + 1
+        if _is_spatial(out, x):
+            seen.append((module, out, out._version))
 
-    leaves = [m for m in clf.module.modules() if not list(m.children())]
-    with _hooks(leaves, hook), torch.no_grad(), clf.eval_mode():
+    with _hooks(list(names), hook), torch.no_grad(), clf.eval_mode():
         clf.forward(x[:1])
-    if not found:
+    if not seen:
         raise MethodError("no module of this model has a spatial output; name one with layer='features.3'")
-    return found[-1]
+    _, last, version = seen[-1]
+    same = [m for m, out, v in seen if out is last and v == version and calls[m] == 1]
+    return names[same[0] if same else seen[-1][0]]
 
 
 @contextlib.contextmanager
 def _hooks(modules, hook):
-    handles = [m.register_forward_hook(hook) for m in modules]
+    handles = []
     try:
+        for m in modules:
+            handles.append(m.register_forward_hook(hook))
         yield
     finally:
         for h in handles:
@@ -50,24 +78,29 @@ def _hooks(modules, hook):
 
 
 def get_layer(clf, layer: str | nn.Module | None, x: torch.Tensor) -> nn.Module:
+    """The module to hook: given, named (``"features.3"``) or found by :func:`find_target_layer`."""
     if isinstance(layer, nn.Module):
         return layer
+    if layer is not None and not isinstance(layer, str):
+        raise InputError(f"layer={layer!r}; pass a module name such as 'features.3', a module, or None")
     name = find_target_layer(clf, x) if layer is None else layer
-    modules = dict(clf.module.named_modules())
-    if name not in modules:
+    modules = dict(clf.module.named_modules()) if isinstance(clf.module, nn.Module) else {}
+    if name not in modules or not name:
         raise InputError(f"layer={name!r} is not a module of this model; "
                          f"some names: {', '.join(list(modules)[1:12])}")
     return modules[name]
 
 
+# -- the shared core ------------------------------------------------------------------------------
 @contextlib.contextmanager
 def capture(layer: nn.Module):
-    """Record the layer's output of the next forward passes in ``store['act']``."""
+    """Record the layer's output of the next forward passes in ``store['act']`` (the last call wins)."""
     store: dict = {}
 
     def hook(_module, _inp, out):
         if not isinstance(out, torch.Tensor):
-            raise MethodError(f"layer {type(_module).__name__} returns {type(out).__name__}, not a tensor")
+            raise MethodError(f"layer {type(_module).__name__} returns {type(out).__name__}, not a tensor; "
+                              "name another layer with layer=...")
         store["act"] = out
         return out.clone()
 
@@ -78,38 +111,173 @@ def capture(layer: nn.Module):
         handle.remove()
 
 
-def layer_gradients(clf, x, tgt, layer, batch_size):
-    """Activations ``A`` and gradients ``dS/dA`` of the target score at ``layer``, chunked."""
-    acts, grads = [], []
+def layer_gradients(clf, x, tgt, layer, batch_size, combine: Combine | None = None, *, grad: bool = True):
+    """Activations ``A [B, K, *s]`` and gradients ``G = dS/dA`` of the target logit at ``layer``.
 
-    def work(a, b):
-        with capture(layer) as store, torch.enable_grad():
-            xb = x[a:b].detach().requires_grad_(True)   # so frozen models still get a graph
-            score = target_score(clf.forward(xb), tgt[a:b])
+    The model runs through :class:`Evaluator` in chunks of ``batch_size`` images, in eval mode.
+    With ``combine``, returns ``cat(combine(A_chunk, G_chunk))`` so that only one chunk's ``A`` and
+    ``G`` are held at a time; without, returns ``(A, G)``. ``grad=False``: forward only, ``G`` is None.
+    """
+    parts: list = []
+
+    def work(a: int, b: int):
+        with capture(layer) as store, torch.set_grad_enabled(grad):
+            xb = x[a:b].detach().requires_grad_(grad)   # so frozen models still get a graph
+            logits = clf.forward(xb)
+            if "act" not in store:
+                raise MethodError(f"layer {type(layer).__name__} was not called by the model's forward; "
+                                  "name another one with layer=...")
             act = store["act"]
-            acts.append(act.detach())
-            grads.append(gradient_of(score, act))
+            g = gradient_of(target_score(logits, tgt[a:b]), act) if grad else None
+            act = act.detach()
+        parts.append(combine(act, g) if combine is not None else (act, g))
 
     with clf.eval_mode():
         Evaluator(clf, batch_size).run(x.shape[0], work)
-    return torch.cat(acts), torch.cat(grads)
+    if combine is not None:
+        return torch.cat(parts)
+    return torch.cat([p[0] for p in parts]), (torch.cat([p[1] for p in parts]) if grad else None)
 
 
-def upsample(cam: torch.Tensor, size) -> torch.Tensor:
-    """``[B, *s]`` -> ``[B, *size]`` by (bi/tri)linear interpolation."""
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[cam.dim() - 1]
-    return F.interpolate(cam[:, None], size=tuple(size), mode=mode, align_corners=False)[:, 0]
+_LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def upsample(cam: torch.Tensor, size, interpolation: str = "linear") -> torch.Tensor:
+    """``[B, *s]`` -> ``[B, *size]``. ``interpolation``: ``"linear"`` (bi/trilinear by the number of
+    spatial axes; ``"bilinear"`` and ``"trilinear"`` are the same) or ``"nearest"`` (Captum's default)."""
+    if interpolation in ("linear", "bilinear", "trilinear"):
+        mode, kwargs = _LINEAR[cam.dim() - 1], {"align_corners": False}
+    elif interpolation == "nearest":
+        mode, kwargs = "nearest", {}
+    else:
+        raise InputError(f"interpolation={interpolation!r}; pass 'linear' (bi/trilinear) or 'nearest'")
+    return F.interpolate(cam[:, None], size=tuple(size), mode=mode, **kwargs)[:, 0]
+
+
+def weighted_maps(weights: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    """``sum_k w_k A_k`` -> ``[b, *s]``: weights ``[b, K]``, ``[b, K, 1, ...]`` or ``[b, K, *s]``; ``A [b, K, *s]``."""
+    if weights.dim() == 2:
+        weights = weights.view(*weights.shape, *([1] * (acts.dim() - 2)))
+    return (weights * acts).sum(dim=1)
+
+
+def class_activation_map(clf, x, target, combine: Combine, *, layer=None, relu: bool = True,
+                         interpolation: str = "linear", batch_size: int = 64) -> torch.Tensor:
+    """``upsample(relu(combine(A, G)))`` at the input's spatial size, ``[B, *spatial]``."""
+    x, tgt = prepare(clf, x, target, batch_size)
+    cam = layer_gradients(clf, x, tgt, get_layer(clf, layer, x), batch_size, combine)
+    if relu:
+        cam = cam.clamp_min(0)
+    return upsample(cam, x.shape[2:], interpolation)
+
+
+# -- gradient CAMs: one combine function each -----------------------------------------------------
+def _gradcam(acts, grads):
+    return weighted_maps(grads.mean(dim=spatial_dims(grads), keepdim=True), acts)
+
+
+def _gradcam_plus_plus(acts, grads):
+    g2 = grads.pow(2)
+    denom = 2 * g2 + acts.sum(dim=spatial_dims(acts), keepdim=True) * g2 * grads
+    nonzero = denom != 0
+    alpha = torch.where(nonzero, g2 / torch.where(nonzero, denom, torch.ones_like(denom)), torch.zeros_like(g2))
+    return weighted_maps((alpha * grads.clamp_min(0)).sum(dim=spatial_dims(grads), keepdim=True), acts)
+
+
+def _layercam(acts, grads):
+    return (grads.clamp_min(0) * acts).sum(dim=1)
 
 
 @register("cam", "ReLU of gradient-weighted feature maps at the last spatial layer (Selvaraju et al. 2017)")
 def gradcam(clf, x, target="predicted", *, layer: str | None = None, relu: bool = True,
             batch_size: int = 64) -> torch.Tensor:
     """Grad-CAM: channel weights = spatial mean of the gradients; map = ReLU(sum_c w_c A_c),
-    upsampled to the input's spatial size. ``layer``: module name (default: found by itself)."""
-    x, tgt = prepare(clf, x, target)
-    acts, grads = layer_gradients(clf, x, tgt, get_layer(clf, layer, x), batch_size)
-    weights = grads.mean(dim=spatial_dims(grads), keepdim=True)
-    cam = (weights * acts).sum(dim=1)
-    if relu:
-        cam = cam.clamp_min(0)
-    return upsample(cam, x.shape[2:])
+    upsampled (bi/trilinear) to the input's spatial size, ``[B, *spatial]``.
+    ``layer``: module name (default: found by :func:`find_target_layer`)."""
+    return class_activation_map(clf, x, target, _gradcam, layer=layer, relu=relu, batch_size=batch_size)
+
+
+@register("cam", "Grad-CAM with second-order pixel weights on positive gradients (Chattopadhay et al. 2018)")
+def gradcam_plus_plus(clf, x, target="predicted", *, layer: str | None = None, batch_size: int = 64) -> torch.Tensor:
+    """Grad-CAM++, ``[B, *spatial]``.
+
+    With ``G = dS/dA`` of the target logit ``S`` and the paper's exponential score ``Y = exp(S)``
+    (which turns its second and third derivatives into ``G^2``, ``G^3``):
+    ``alpha = G^2 / (2 G^2 + sum_s(A_k) G^3)`` (0 where the denominator is 0),
+    ``w_k = sum_s(alpha * relu(G))`` (the positive per-image factor ``exp(S)`` is dropped, as in
+    pytorch-grad-cam), map = ReLU(sum_k w_k A_k), upsampled (bi/trilinear).
+    Chattopadhay et al., "Grad-CAM++: Improved Visual Explanations for Deep Convolutional
+    Networks", WACV 2018.
+    """
+    return class_activation_map(clf, x, target, _gradcam_plus_plus, layer=layer, batch_size=batch_size)
+
+
+@register("cam", "ReLU of feature maps weighted pixel-wise by their positive gradients (Jiang et al. 2021)")
+def layercam(clf, x, target="predicted", *, layer: str | None = None, batch_size: int = 64) -> torch.Tensor:
+    """Layer-CAM: map = ReLU(sum_k relu(G_k) * A_k), upsampled (bi/trilinear), ``[B, *spatial]``.
+    Works at shallow layers too (``layer="features.0"``). Jiang et al., "LayerCAM: Exploring
+    Hierarchical Class Activation Maps for Localization", IEEE TIP 2021."""
+    return class_activation_map(clf, x, target, _layercam, layer=layer, batch_size=batch_size)
+
+
+# -- score-CAM and guided grad-CAM ----------------------------------------------------------------
+@register("cam", "feature maps weighted by the confidence gain of the input masked with each (Wang et al. 2020)")
+def scorecam(clf, x, target="predicted", *, layer: str | None = None, baseline="zeros",
+             output: str = "prob", batch_size: int = 64) -> torch.Tensor:
+    """Score-CAM, batched over (image, channel) rows, ``[B, *spatial]``.
+
+    For each image and each of the layer's ``K`` maps: upsample the map (bi/trilinear) to the
+    input size, min-max normalise it to a mask ``H_k`` in [0, 1] (a constant map gets mask 0), and
+    score ``X_k = X_b + H_k * (X - X_b)`` (``X * H_k`` for the default zero baseline ``X_b``).
+    The channel weight is the paper's increase in confidence, ``w_k = f(X_k) - f(X_b)``, with ``f``
+    the target's softmax probability (``output="prob"``, as in the paper; ``"logit"`` also works).
+    Map = ReLU(sum_k w_k A_k) at the layer, then upsampled (bi/trilinear), like the other CAMs.
+    Others differ: the authors' code (haofanwang/Score-CAM) weights by ``f(X_k)`` without
+    ``f(X_b)`` and applies the ReLU after upsampling; pytorch-grad-cam takes a softmax over ``k`` of
+    the masked target logits and upsamples the masks with ``align_corners=True``.
+
+    ``baseline``: ``"zeros"``, ``"blur"``, a number or a tensor (see ``make_baseline``).
+    The ``B * K`` masked inputs are built chunk by chunk inside the evaluator, never all at once.
+    Wang et al., "Score-CAM: Score-Weighted Visual Explanations for Convolutional Neural
+    Networks", CVPR Workshops 2020.
+    """
+    x, tgt = prepare(clf, x, target, batch_size)
+    acts, _ = layer_gradients(clf, x, tgt, get_layer(clf, layer, x), batch_size, grad=False)
+    base = make_baseline(x, baseline)
+    n_maps, size = acts.shape[1], x.shape[2:]
+    scores = torch.empty(x.shape[0] * n_maps, device=x.device)
+
+    def work(a: int, b: int):
+        rows = torch.arange(a, b, device=x.device)
+        img, k = rows // n_maps, rows % n_maps
+        mask = upsample(acts[img, k], size).flatten(1)
+        low, high = mask.amin(dim=1, keepdim=True), mask.amax(dim=1, keepdim=True)
+        span = high - low
+        mask = torch.where(span > 0, (mask - low) / span.clamp_min(torch.finfo(mask.dtype).tiny), 0.0)
+        xb = base[img] + mask.view(-1, 1, *size) * (x[img] - base[img])
+        scores[a:b] = target_score(clf.forward(xb), tgt[img], output)
+
+    with torch.no_grad(), clf.eval_mode():
+        Evaluator(clf, batch_size).run(scores.numel(), work)
+    base_scores = Evaluator(clf, batch_size).scores(base, tgt, output=output)
+    weights = scores.view(-1, n_maps) - base_scores[:, None]
+    return upsample(weighted_maps(weights, acts).clamp_min(0), size)
+
+
+@register("cam", "guided backprop times the upsampled Grad-CAM (Selvaraju et al. 2017)")
+def guided_gradcam(clf, x, target="predicted", *, layer: str | None = None, interpolation: str = "linear",
+                   batch_size: int = 64) -> torch.Tensor:
+    """Guided Grad-CAM: ``sum_c(guided_backprop_c) * upsample(gradcam)``, ``[B, *spatial]``.
+
+    The per-pixel Grad-CAM factor is the same for every channel, so the channel sum of Captum's
+    per-channel ``GuidedGradCam`` equals the channel-summed guided backprop times the map (signed).
+    ``interpolation``: ``"linear"`` (bi/trilinear, as in the paper) or ``"nearest"`` (Captum's default).
+    Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
+    Localization", ICCV 2017.
+    """
+    from .gradients import guided_backprop  # lazy: written alongside, avoids an import cycle
+
+    x, tgt = prepare(clf, x, target, batch_size)
+    cam = class_activation_map(clf, x, tgt, _gradcam, layer=layer, interpolation=interpolation,
+                               batch_size=batch_size)
+    return guided_backprop(clf, x, tgt, batch_size=batch_size) * cam

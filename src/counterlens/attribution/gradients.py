@@ -1,11 +1,13 @@
-"""Gradient methods: saliency and integrated gradients.
+"""Gradient methods: saliency, gradient x input, guided backprop, deconvnet, integrated gradients.
 
 Every function has the call shape ``method(clf, x, target, **params) -> Tensor[B, *spatial]``:
 ``x`` is a data-space batch ``[B, C, *spatial]`` (1D, 2D or 3D), ``target`` one class per row
 (int, name, "predicted" or a per-row list/tensor), and the map has the input's spatial shape
-(channels summed, or max-abs for saliency).
+(channels summed for signed attributions, max of ``|grad|`` over channels for ``saliency``).
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from .base import Evaluator, gradient_of, prepare, register, target_score
+from .relu_rules import relu_rule
 
 RULES = ("gausslegendre", "riemann_trapezoid", "riemann_middle", "riemann_left", "riemann_right")
 
@@ -20,13 +23,73 @@ RULES = ("gausslegendre", "riemann_trapezoid", "riemann_middle", "riemann_left",
 @register("gradient", "|d score / d x|, max over channels (Simonyan et al. 2014)")
 def saliency(clf, x, target="predicted", *, absolute: bool = True, batch_size: int = 64) -> torch.Tensor:
     """Vanilla gradient. ``absolute=True``: max over channels of ``|grad|``; else the signed sum."""
-    x, tgt = prepare(clf, x, target)
+    x, tgt = prepare(clf, x, target, batch_size)
     _, g = Evaluator(clf, batch_size).scores(x, tgt, grad=True)
     return g.abs().amax(dim=1) if absolute else g.sum(dim=1)
 
 
+@register("gradient", "gradient times input, summed over channels (Shrikumar et al. 2016)")
+def input_x_gradient(clf, x, target="predicted", *, batch_size: int = 64) -> torch.Tensor:
+    """Gradient x input: ``(x * d score / d x).sum(channels)``, ``[B, *spatial]``.
+
+    Equals integrated gradients from a zero baseline for a linear model (Shrikumar et al. 2016,
+    "Not just a black box"). Signed; channels summed.
+    """
+    x, tgt = prepare(clf, x, target, batch_size)
+    _, g = Evaluator(clf, batch_size).scores(x, tgt, grad=True)
+    return (x * g).sum(dim=1)
+
+
+def relu_rule_gradient(clf, x: torch.Tensor, tgt: torch.Tensor, rule: str, batch_size: int = 64) -> torch.Tensor:
+    """Input gradient ``[B, C, *spatial]`` with every ReLU's backward replaced by ``rule``.
+
+    ``rule``: ``"guided"`` or ``"deconvnet"`` (see :mod:`.relu_rules`). ``x`` and ``tgt`` as
+    returned by ``prepare``. Module, in-place and functional ReLUs are all covered; the model is
+    not touched. Warns when the forward pass called no ReLU (the result is then the plain gradient).
+    """
+    with relu_rule(rule) as mode:
+        _, g = Evaluator(clf, batch_size).scores(x, tgt, grad=True)
+    if mode.calls == 0:
+        warnings.warn(f"{rule} rule: the model called no ReLU (TorchScript and compiled modules, "
+                      "ReLU6, LeakyReLU or clamp are not modified), so this is the plain gradient",
+                      stacklevel=3)
+    return g
+
+
+@register("gradient", "gradient with ReLU backward passing only positive signals (Springenberg et al. 2015)")
+def guided_backprop(clf, x, target="predicted", *, batch_size: int = 64) -> torch.Tensor:
+    """Guided backpropagation, ``[B, *spatial]``, channels summed (signed).
+
+    Every ReLU backpropagates ``grad * (input > 0) * (grad > 0)`` (Springenberg et al. 2015,
+    "Striving for simplicity: the all convolutional net"), whether the model calls it as an
+    ``nn.ReLU`` module, in place, or functionally (``F.relu``, ``torch.relu``, ``Tensor.relu_``).
+    Other activations keep their ordinary backward. The model is not modified (see
+    :func:`counterlens.attribution.relu_rules.relu_rule`).
+    """
+    x, tgt = prepare(clf, x, target, batch_size)
+    return relu_rule_gradient(clf, x, tgt, "guided", batch_size).sum(dim=1)
+
+
+@register("gradient", "gradient with ReLU backward = relu of the incoming gradient (Zeiler & Fergus 2014)")
+def deconvnet(clf, x, target="predicted", *, batch_size: int = 64) -> torch.Tensor:
+    """Deconvnet, ``[B, *spatial]``, channels summed (signed).
+
+    Every ReLU backpropagates ``relu(grad)``, ignoring its forward input (Zeiler & Fergus 2014,
+    "Visualizing and understanding convolutional networks"); module, in-place and functional
+    ReLUs alike. Other activations keep their ordinary backward.
+    """
+    x, tgt = prepare(clf, x, target, batch_size)
+    return relu_rule_gradient(clf, x, tgt, "deconvnet", batch_size).sum(dim=1)
+
+
 def integration_rule(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Points ``alpha`` in [0, 1] and weights (summing to 1) of a quadrature rule with ``steps`` points."""
+    """Points ``alpha`` in [0, 1] and weights (summing to 1) of a quadrature rule with ``steps`` points.
+
+    Same points as Captum's ``method=`` of the same name. Weights equal Captum's too, except for
+    ``riemann_trapezoid``: here the true trapezoid rule on ``linspace(0, 1, steps)`` (step
+    ``1/(steps-1)``, weights sum to 1), where Captum uses step ``1/steps`` (weights sum to
+    ``(steps-1)/steps``, so its attributions are smaller by that factor and miss completeness).
+    """
     if int(steps) < 1:
         raise InputError(f"steps={steps}; pass at least 1 (50 is a good start)")
     n = int(steps)
@@ -96,8 +159,14 @@ def integrated_gradients(clf, x, target="predicted", *, steps: int = 50, baselin
     ``attr = (x - baseline) * sum_k w_k * grad f(baseline + alpha_k (x - baseline))``, summed over
     channels. Completeness: ``attr.sum() ~= f(x) - f(baseline)`` for the target logit; with
     ``return_delta=True`` also returns that gap per row, ``[B]`` (the convergence delta).
+    (Sundararajan et al. 2017, "Axiomatic attribution for deep networks".)
+
+    ``steps`` (50): quadrature points per image. ``baseline``: ``"zeros"``, ``"blur"``,
+    ``"uniform"`` (seeded noise in x's value range), a number, or a tensor broadcastable to ``x``.
+    ``rule``: one of ``RULES`` (see :func:`integration_rule`). Peak memory is set by
+    ``batch_size`` rows of (image, step), never by ``steps x images``.
     """
-    x, tgt = prepare(clf, x, target)
+    x, tgt = prepare(clf, x, target, batch_size)
     base = make_baseline(x, baseline, seed)
     alphas, weights = (t.to(x.device) for t in integration_rule(rule, steps))
     n_steps, batch = alphas.numel(), x.shape[0]
