@@ -69,11 +69,23 @@ def test_auto_batch_size_explores_then_settles_and_remembers():
     assert sum(rows) == 200                              # every row exactly once
     assert rows[:3] == [1, 2, 4]                         # doubling exploration first
     assert max(rows) <= 64                               # the CPU cap
-    (size,) = set(clf._chunk_sizes.values())
+    (size,) = [state["best"] for key, state in clf._chunk_sizes.items() if key[0].endswith("gradients.py")]
     assert size in rows
     net.seen.clear()
     b = integrated_gradients(clf, x, 1, steps=50, batch_size="auto")
-    assert net.seen[1] == size                           # remembered: no second exploration
+    assert net.seen[0] == size                           # remembered: no second exploration (and no target check)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     with pytest.raises(InputError, match="auto"):
         integrated_gradients(clf, x, 1, batch_size="big")
+
+
+def test_auto_exploration_goes_on_across_small_calls():
+    net = MemoryLimited(limit=10**6)
+    clf = cl.Classifier(net, device="cpu")
+    x = torch.rand(1, 1, 4, 4)
+    integrated_gradients(clf, x, 1, steps=6, batch_size="auto")      # rows 6: chunks 1, 2, then 3 left
+    assert net.seen[1:] == [1, 2, 3]
+    net.seen.clear()
+    integrated_gradients(clf, x, 1, steps=6, batch_size="auto")      # goes on at 4 (unless 2 was slower)
+    (state,) = [state for key, state in clf._chunk_sizes.items() if key[0].endswith("gradients.py")]
+    assert net.seen[0] in (4, min(state["timings"], key=state["timings"].get)) and sum(net.seen) == 6

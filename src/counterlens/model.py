@@ -150,6 +150,7 @@ class Classifier:
         self.in_channels = in_channels
         self.input_size = tuple(int(s) for s in input_size) if input_size is not None else None
         self.value_range = tuple(float(v) for v in value_range) if value_range is not None else None
+        self.n_classes: int | None = None     # known after the first forward pass
 
     # -- mode handling ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -191,6 +192,7 @@ class Classifier:
         if not isinstance(out, torch.Tensor) or out.dim() != 2:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise InputError(f"the model returned {shape}; a classifier must return logits [batch, n_classes]")
+        self.n_classes = out.shape[1]
         return out
 
     def logits(self, x) -> torch.Tensor:

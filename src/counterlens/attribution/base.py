@@ -28,9 +28,10 @@ def resolve_targets(clf: Classifier, x: torch.Tensor, target, logits: torch.Tens
     """
     batch = x.shape[0]
     predicted = isinstance(target, str) and target == "predicted"
-    if logits is None:   # chunked: the whole batch for argmax, one row for the number of classes
+    if logits is None and (predicted or clf.n_classes is None):
+        # chunked: the whole batch for argmax, one row to learn the number of classes
         logits = Evaluator(clf, batch_size).logits(x if predicted else x[:1])
-    n_classes = logits.shape[1]
+    n_classes = logits.shape[1] if logits is not None else clf.n_classes
     names = clf.class_names(n_classes)
 
     def one(t) -> int:
@@ -97,11 +98,13 @@ class Evaluator:
         self.rows = 0       # rows evaluated
 
     def run(self, n_rows: int, work: Callable[[int, int], object]) -> list:
+        # auto: state per method (its work function) kept on the classifier: the per-row times
+        # measured so far, the next size to try, and whether the search is over. A call with few
+        # rows goes on exploring where the previous one stopped.
         cache = self.clf.__dict__.setdefault("_chunk_sizes", {})
         key = (work.__code__.co_filename, work.__code__.co_firstlineno)
-        size = cache.get(key, 1) if self.auto else self.batch_size
-        exploring = self.auto and key not in cache
-        timings: dict[int, float] = {}
+        state = cache.setdefault(key, {"timings": {}, "next": 1, "best": None}) if self.auto else None
+        size = (state["best"] or state["next"]) if self.auto else self.batch_size
         results, start = [], 0
         while start < n_rows:
             size = min(size, self.batch_size)
@@ -116,20 +119,25 @@ class Evaluator:
                 if self.clf.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            if exploring and stop - start == size:
+            if self.auto and state["best"] is None and stop - start == size:
                 if self.clf.device.type == "cuda":
                     torch.cuda.synchronize(self.clf.device)
-                timings[size] = (time.perf_counter() - t0) / size
-                best = min(timings, key=timings.get)
-                if size >= self.batch_size or timings[size] > 1.1 * timings[best]:
-                    exploring, size = False, best
-                    cache[key] = best
-                else:
-                    size *= 2
+                size = self._explore(state, size, time.perf_counter() - t0)
             self.calls += 1
             self.rows += stop - start
             start = stop
         return results
+
+    def _explore(self, state: dict, size: int, seconds: float) -> int:
+        """Record a timed chunk of ``size`` rows; return the next size (the best once settled)."""
+        timings = state["timings"]
+        timings[size] = seconds / size
+        best = min(timings, key=timings.get)
+        if size >= self.batch_size or timings[size] > 1.1 * timings[best]:
+            state["best"] = best
+            return best
+        state["next"] = size * 2
+        return size * 2
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
