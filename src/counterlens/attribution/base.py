@@ -79,9 +79,9 @@ class Evaluator:
     Rows can be anything a method indexes: (image, IG step), (image, noise sample), (image, window).
 
     ``batch_size="auto"`` measures instead of assuming that bigger is faster: the first chunks
-    double in size (1, 2, 4, ... up to :data:`AUTO_MAX_ROWS` for the device) while the time per row
-    keeps falling, the rest run at the fastest size, and that size is remembered on the classifier
-    for the same method. Every row is still evaluated exactly once. (On some CPUs a chunk of 64
+    double in size (1, 2, 4, ... up to :data:`AUTO_MAX_ROWS` for the device, or until a size is
+    clearly slower per row), the rest run at the fastest size seen, and the search state is kept
+    on the classifier for the same method, so calls with few rows go on where the last stopped. Every row is still evaluated exactly once. (On some CPUs a chunk of 64
     large images is slower per row than a chunk of 4.) Chunk sizes can change the last bits of
     float results, so a fixed integer ``batch_size`` is the choice for bitwise reproducibility.
     """
@@ -133,7 +133,7 @@ class Evaluator:
         timings = state["timings"]
         timings[size] = seconds / size
         best = min(timings, key=timings.get)
-        if size >= self.batch_size or timings[size] > 1.1 * timings[best]:
+        if size >= self.batch_size or timings[size] > 1.5 * timings[best]:   # clearly worse: stop
             state["best"] = best
             return best
         state["next"] = size * 2
