@@ -133,3 +133,26 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "reusing the synthetic data" in printed and "reusing the model" in printed
+
+
+@pytest.mark.slow
+def test_explain_every_method_from_the_cli(trained, tmp_path, capsys):
+    """--methods all, with --param for each random or costly method, into one run and one report."""
+    root, data, model = trained
+    from counterlens.attribution import METHODS
+    params = ["integrated_gradients.steps=4", "smoothgrad.samples=3", "vargrad.samples=3", "squaregrad.samples=3",
+              "rise.samples=16", "lime.samples=16", "kernel_shap.samples=16", "occlusion.window=8",
+              "lime.segmentation=grid", "kernel_shap.segmentation=grid", "lime.cell=8", "kernel_shap.cell=8"]
+    run = tmp_path / "all"
+    args = ["explain", "--model", str(model), "--data", str(data / "Testing"), "--out", str(run), "--methods", "all",
+            "--limit", "2", "--quiet", "--batch-size", "auto"]
+    for p in params:
+        args += ["--param", p]
+    assert main(args) == 0
+    with sqlite3.connect(run / "results.sqlite") as db:
+        methods = {r[0] for r in db.execute("SELECT DISTINCT method FROM attributions")}
+    assert methods == set(METHODS)
+    html = (run / "report.html").read_text()
+    assert all(f"{m} (target:" in html for m in METHODS)
+    spec = (run / "run.yaml").read_text()
+    assert "samples: 16" in spec and "batch_size: auto" in spec

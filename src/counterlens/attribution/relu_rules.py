@@ -50,7 +50,7 @@ class _GuidedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (out,) = ctx.saved_tensors
-        return grad.clamp_min(0) * (out > 0).to(grad.dtype), None
+        return grad.clamp_min(0).masked_fill_(out <= 0, 0), None   # one float temporary, not three
 
 
 class _DeconvReLU(torch.autograd.Function):
