@@ -83,7 +83,14 @@ def get_layer(clf, layer: str | nn.Module | None, x: torch.Tensor) -> nn.Module:
         return layer
     if layer is not None and not isinstance(layer, str):
         raise InputError(f"layer={layer!r}; pass a module name such as 'features.3', a module, or None")
-    name = find_target_layer(clf, x) if layer is None else layer
+    if layer is None:   # found once per input shape, then remembered on the classifier
+        found = clf.__dict__.setdefault("_target_layers", {})
+        key = (tuple(x.shape[1:]), id(clf.module))
+        if key not in found:
+            found[key] = find_target_layer(clf, x)
+        name = found[key]
+    else:
+        name = layer
     modules = dict(clf.module.named_modules()) if isinstance(clf.module, nn.Module) else {}
     if name not in modules or not name:
         raise InputError(f"layer={name!r} is not a module of this model; "
