@@ -41,6 +41,21 @@ CREATE TABLE IF NOT EXISTS attributions (
     array_file TEXT NOT NULL,
     PRIMARY KEY (image_id, method)
 );
+CREATE TABLE IF NOT EXISTS counterfactuals (
+    image_id INTEGER NOT NULL REFERENCES images(id),
+    target INTEGER NOT NULL,
+    target_name TEXT,
+    valid INTEGER NOT NULL,
+    reason TEXT,
+    lam REAL,
+    iterations INTEGER,
+    l0 REAL, l1 REAL, l2 REAL, linf REAL,
+    probs_before TEXT,
+    probs_after TEXT,
+    seconds REAL,
+    array_file TEXT NOT NULL,
+    PRIMARY KEY (image_id, target)
+);
 """
 
 
@@ -115,6 +130,33 @@ class RunStore:
                 self.db.execute("INSERT INTO attributions VALUES (?,?,?,?,?)",
                                 (image_id, method, int(target), float(seconds), files[method]))
         return image_id
+
+    def record_counterfactuals(self, image_id: int, rows: list[dict]) -> None:
+        """Write an image's counterfactuals in one transaction, arrays first.
+
+        Each row: ``target``, ``target_name``, ``valid``, ``reason``, ``lam``, ``iterations``,
+        ``distance`` (``{"l0", "l1", "l2", "linf"}``), ``probs_before``, ``probs_after``,
+        ``seconds`` and ``x`` (the counterfactual, ``[C, *spatial]``).
+        """
+        files = [self.save_array(f"counterfactuals/{image_id}_{int(r['target'])}.npy", r["x"]) for r in rows]
+        with self.db:
+            self.db.execute("DELETE FROM counterfactuals WHERE image_id = ?", (image_id,))
+            for r, file in zip(rows, files):
+                d = r["distance"]
+                self.db.execute(
+                    "INSERT INTO counterfactuals VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (image_id, int(r["target"]), r.get("target_name"), int(bool(r["valid"])), r.get("reason") or "",
+                     float(r["lam"]), int(r["iterations"]), float(d["l0"]), float(d["l1"]), float(d["l2"]),
+                     float(d["linf"]), json.dumps([float(v) for v in r["probs_before"]]),
+                     json.dumps([float(v) for v in r["probs_after"]]), float(r.get("seconds", 0.0)), file))
+
+    def counterfactuals(self, image_id: int) -> list[dict]:
+        rows = self.db.execute("SELECT * FROM counterfactuals WHERE image_id = ? ORDER BY target", (image_id,))
+        return [dict(r) for r in rows]
+
+    def image_id(self, path: str) -> int | None:
+        row = self.db.execute("SELECT id FROM images WHERE path = ?", (path,)).fetchone()
+        return None if row is None else int(row["id"])
 
     def _next_id(self) -> int:
         row = self.db.execute("SELECT COALESCE(MAX(id), 0) + 1 AS n FROM images").fetchone()
