@@ -195,10 +195,13 @@ def run_model(name, setup, args, device):
         im1_txt = f"{row['im1']:.3f}" if row["im1"] is not None else "—"
         print(f"| {name} | {method} | {row['images']} | {row['seconds_per_valid']:.3f} | {row['validity']:.2f} | "
               f"{row['l1']:.3f} | {row['l2']:.3f} | {im1_txt} | {row['mean_iterations']:.0f} |", flush=True)
-    if len(rows) == 2:
+    if len(rows) == 2 and rows[0]["valid"] and rows[1]["valid"]:
         speedup = rows[0]["seconds_per_valid"] / rows[1]["seconds_per_valid"]
-        print(f"\n{name}: counterlens is {speedup:.1f}x faster per valid counterfactual\n")
+        print(f"\n{name}: counterlens takes {1 / speedup:.3g}x the naive loop's time per valid counterfactual "
+              f"({speedup:.3g}x faster)\n")
         rows[1]["speedup_per_valid"] = speedup
+    elif len(rows) == 2:
+        print(f"\n{name}: no speed-up: {rows[0]['valid']} (naive) and {rows[1]['valid']} (counterlens) valid rows\n")
     return rows
 
 

@@ -10,7 +10,8 @@ import torch
 
 from counterlens.cli import main
 
-SUBCOMMANDS = [["data"], ["data", "synth"], ["train"], ["explain"], ["methods"], ["report"], ["demo"]]
+SUBCOMMANDS = [["data"], ["data", "synth"], ["train"], ["explain"], ["counterfactual"], ["fit-prior"], ["methods"],
+               ["report"], ["demo"]]
 
 
 @pytest.mark.parametrize("words", SUBCOMMANDS, ids=lambda w: " ".join(w))
@@ -156,3 +157,37 @@ def test_explain_every_method_from_the_cli(trained, tmp_path, capsys):
     assert all(f"{m} (target:" in html for m in METHODS)
     spec = (run / "run.yaml").read_text()
     assert "samples: 16" in spec and "batch_size: auto" in spec
+
+
+@pytest.mark.slow
+def test_counterfactual_and_fit_prior_from_the_cli(trained, tmp_path, capsys):
+    """counterfactual into the same run directory as explain; fit-prior; resumable; in the report."""
+    root, data, model = trained
+    run = tmp_path / "cf"
+    base = ["--model", str(model), "--data", str(data / "Testing"), "--out", str(run), "--limit", "3", "--quiet"]
+    assert main(["explain", *base, "--methods", "gradcam"]) == 0
+    assert main(["counterfactual", *base, "--target", "other", "--steps", "60",
+                 "--editable-masks", str(data / "masks" / "brain")]) == 0
+    out = capsys.readouterr().out
+    assert "counterfactuals for 3 images" in out
+    with sqlite3.connect(run / "results.sqlite") as db:
+        rows = db.execute("SELECT c.valid, c.reason, c.l1, c.array_file, i.prediction, c.target, i.mask_file "
+                          "FROM counterfactuals c JOIN images i ON i.id = c.image_id").fetchall()
+        assert db.execute("SELECT COUNT(*) FROM attributions").fetchone()[0] == 3   # explain rows kept
+    assert len(rows) == 3
+    import numpy as np
+    for valid, reason, l1, file, pred, target, mask_file in rows:
+        assert target != pred and (valid == 1) == (reason == "")
+        cf = np.load(run / file).astype(np.float32)
+        assert cf.min() >= 0 and cf.max() <= 1
+        mask = np.load(run / mask_file) > 0.5
+        orig_id = file.split("/")[-1].split("_")[0]
+        orig = np.load(run / "arrays" / "images" / f"{orig_id}.npy").astype(np.float32)
+        assert np.abs(cf - orig)[0][~mask].max() <= 1e-3      # nothing outside the editable mask moved
+    html = (run / "report.html").read_text()
+    assert html.count("<figure class=\"cf\">") == 3 and html.count("gradcam (target:") == 3
+    assert main(["counterfactual", *base, "--steps", "60"]) == 0
+    assert "counterfactuals for 0 images (3 already done" in capsys.readouterr().out
+    prior = tmp_path / "prior"
+    assert main(["fit-prior", "--data", str(data), "--out", str(prior), "--size", "32", "--epochs", "1", "--quiet"]) == 0
+    assert (prior / "prior.json").exists()

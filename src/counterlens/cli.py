@@ -119,6 +119,36 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--no-report", action="store_true", help="do not write report.html")
     explain.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    cf = sub.add_parser("counterfactual", help="smallest edits that change the model's decision, into a run directory",
+                        description="Search a counterfactual for every image (batched gradient search in data space, "
+                                    "per-image lambda bisection) and write RUN/results.sqlite, RUN/arrays/counterfactuals/ "
+                                    "and RUN/report.html. Re-running into the same RUN resumes.")
+    _add_model_args(cf)
+    cf.add_argument("--data", required=True, type=Path, help="an image file or folder (class subfolders give labels)")
+    cf.add_argument("--out", required=True, type=Path, help="run directory (may hold an explain run of the same model)")
+    cf.add_argument("--target", default="other",
+                    help="class name or index to reach, or 'other' for any class but the predicted one (default)")
+    cf.add_argument("--threshold", type=float, default=0.5, help="probability the target must reach (default: 0.5)")
+    cf.add_argument("--steps", type=int, default=500, help="optimisation steps per lambda round (default: 500)")
+    cf.add_argument("--candidates", type=int, default=1, help="candidates per image, different starts (default: 1)")
+    cf.add_argument("--l1", type=float, default=1.0, help="weight of the L1 part of the distance (default: 1)")
+    cf.add_argument("--l2", type=float, default=1.0, help="weight of the squared L2 part (default: 1)")
+    cf.add_argument("--tv", type=float, default=0.0, help="total-variation weight (default: 0)")
+    cf.add_argument("--editable-masks", type=Path,
+                    help="folder of masks matched by file stem: only pixels inside a mask may change")
+    cf.add_argument("--prior", type=Path, help="autoencoder written by `counterlens fit-prior`")
+    cf.add_argument("--prior-weight", type=float, default=1.0, help="weight of its reconstruction error (default: 1)")
+    cf.add_argument("--latent", action="store_true", help="search the prior's latent code instead of the pixels")
+    cf.add_argument("--limit", type=int, help="at most this many images (spread over classes)")
+    cf.add_argument("--batch-size", type=_batch_size, default=64, help="rows per model call (default: 64)")
+    cf.add_argument("--images-per-batch", type=int, default=16, help="images searched together (default: 16)")
+    cf.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    cf.add_argument("--no-report", action="store_true", help="do not write report.html")
+    cf.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    from .counterfactual.prior_cli import add_fit_prior_parser
+    add_fit_prior_parser(sub)
+
     sub.add_parser("methods", help="list the attribution methods with their defaults",
                    description="List every attribution method, a one-line description and its parameters.")
 
@@ -153,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from . import commands
+    from .counterfactual.prior_cli import fit_prior_command
     handler = {"data": commands.data_synth, "train": commands.train, "explain": commands.explain,
+               "counterfactual": commands.counterfactual_cmd, "fit-prior": fit_prior_command,
                "methods": commands.methods, "report": commands.report, "demo": commands.demo}[args.command]
     try:
         return handler(args) or 0

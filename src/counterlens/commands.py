@@ -175,6 +175,49 @@ def _target_arg(text: str):
     return int(text) if text.lstrip("-").isdigit() else text
 
 
+# -- counterfactual --------------------------------------------------------------------------------
+def counterfactual_cmd(args) -> int:
+    from .data.images import ImageFolder
+    from .runs.runner import counterfactual_dataset, package_versions
+    from .runs.store import RunStore
+    from .viz.report import write_report
+    clf = load_classifier(args)
+    dataset = ImageFolder(args.data, channels=1 if (clf.in_channels or 1) == 1 else clf.in_channels,
+                          size=clf.input_size, classes=clf.classes if _has_class_folders(args.data) else None,
+                          masks=args.editable_masks, limit=args.limit)
+    params = {"threshold": args.threshold, "steps": args.steps, "candidates": args.candidates,
+              "l1": args.l1, "l2": args.l2, "tv": args.tv, "batch_size": args.batch_size, "seed": args.seed}
+    if args.prior is not None:
+        from .counterfactual.prior import AutoencoderPrior
+        params.update(prior=AutoencoderPrior.load(args.prior, device=clf.device), prior_weight=args.prior_weight,
+                      latent=args.latent)
+    target = _target_arg(args.target)
+    card = getattr(clf, "card", None) or {}
+    with RunStore(args.out) as store:
+        spec = store.read_spec()
+        if spec and spec.get("model", {}).get("sha256") != getattr(clf, "source_hash", None):
+            raise CounterlensError(f"{args.out} holds a run of another model; pass a new --out directory")
+        spec.setdefault("model", {
+            "source": str(args.model), "sha256": getattr(clf, "source_hash", None),
+            "description": card.get("architecture") or card.get("factory") or type(clf.module).__name__,
+            "classes": clf.classes, "value_range": list(clf.value_range) if clf.value_range else None,
+            "test_accuracy": card.get("test_accuracy")})
+        spec.setdefault("data", {"path": str(args.data), "images": len(dataset), "classes": dataset.classes})
+        spec.setdefault("device", str(clf.device))
+        spec.setdefault("versions", package_versions())
+        spec["counterfactual"] = {"target": target, "editable_masks": str(args.editable_masks or ""),
+                                  "prior": str(args.prior or ""),
+                                  **{k: v for k, v in params.items() if k != "prior"}}
+        store.write_spec(spec)
+        summary = counterfactual_dataset(clf, dataset, store, target=target, params=params,
+                                         images_per_batch=args.images_per_batch, progress=not args.quiet)
+    print(f"counterfactuals for {summary.done} images ({summary.skipped} already done, {summary.failed} failed) "
+          f"in {summary.seconds:.1f} s; run directory: {args.out}")
+    if not args.no_report:
+        print(f"report: {write_report(args.out)}")
+    return 0
+
+
 # -- methods, report --------------------------------------------------------------------------------
 def methods(args) -> int:
     width = max(len(n) for n in METHODS)

@@ -111,6 +111,68 @@ def explain_dataset(clf, dataset, store: RunStore, *, methods: dict[str, dict], 
                       seconds=time.perf_counter() - start)
 
 
+def counterfactual_dataset(clf, dataset, store: RunStore, *, target="other", params: dict | None = None,
+                           images_per_batch: int = 16, progress: bool = True) -> RunSummary:
+    """Counterfactuals for every image of ``dataset``, written to ``store`` batch by batch.
+
+    ``params`` go to :func:`counterlens.counterfactual.counterfactual`. The ``editable`` mask of
+    each image is its mask from the dataset's masks folder when there is one. Images whose
+    counterfactuals are already in the store are skipped; unreadable files are recorded as failed.
+    """
+    from ..counterfactual import counterfactual
+    start = time.perf_counter()
+    done_paths = store.counterfactual_done()
+    todo = [i for i, r in enumerate(dataset.records) if str(r.path) not in done_paths]
+    done = failed = 0
+    bar = tqdm(total=len(dataset), initial=len(dataset) - len(todo), desc="counterfactuals", unit="img",
+               disable=not progress)
+    for chunk_start in range(0, len(todo), images_per_batch):
+        loaded, images, masks = [], [], []
+        for i in todo[chunk_start:chunk_start + images_per_batch]:
+            rec = dataset.records[i]
+            try:
+                image, _, mask = dataset.load(i)
+            except CounterlensError as exc:
+                store.record_image(path=str(rec.path), name=_display_name(dataset, rec.path), label=rec.label,
+                                   label_name=_name(dataset.classes, rec.label), status="failed", error=str(exc))
+                failed += 1
+                bar.update(1)
+                continue
+            loaded.append(rec)
+            images.append(image)
+            masks.append(mask)
+        if not loaded:
+            continue
+        x = torch.from_numpy(np.stack(images))
+        kwargs = dict(params or {})
+        if any(m is not None for m in masks) and "editable" not in kwargs:   # no mask: all editable
+            kwargs["editable"] = torch.from_numpy(np.stack(
+                [m if m is not None else np.ones(images[j].shape[1:], bool) for j, m in enumerate(masks)]))[:, None]
+        t0 = time.perf_counter()
+        result = counterfactual(clf, x, target, **kwargs)
+        seconds = (time.perf_counter() - t0) / len(loaded)
+        names = clf.class_names(result.probs_before.shape[1])
+        for j, rec in enumerate(loaded):
+            probs = result.probs_before[j]
+            pred = int(probs.argmax())
+            image_id = store.record_image(
+                path=str(rec.path), name=_display_name(dataset, rec.path), label=rec.label,
+                label_name=_name(names, rec.label), prediction=pred, prediction_name=names[pred],
+                probs=probs.tolist(), image=images[j], mask=masks[j])
+            store.record_counterfactuals(image_id, [{
+                "target": int(result.target[j]), "target_name": names[int(result.target[j])],
+                "valid": bool(result.valid[j]), "reason": result.reason[j], "lam": float(result.lam[j]),
+                "iterations": int(result.iterations[j]),
+                "distance": {k: float(v[j]) for k, v in result.distance.items()},
+                "probs_before": result.probs_before[j].tolist(), "probs_after": result.probs_after[j].tolist(),
+                "seconds": seconds, "x": result.x[j].numpy()}])
+            done += 1
+        bar.update(len(loaded))
+    bar.close()
+    return RunSummary(done=done, skipped=len(dataset) - len(todo), failed=failed,
+                      seconds=time.perf_counter() - start)
+
+
 def _display_name(dataset, path) -> str:
     """The path relative to the dataset root (``glioma/x.png``): unique, and short enough to show."""
     root = dataset.root if dataset.root.is_dir() else dataset.root.parent

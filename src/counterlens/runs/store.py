@@ -120,7 +120,8 @@ class RunStore:
         files = {m: self.save_array(f"{m}/{image_id}.npy", a) for m, (a, _, _) in (attributions or {}).items()}
         probability = max(probs) if probs else None
         with self.db:   # one transaction
-            self.db.execute("DELETE FROM attributions WHERE image_id = ?", (image_id,))
+            if attributions is not None:
+                self.db.execute("DELETE FROM attributions WHERE image_id = ?", (image_id,))
             self.db.execute(
                 "INSERT OR REPLACE INTO images (id, path, name, label, label_name, prediction, prediction_name,"
                 " probability, probs, status, error, image_file, mask_file) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -149,6 +150,11 @@ class RunStore:
                      float(r["lam"]), int(r["iterations"]), float(d["l0"]), float(d["l1"]), float(d["l2"]),
                      float(d["linf"]), json.dumps([float(v) for v in r["probs_before"]]),
                      json.dumps([float(v) for v in r["probs_after"]]), float(r.get("seconds", 0.0)), file))
+
+    def counterfactual_done(self) -> set[str]:
+        """Paths whose counterfactuals are written (skipped when a run resumes)."""
+        rows = self.db.execute("SELECT DISTINCT i.path FROM images i JOIN counterfactuals c ON c.image_id = i.id")
+        return {r["path"] for r in rows}
 
     def counterfactuals(self, image_id: int) -> list[dict]:
         rows = self.db.execute("SELECT * FROM counterfactuals WHERE image_id = ? ORDER BY target", (image_id,))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+from types import SimpleNamespace
 import datetime as _dt
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import jinja2
 import numpy as np
 
 from ..runs.store import RunStore
-from .plots import image_png, overlay_png
+from .plots import figure_png, image_png, overlay_png
 
 _ENV = jinja2.Environment(loader=jinja2.PackageLoader("counterlens.viz", "templates"),
                           autoescape=True, undefined=jinja2.StrictUndefined)
@@ -22,6 +23,21 @@ _ENV = jinja2.Environment(loader=jinja2.PackageLoader("counterlens.viz", "templa
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def counterfactual_panel(store: RunStore, image: np.ndarray, cf: dict, classes: list[str], value_range) -> dict:
+    """One stored counterfactual as a figure (original, counterfactual, difference, probabilities)."""
+    import torch
+    from .counterfactual_plots import counterfactual_figure
+    row = SimpleNamespace(
+        x=torch.from_numpy(store.load_array(cf["array_file"]))[None], x_orig=torch.from_numpy(image)[None],
+        target=torch.tensor([cf["target"]]), valid=torch.tensor([bool(cf["valid"])]),
+        probs_before=torch.tensor([json.loads(cf["probs_before"])]),
+        probs_after=torch.tensor([json.loads(cf["probs_after"])]), reason=[cf["reason"]],
+        distance={k: torch.tensor([cf[k]]) for k in ("l1", "l2", "linf")})
+    png = figure_png(counterfactual_figure(row, 0, classes or None, value_range))
+    return {"png": _b64(png), "target": cf["target_name"], "valid": bool(cf["valid"]), "reason": cf["reason"],
+            "l1": cf["l1"], "l2": cf["l2"]}
 
 
 def build_cases(store: RunStore, classes: list[str], value_range, clip_percentile: float) -> list[dict]:
@@ -46,6 +62,8 @@ def build_cases(store: RunStore, classes: list[str], value_range, clip_percentil
             amap = store.load_array(att["array_file"])
             png = overlay_png(image, amap, clip_percentile=clip_percentile, value_range=value_range)
             case["overlays"].append({"method": method, "png": _b64(png), "target": classes[att["target"]]})
+        case["counterfactuals"] = [counterfactual_panel(store, image, cf, classes, value_range)
+                                   for cf in store.counterfactuals(row["id"])]
         cases.append(case)
     return cases
 

@@ -1,0 +1,399 @@
+"""Batched counterfactual search: the smallest data-space edit that makes the model say ``target``.
+
+Every image x candidate is one *row*; all rows are optimised together as one tensor on the model's
+device (in chunks of ``batch_size`` rows, each chunk a full search, halved on out-of-memory).
+Per row and step the objective is::
+
+    pred_loss(logits, target)                       # hinge on the logit margin, or clipped CE
+    + lam_row * (l1 * mean|d| + l2 * mean d^2)      # elastic net, d = (x' - x) / (high - low)
+    + tv * TV(d)                                    # total variation of the edit, every spatial axis
+    + prior_weight * prior.reconstruction_error(x')
+    + proto_weight * mean (prior.encode(x') - prototype[target])^2
+
+minimised by Adam on ``x'`` (or, with ``latent=True``, on the prior's code ``z`` with
+``x' = decode(z)``), projected after every step onto the box ``[low, high]`` and the editable mask
+(elements outside it are reset to the original exactly). ``lam`` is searched per row by bisection
+on its logarithm (``lam_steps`` rounds; up after a valid round, down after an invalid one, by
+``lam_factor``, its square, its cube, ... until bracketed, then geometric means; the first
+value is given, or with ``lam="auto"`` set per row from the loss gradient at the start) for the
+*largest* weight that still gives a valid counterfactual; across rounds and steps each row keeps
+its best valid iterate (smallest elastic distance). A round ends after ``steps`` steps or when the
+row's objective has not improved by 1% for ``early_stop`` steps; the row then starts its next round
+at once (where it ended, ``warm_start``), independently of the other rows, and rows that finished
+all rounds are no longer evaluated.
+
+Validity: ``argmax(probs) == target`` and ``probs[target] >= threshold``. A row that never gets
+there returns its closest iterate with ``valid=False`` and a reason. Gradients are taken with
+``torch.autograd.grad`` with respect to the optimised tensor only: the model's parameters get no
+``.grad`` and its train/eval flags are restored (it runs in eval mode).
+
+Randomness: candidate 0 of every image starts at the image itself; candidate ``j > 0`` of image
+``i`` starts from noise that is a pure function of ``(seed, i, j)``, so results do not depend on
+``batch_size``. With one candidate per image, a batch gives the same rows as one image at a time
+(up to the float rounding of batched convolutions).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..attribution.base import Evaluator, resolve_targets
+from ..attribution.noise import counter_normal
+from ..errors import InputError, MethodError
+from ..model import Classifier
+from .constraints import (
+    check_prior,
+    check_search_params,
+    distances,
+    elastic_distance,
+    prior_eval_mode,
+    project,
+    resolve_box,
+    resolve_editable,
+    rows_of,
+    total_variation,
+)
+from .result import CounterfactualResult, invalid_reasons
+
+MARGIN = 1e-3            # the loss aims this far past the boundary (logit / log-prob units) ...
+RECORD_MARGIN = 5e-4     # ... and an iterate is recorded as valid this far past it
+BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+REFRESH = {"cpu": 1}     # look up the active rows every step on the CPU, every 10 (one sync) elsewhere
+IMPROVE_TOL = 1e-2       # relative decrease of the objective that counts as progress for the early stop
+
+
+def counterfactual(clf: Classifier, x, target="other", *, threshold: float = 0.5, loss: str = "hinge",
+                   kappa: float = 0.0, l1: float = 1.0, l2: float = 1.0, tv: float = 0.0,
+                   lam: float | str = "auto", lam_steps: int = 5, lam_factor: float | None = None,
+                   steps: int = 500, lr: float = 0.01, candidates: int = 1, init_noise: float = 0.1,
+                   editable=None, value_range=None, prior=None, prior_weight: float = 0.0,
+                   prototypes: Tensor | None = None, proto_weight: float = 0.0, latent: bool = False,
+                   early_stop: int | None = 50, warm_start: bool = True, batch_size: int | str = 64,
+                   seed: int = 0) -> CounterfactualResult:
+    """Counterfactuals of ``x`` for ``target``, searched in data space, batched.
+
+    Parameters
+    ----------
+    clf : Classifier
+    x : ``[B, C, *S]`` data-space images (2D, 3D or 1D spatial).
+    target : ``"other"`` (default: any class but the current prediction), a class index or name,
+        or one per row (list / tensor of length B).
+    threshold : 0.5. Probability the target must reach (and be the argmax).
+    loss : ``"hinge"`` (default: ``max(0, max_{j!=t} z_j - z_t + kappa)`` plus a hinge on
+        ``log p_t`` at ``log threshold``) or ``"ce"`` (``-log p_t``, zero once the row is valid).
+    kappa : 0.0. Extra logit margin the hinge asks for.
+    l1, l2 : 1.0, 1.0. Weights of mean |d| and mean d^2 in the distance (``d`` in units of the range).
+    tv : 0.0. Weight of the total variation of the edit (smooth, blob-like edits).
+    lam : ``"auto"``. Initial distance weight of the per-row bisection: a number, or ``"auto"``
+        (per row, from the gradient at the start: the weight at which the L1 pull on an element
+        equals the mean gradient magnitude; see ``_Search._auto_lam``).
+    lam_steps : 5. Bisection rounds (each an optimisation of up to ``steps`` steps).
+    lam_factor : None. Factor ``f`` of the bisection's first phase: round ``r`` (0-based) moves lam
+        by ``f**(r+1)``, up after a valid round, down after an invalid one, until a valid and an
+        invalid lam bracket it; None: 2 with ``lam="auto"`` (the start is near), 10 with a given lam.
+    steps : 500. Adam steps per round at most.
+    lr : 0.01. Adam step size as a fraction of the value range (latent: of the code's std per row).
+    candidates : 1. Counterfactuals per image (different random starts); ``x`` holds the best.
+    init_noise : 0.1. Start noise of candidates 1.. as a fraction of the range (or code std).
+    editable : None. Bool mask ``[1 or B, 1 or C, *S]`` (or ``[*S]``) of the elements that may change.
+    value_range : None. ``(low, high)`` numbers or broadcastable tensors; default ``clf.value_range``,
+        else ``(x.min(), x.max())`` of the batch.
+    prior : None. An object with ``reconstruction_error(x) -> [B]``, ``encode(x) -> [B, *L]`` and
+        ``decode(z) -> [B, C, *S]`` (e.g. :class:`AutoencoderPrior`), on ``clf.device``.
+    prior_weight : 0.0. Weight of ``prior.reconstruction_error(x')``.
+    prototypes : None. ``[K, *L]`` class prototypes in the prior's code space (or ``[B, K, *L]``
+        per image); for ``target="other"`` the guide is the other class whose prototype is nearest
+        to ``encode(x)``.
+    proto_weight : 0.0. Weight of ``mean (encode(x') - prototype)^2``.
+    latent : False. Search the prior's code and decode it (edits made of the prior's patterns).
+    early_stop : 50. Stop a row's round when its objective has not improved by 1% for this many
+        steps (None or 0: never; 20 is about twice as fast for slightly larger edits).
+    warm_start : True. Each bisection round starts where the row's previous round ended (False:
+        every round starts again from the image; slower, sometimes slightly closer).
+    batch_size : 64. Rows (images x candidates) optimised at once; ``"auto"`` measures.
+    seed : 0. Seed of the start noise of candidates 1...
+
+    Returns a :class:`CounterfactualResult` (CPU tensors).
+    """
+    p = check_search_params(
+        loss=loss, threshold=threshold, kappa=kappa, l1=l1, l2=l2, tv=tv, lam=lam, lam_steps=lam_steps,
+        lam_factor=lam_factor, steps=steps, lr=lr, candidates=candidates, init_noise=init_noise,
+        prior_weight=prior_weight, proto_weight=proto_weight, early_stop=early_stop, seed=seed,
+        warm_start=bool(warm_start))
+    x = clf.as_input(x).detach()
+    if x.shape[0] == 0:
+        raise InputError("x has no rows; pass at least one image [1, C, *S]")
+    ev = Evaluator(clf, batch_size)
+    logits0 = ev.logits(x)
+    n_images, n_classes = logits0.shape
+    names = clf.class_names(n_classes)
+    orig = logits0.argmax(dim=1)
+    other = isinstance(target, str) and target.lower() == "other"
+    tgt = orig if other else resolve_targets(clf, x, target, logits=logits0)
+    low, high = resolve_box(clf, x, value_range)
+    mask = resolve_editable(editable, x)
+    protos = check_prior(clf, x, prior, prior_weight, prototypes, proto_weight, latent, n_classes)
+    k = candidates
+    rows_img = torch.arange(n_images, device=x.device).repeat_interleave(k)
+    rows_cand = torch.arange(k, device=x.device).repeat(n_images)
+    search = _Search(clf, p, other, prior, protos, latent)
+
+    def work(a: int, b: int) -> dict:
+        i = rows_img[a:b]
+        return search.run(x[i], tgt[i], orig[i], rows_of(low, i), rows_of(high, i),
+                          None if mask is None else mask[i], i, rows_cand[a:b])
+
+    with clf.eval_mode(), prior_eval_mode(prior):
+        parts = ev.run(n_images * k, work)
+    out = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    return _assemble(ev, x, out, orig, tgt, other, low, high, mask, k, p, names, logits0)
+
+
+# -- the optimisation of one chunk of rows --------------------------------------------------------
+class _Search:
+    def __init__(self, clf, p: dict, other: bool, prior, protos, latent: bool):
+        self.clf, self.p, self.other, self.prior, self.protos, self.latent = clf, p, other, prior, protos, latent
+        self.log_thr = math.log(p["threshold"]) if p["threshold"] > 0 else -math.inf
+
+    def run(self, x0, tgt, orig, low, high, mask, img, cand) -> dict:
+        p, r = self.p, x0.shape[0]
+        scale = high - low
+        with torch.no_grad():
+            if self.latent:
+                z0 = self.prior.encode(x0).detach()
+                start = z0.flatten(1)
+                step_size = p["lr"] * start.std(dim=1, keepdim=True).clamp_min(1e-8)
+                noise_scale = p["init_noise"] * start.std(dim=1, keepdim=True)
+                self.latent_shape = z0.shape[1:]
+            else:
+                start = x0.flatten(1)
+                step_size = (p["lr"] * scale).expand_as(x0).flatten(1)
+                noise_scale = (p["init_noise"] * scale).expand_as(x0).flatten(1)
+            noise = counter_normal(p["seed"], (img, cand), start.shape[1]) * noise_scale
+            init = start + torch.where(cand[:, None] > 0, noise, torch.zeros_like(noise))
+            if not self.latent:
+                init = project(init.view_as(x0), x0, low, high, mask).flatten(1)
+            proto_rows = self._prototypes(x0, img, tgt, orig)
+        grad_mask = None if (mask is None or self.latent) else mask.flatten(1).to(x0.dtype)
+        state = {"x0": x0, "tgt": tgt, "orig": orig, "low": low, "high": high, "mask": mask, "scale": scale,
+                 "protos": proto_rows}
+        dev, n_rounds, early = x0.device, p["lam_steps"], p["early_stop"] or 0
+        lam = self._auto_lam(init, state) if p["lam"] == "auto" else torch.full((r,), p["lam"], device=dev)
+        lam_lo, lam_hi = torch.zeros_like(lam), torch.full_like(lam, math.inf)
+        best_x, fallback_x = x0.clone(), x0.clone()
+        best_dist, fallback_score = torch.full_like(lam, math.inf), torch.full_like(lam, math.inf)
+        best_lam, fallback_lam = lam.clone(), lam.clone()
+        lam_tried = torch.zeros(r, n_rounds, device=dev)
+        lam_valid = torch.zeros(r, n_rounds, dtype=torch.bool, device=dev)
+        lam_tried[:, 0] = lam
+        # per-row state: each row runs its own rounds; a row that ends a round starts its next one at
+        # once, so the chunk runs as long as its slowest row, not the sum of every round's slowest row
+        par, m, v = init.clone(), torch.zeros_like(init), torch.zeros_like(init)
+        t = torch.zeros(r, device=dev)                         # Adam steps in the current round
+        rnd = torch.zeros(r, dtype=torch.long, device=dev)     # current round
+        iters = torch.zeros(r, dtype=torch.long, device=dev)
+        best_obj, stall = torch.full_like(lam, math.inf), torch.zeros_like(iters)
+        round_valid, done = torch.zeros(r, dtype=torch.bool, device=dev), torch.zeros(r, dtype=torch.bool, device=dev)
+        refresh = REFRESH.get(dev.type, 10)
+        idx = torch.arange(r, device=dev)
+        for step in range(n_rounds * p["steps"]):
+            if step % refresh == 0:
+                idx = (~done).nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    break
+            pa = par[idx].detach().requires_grad_(True)
+            lam_i = lam[idx]
+            with torch.enable_grad():
+                xp = self._to_data(pa, idx, state)
+                obj, _, sel, strict, violation = self._objective(xp, idx, lam_i, state)
+                (g,) = torch.autograd.grad(obj.sum(), pa)
+            with torch.no_grad():
+                act, xp = ~done[idx], xp.detach()
+                one = (-1,) + (1,) * (xp.dim() - 1)
+                # the best valid iterate (smallest distance) and, for rows never valid, the closest one
+                # (torch.where rather than boolean indexing: no device sync per step)
+                upd = act & strict & (sel < best_dist[idx])
+                best_x[idx] = torch.where(upd.view(one), xp, best_x[idx])
+                best_dist[idx] = torch.where(upd, sel, best_dist[idx])
+                best_lam[idx] = torch.where(upd, lam_i, best_lam[idx])
+                rv = round_valid[idx] | (act & strict)
+                upd = act & (violation < fallback_score[idx])
+                fallback_x[idx] = torch.where(upd.view(one), xp, fallback_x[idx])
+                fallback_score[idx] = torch.where(upd, violation, fallback_score[idx])
+                fallback_lam[idx] = torch.where(upd, lam_i, fallback_lam[idx])
+                # early stop of the round on a stalled objective
+                improved = obj < best_obj[idx] - IMPROVE_TOL * best_obj[idx].abs() - 1e-9
+                b_obj = torch.minimum(best_obj[idx], obj)
+                st = torch.where(improved, 0, stall[idx] + 1)
+                # Adam, then the projection
+                if grad_mask is not None:
+                    g = g * grad_mask[idx]
+                m_i, v_i, t_i = m[idx], v[idx], t[idx] + 1
+                m_new = BETAS[0] * m_i + (1 - BETAS[0]) * g
+                v_new = BETAS[1] * v_i + (1 - BETAS[1]) * g * g
+                m_hat = m_new / (1 - BETAS[0] ** t_i)[:, None]
+                v_hat = v_new / (1 - BETAS[1] ** t_i)[:, None]
+                p_new = pa.detach() - step_size[idx] * m_hat / (v_hat.sqrt() + ADAM_EPS)
+                if not self.latent:
+                    p_new = project(p_new.view_as(xp), x0[idx], rows_of(low, idx), rows_of(high, idx),
+                                    None if mask is None else mask[idx]).flatten(1)
+                iters[idx] += act.long()
+                # the end of a round: bisection on log lambda (up after a valid round, down after an
+                # invalid one, by f, f^2, f^3, ... until bracketed, then geometric means), fresh Adam
+                end = act & ((t_i >= p["steps"]) | ((st >= early) if early else torch.zeros_like(act)))
+                r_i = rnd[idx]
+                r_c = r_i.clamp_max(n_rounds - 1)     # rows already done (stale on the GPU) stay put
+                lam_valid[idx, r_c] = torch.where(end, rv, lam_valid[idx, r_c])
+                lo = torch.where(end & rv, torch.maximum(lam_lo[idx], lam_i), lam_lo[idx])
+                hi = torch.where(end & ~rv, torch.minimum(lam_hi[idx], lam_i), lam_hi[idx])
+                bracketed = torch.isfinite(hi) & (lo > 0)
+                step_up = torch.pow(p["lam_factor"], (r_i + 1).to(lam_i.dtype))   # f, f^2, ... until bracketed
+                grow = torch.where(rv, lam_i * step_up, lam_i / step_up)
+                nxt = torch.where(bracketed, (lo * hi.clamp_max(1e30)).sqrt(), grow)
+                lam_lo[idx], lam_hi[idx], lam[idx] = lo, hi, torch.where(end, nxt, lam_i)
+                r_next = r_i + end.long()
+                fin = r_next >= n_rounds
+                lam_tried[idx, r_next.clamp_max(n_rounds - 1)] = torch.where(
+                    end & ~fin, nxt, lam_tried[idx, r_next.clamp_max(n_rounds - 1)])
+                rnd[idx], done[idx] = r_next, done[idx] | (end & fin)
+                a, e = act[:, None], end[:, None]
+                moved = torch.where(a, p_new, pa.detach())
+                restart = init[idx] if not p["warm_start"] else moved
+                par[idx] = torch.where(e, restart, moved)
+                m[idx] = torch.where(e, 0.0, torch.where(a, m_new, m_i))
+                v[idx] = torch.where(e, 0.0, torch.where(a, v_new, v_i))
+                t[idx] = torch.where(end, 0.0, torch.where(act, t_i, t[idx]))
+                best_obj[idx] = torch.where(end, math.inf, torch.where(act, b_obj, best_obj[idx]))
+                stall[idx] = torch.where(end, 0, torch.where(act, st, stall[idx]))
+                round_valid[idx] = torch.where(end, False, torch.where(act, rv, round_valid[idx]))
+        found = torch.isfinite(best_dist)
+        return {"x": torch.where(found.view(-1, *[1] * (x0.dim() - 1)), best_x, fallback_x),
+                "found": found, "lam": torch.where(found, best_lam, fallback_lam), "iterations": iters,
+                "lam_tried": lam_tried, "lam_valid": lam_valid}
+
+    def _to_data(self, pa: Tensor, idx: Tensor, s: dict) -> Tensor:
+        x0 = s["x0"][idx]
+        if not self.latent:
+            return pa.view_as(x0)
+        xd = _decode(self.prior, pa.view(pa.shape[0], *self.latent_shape), x0.shape)
+        return project(xd, x0, rows_of(s["low"], idx), rows_of(s["high"], idx),
+                       None if s["mask"] is None else s["mask"][idx])
+
+    def _objective(self, xp: Tensor, idx: Tensor, lam: Tensor, s: dict):
+        p = self.p
+        logits = self.clf.forward(xp)
+        if not logits.requires_grad:
+            raise MethodError("the model's output does not depend differentiably on x (no autograd graph); "
+                              "a counterfactual search needs gradients")
+        logp = torch.log_softmax(logits, dim=1)
+        if self.other:   # the best class other than the original prediction, step by step
+            t = logits.detach().scatter(1, s["orig"][idx, None], -math.inf).argmax(dim=1)
+        else:
+            t = s["tgt"][idx]
+        z_t = logits.gather(1, t[:, None]).squeeze(1)
+        z_other = logits.scatter(1, t[:, None], -math.inf).amax(dim=1)
+        margin, lp_t = z_t - z_other, logp.gather(1, t[:, None]).squeeze(1)
+        strict = (margin > RECORD_MARGIN) & (lp_t > self.log_thr + RECORD_MARGIN)
+        violation = (F.relu(-margin) + F.relu(self.log_thr - lp_t)).detach()
+        if p["loss"] == "hinge":
+            pred = F.relu(p["kappa"] + MARGIN - margin) + F.relu(self.log_thr + MARGIN - lp_t)
+        else:
+            pred = torch.where(strict & (margin >= p["kappa"]), torch.zeros_like(lp_t), -lp_t)
+        d = (xp - s["x0"][idx]) / rows_of(s["scale"], idx)
+        dist = elastic_distance(d, p["l1"], p["l2"])
+        obj = pred + lam * dist
+        if p["tv"]:
+            obj = obj + p["tv"] * total_variation(d)
+        if p["prior_weight"]:
+            obj = obj + p["prior_weight"] * self.prior.reconstruction_error(xp)
+        if p["proto_weight"]:
+            code = self.prior.encode(xp).flatten(1)
+            obj = obj + p["proto_weight"] * (code - s["protos"][idx]).square().mean(dim=1)
+        sel = dist.detach() if (p["l1"] or p["l2"]) else elastic_distance(d.detach(), 1.0, 1.0)
+        return obj, pred, sel, strict.detach(), violation
+
+    def _auto_lam(self, init: Tensor, s: dict) -> Tensor:
+        """Start weight per row from the prediction-loss gradient ``g`` at the start (range units,
+        editable elements): ``l1 > 0``: where the L1 pull on an element, ``lam * l1 / N``, equals the
+        mean ``|g|``; ``l1 = 0``: ``N |g|^2 / (2 l2 loss)``, whose L2 equilibrium edit ``N g / (2 lam
+        l2)`` covers the loss to first order. Rows with no gradient get 1."""
+        p, r = self.p, init.shape[0]
+        idx = torch.arange(r, device=init.device)
+        with torch.enable_grad():
+            xp = self._to_data(init, idx, s).detach().requires_grad_(True)
+            pred = self._objective(xp, idx, torch.zeros(r, device=init.device), s)[1]
+            (g,) = torch.autograd.grad(pred.sum(), xp)
+        with torch.no_grad():
+            g = (g * s["scale"]).flatten(1)
+            n = g.shape[1]
+            if s["mask"] is not None:
+                keep = s["mask"].flatten(1)
+                g, n_edit = g * keep, keep.sum(dim=1).clamp_min(1)
+            else:
+                n_edit = torch.full((r,), n, device=g.device)
+            if p["l1"] > 0:
+                lam = n * g.abs().sum(dim=1) / n_edit / p["l1"]
+            else:
+                lam = n * g.square().sum(dim=1) / (2 * max(p["l2"], 1e-12) * pred.detach().clamp_min(1e-6))
+            return torch.where(torch.isfinite(lam) & (lam > 0), lam, torch.ones_like(lam))
+
+    def _prototypes(self, x0, img, tgt, orig) -> Tensor | None:
+        """The prototype each row is guided to, ``[r, L]`` (None without prototypes)."""
+        if self.protos is None or not self.p["proto_weight"]:
+            return None
+        # [K, L] for every image, or [B, K, L] per image
+        table = self.protos[img] if self.protos.dim() == 3 else self.protos.unsqueeze(0).expand(x0.shape[0], -1, -1)
+        if self.other:
+            code = self.prior.encode(x0).flatten(1)
+            dist = (table - code[:, None]).square().sum(dim=2).scatter(1, orig[:, None], math.inf)
+            tgt = dist.argmin(dim=1)
+        return table.gather(1, tgt.view(-1, 1, 1).expand(-1, 1, table.shape[2])).squeeze(1)
+
+
+# -- assembling the result ------------------------------------------------------------------------
+def _assemble(ev, x, out, orig, tgt, other, low, high, mask, k, p, names, logits0) -> CounterfactualResult:
+    """Re-evaluate every row's returned iterate, pick the best candidate per image, build the result."""
+    n_images, scale = x.shape[0], high - low
+    rows_x, rows_orig, orig_rows = out["x"], x.repeat_interleave(k, dim=0), orig.repeat_interleave(k)
+    logits = ev.logits(rows_x)
+    probs, logp = torch.softmax(logits, dim=1), torch.log_softmax(logits, dim=1)
+    # "other": the class reached, or the most probable other class
+    t_rows = logits.scatter(1, orig_rows[:, None], -math.inf).argmax(dim=1) if other else tgt.repeat_interleave(k)
+    valid = (logits.argmax(dim=1) == t_rows) & (probs.gather(1, t_rows[:, None]).squeeze(1) >= p["threshold"])
+    d = (rows_x - rows_orig) / (scale if scale.shape[0] == 1 else scale.repeat_interleave(k, dim=0))
+    sel = elastic_distance(d, p["l1"], p["l2"]) if (p["l1"] or p["l2"]) else elastic_distance(d, 1.0, 1.0)
+    log_thr = math.log(p["threshold"]) if p["threshold"] > 0 else -math.inf
+    z_t, lp = logits.gather(1, t_rows[:, None]).squeeze(1), logp.gather(1, t_rows[:, None]).squeeze(1)
+    violation = F.relu(logits.scatter(1, t_rows[:, None], -math.inf).amax(dim=1) - z_t) + F.relu(log_thr - lp)
+    key = torch.where(valid, sel, math.inf).view(n_images, k)   # valid first (closest), else the closest miss
+    choice = torch.where(torch.isfinite(key).any(dim=1), key.argmin(dim=1), violation.view(n_images, k).argmin(dim=1))
+    pick = torch.arange(n_images, device=x.device) * k + choice
+    x_cf = rows_x[pick]
+    reasons = invalid_reasons(valid[pick], out["found"][pick], probs[pick], t_rows[pick], orig, other, mask, p,
+                              out["lam_tried"][pick], names)
+    per_image = {name: _cpu(out[name].view(n_images, k, -1)) for name in ("lam_tried", "lam_valid")}
+    return CounterfactualResult(
+        x=_cpu(x_cf), x_orig=_cpu(x), target=_cpu(t_rows[pick]), valid=_cpu(valid[pick]),
+        probs_before=_cpu(torch.softmax(logits0, dim=1)), probs_after=_cpu(probs[pick]),
+        distance={name: _cpu(v) for name, v in distances(x_cf, x, scale).items()},
+        lam=_cpu(out["lam"][pick]), iterations=_cpu(out["iterations"][pick]), reason=reasons,
+        candidates=_cpu(rows_x.view(n_images, k, *x.shape[1:])) if k > 1 else None,
+        candidates_valid=_cpu(valid.view(n_images, k)) if k > 1 else None,
+        **per_image, classes=list(names), params=dict(p))
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def _cpu(t: Tensor) -> Tensor:
+    return t.detach().cpu()
+
+
+def _decode(prior, z: Tensor, shape) -> Tensor:
+    params = inspect.signature(prior.decode).parameters
+    out = prior.decode(z, size=tuple(shape[2:])) if "size" in params else prior.decode(z)
+    if tuple(out.shape[1:]) != tuple(shape[1:]):
+        raise InputError(f"prior.decode returns {tuple(out.shape[1:])} per image; x has {tuple(shape[1:])}")
+    return out
