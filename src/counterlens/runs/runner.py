@@ -69,21 +69,9 @@ def explain_dataset(clf, dataset, store: RunStore, *, methods: dict[str, dict], 
     bar = tqdm(total=len(dataset), initial=len(dataset) - len(todo), desc="explaining", unit="img",
                disable=not progress)
     for chunk_start in range(0, len(todo), images_per_batch):
-        subset = todo[chunk_start:chunk_start + images_per_batch]
-        loaded, images, masks = [], [], []
-        for i in subset:
-            rec = dataset.records[i]
-            try:
-                image, _, mask = dataset.load(i)
-            except CounterlensError as exc:
-                store.record_image(path=str(rec.path), name=_display_name(dataset, rec.path), label=rec.label,
-                                   label_name=_name(dataset.classes, rec.label), status="failed", error=str(exc))
-                failed += 1
-                bar.update(1)
-                continue
-            loaded.append(rec)
-            images.append(image)
-            masks.append(mask)
+        loaded, images, masks, n_failed = _load_batch(dataset, todo[chunk_start:chunk_start + images_per_batch],
+                                                      store, bar)
+        failed += n_failed
         if not loaded:
             continue
         x = clf.as_input(torch.from_numpy(np.stack(images)))
@@ -127,20 +115,9 @@ def counterfactual_dataset(clf, dataset, store: RunStore, *, target="other", par
     bar = tqdm(total=len(dataset), initial=len(dataset) - len(todo), desc="counterfactuals", unit="img",
                disable=not progress)
     for chunk_start in range(0, len(todo), images_per_batch):
-        loaded, images, masks = [], [], []
-        for i in todo[chunk_start:chunk_start + images_per_batch]:
-            rec = dataset.records[i]
-            try:
-                image, _, mask = dataset.load(i)
-            except CounterlensError as exc:
-                store.record_image(path=str(rec.path), name=_display_name(dataset, rec.path), label=rec.label,
-                                   label_name=_name(dataset.classes, rec.label), status="failed", error=str(exc))
-                failed += 1
-                bar.update(1)
-                continue
-            loaded.append(rec)
-            images.append(image)
-            masks.append(mask)
+        loaded, images, masks, n_failed = _load_batch(dataset, todo[chunk_start:chunk_start + images_per_batch],
+                                                      store, bar)
+        failed += n_failed
         if not loaded:
             continue
         x = torch.from_numpy(np.stack(images))
@@ -171,6 +148,25 @@ def counterfactual_dataset(clf, dataset, store: RunStore, *, target="other", par
     bar.close()
     return RunSummary(done=done, skipped=len(dataset) - len(todo), failed=failed,
                       seconds=time.perf_counter() - start)
+
+
+def _load_batch(dataset, indices, store: RunStore, bar):
+    """Load the images at ``indices``; a file that fails is recorded as failed (and counted)."""
+    loaded, images, masks, failed = [], [], [], 0
+    for i in indices:
+        rec = dataset.records[i]
+        try:
+            image, _, mask = dataset.load(i)
+        except CounterlensError as exc:
+            store.record_image(path=str(rec.path), name=_display_name(dataset, rec.path), label=rec.label,
+                               label_name=_name(dataset.classes, rec.label), status="failed", error=str(exc))
+            failed += 1
+            bar.update(1)
+            continue
+        loaded.append(rec)
+        images.append(image)
+        masks.append(mask)
+    return loaded, images, masks, failed
 
 
 def _display_name(dataset, path) -> str:
