@@ -34,7 +34,7 @@ def x():
     return torch.rand(5, 1, 32, 32)
 
 
-def _same(clf, net, x):
+def assert_same_outputs(clf, net, x):
     with torch.no_grad():
         assert torch.equal(clf.logits(x), net(x))
 
@@ -65,7 +65,7 @@ def test_model_card_architecture_and_tamper(tmp_path, x):
                           kwargs={"num_classes": 4, "input_size": [32, 32], "width": 0.125},
                           classes=["glioma", "meningioma", "none", "pituitary"], preprocess=None)
     clf = load_model(out, device="cpu")  # built-in architecture: no consent needed
-    _same(clf, net, x)
+    assert_same_outputs(clf, net, x)
     assert not clf.module.training
     weights = out / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
@@ -88,25 +88,25 @@ def test_factory_state_dict(tmp_path, net, x, suffix):
     path = tmp_path / f"w{suffix}"
     torch.save(net.state_dict(), path)
     clf = load_model(path, factory=FACTORY, factory_kwargs=KW, device="cpu", classes=["a", "b", "c"])
-    _same(clf, net, x)
+    assert_same_outputs(clf, net, x)
     assert clf.source_hash == file_sha256(path) and clf.card is None
 
 
 def test_factory_checkpoint_dict_and_prefix(tmp_path, net, x):
     path = tmp_path / "ckpt.pt"
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, path)
-    _same(load_model(path, factory=FACTORY, factory_kwargs=KW, device="cpu"), net, x)
+    assert_same_outputs(load_model(path, factory=FACTORY, factory_kwargs=KW, device="cpu"), net, x)
 
 
 def test_factory_safetensors_and_file_factory(tmp_path, net, x):
     from safetensors.torch import save_file
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
-    _same(load_model(path, factory=FACTORY, factory_kwargs=KW, device="cpu"), net, x)
+    assert_same_outputs(load_model(path, factory=FACTORY, factory_kwargs=KW, device="cpu"), net, x)
     code = tmp_path / "mynet.py"
     code.write_text("from counterlens.models import small_resnet\n"
                     f"def build():\n    return small_resnet(**{KW!r})\n")
-    _same(load_model(path, factory=f"{code}:build", device="cpu"), net, x)
+    assert_same_outputs(load_model(path, factory=f"{code}:build", device="cpu"), net, x)
 
 
 def test_factory_mismatch_lists_keys(tmp_path, net):
@@ -128,7 +128,7 @@ def test_torchscript(tmp_path, net, x):
     torch.jit.script(net).save(str(path))
     clf = load_model(path, device="cpu")
     assert isinstance(clf.module, torch.jit.ScriptModule)
-    _same(clf, net, x)
+    assert_same_outputs(clf, net, x)
     with pytest.raises(ModelLoadError, match="drop factory"):
         load_model(path, factory=FACTORY, device="cpu")
 
@@ -165,9 +165,9 @@ def test_full_pickle_refused_then_trusted(tmp_path, net, x):
     assert "--trust-model-file" in msg and "arbitrary code" in msg and "--factory" in msg
     assert "SmallResNet" in msg
     clf = load_model(path, trust_model_file=True, device="cpu")
-    _same(clf, net, x)
+    assert_same_outputs(clf, net, x)
     # with a factory, a trusted full pickle gives its weights to the factory's network
-    _same(load_model(path, factory=FACTORY, factory_kwargs=KW, trust_model_file=True, device="cpu"), net, x)
+    assert_same_outputs(load_model(path, factory=FACTORY, factory_kwargs=KW, trust_model_file=True, device="cpu"), net, x)
 
 
 def test_state_dict_without_factory(tmp_path, net):
