@@ -36,3 +36,16 @@ class TinyCNN(nn.Module):
 def tiny_cnn():
     torch.manual_seed(0)
     return TinyCNN()
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """sklearn's digits (real, 8x8) scaled to [0, 1] as ``[N, 1, 8, 8]``, split 1437 / 360 with seed 0:
+    ``(x_train, y_train, x_test, y_test)``."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.data / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    tr, te = perm[:1437], perm[1437:]
+    return x[tr], y[tr], x[te], y[te]

@@ -18,17 +18,6 @@ from counterlens.errors import DataFileError, InputError, ModelLoadError
 
 
 @pytest.fixture(scope="module")
-def digits():
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x = torch.tensor(d.data / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)
-    y = torch.tensor(d.target, dtype=torch.long)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    tr, te = perm[:1437], perm[1437:]
-    return x[tr], y[tr], x[te], y[te]
-
-
-@pytest.fixture(scope="module")
 def prior(digits):
     x, _, _, _ = digits
     return fit_prior(x, epochs=30, seed=0, progress=False)

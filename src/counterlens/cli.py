@@ -32,16 +32,19 @@ def parse_params(items: list[str] | None) -> dict[str, dict]:
     return out
 
 
-def _batch_size(text: str):
-    if text == "auto":
-        return text
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer or 'auto'")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return value
+
+
+def _batch_size(text: str):
+    return text if text == "auto" else positive_int(text)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

@@ -35,17 +35,19 @@ def data_synth(args) -> int:
 
 
 # -- train ----------------------------------------------------------------------------------------
-def load_arrays(dataset, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image of an ImageFolder in memory: ``x [N, C, *S]`` float32, ``y [N]`` int64."""
+def load_arrays(dataset, progress: bool = False, labels: bool = True):
+    """Every image of an ImageFolder in memory: ``x [N, C, *S]`` float32 and, with ``labels``,
+    ``y [N]`` int64 (then every image must have a label)."""
     from tqdm.auto import tqdm
-    images, labels = [], []
+    images, ys = [], []
     for i in tqdm(range(len(dataset)), desc=f"loading {dataset.root.name}", unit="img", disable=not progress):
         image, label, _ = dataset.load(i)
-        if label is None:
+        if labels and label is None:
             raise InputError(f"{dataset.root}: training needs labels; put images in class subfolders")
         images.append(image)
-        labels.append(label)
-    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long)
+        ys.append(label)
+    x = torch.from_numpy(np.stack(images))
+    return (x, torch.tensor(ys, dtype=torch.long)) if labels else x
 
 
 def split_folders(root: Path) -> tuple[Path, Path | None]:
@@ -109,6 +111,17 @@ def load_classifier(args):
                       device=args.device, classes=args.classes)
 
 
+def model_spec(clf, source: str) -> dict:
+    """How ``run.yaml`` describes the model: source, SHA-256, classes, sizes, preprocessing."""
+    card = getattr(clf, "card", None) or {}
+    return {"source": str(source), "sha256": getattr(clf, "source_hash", None),
+            "description": card.get("architecture") or card.get("factory") or type(clf.module).__name__,
+            "classes": clf.classes, "in_channels": clf.in_channels,
+            "input_size": list(clf.input_size) if clf.input_size else None,
+            "value_range": list(clf.value_range) if clf.value_range else None,
+            "preprocess": card.get("preprocess"), "test_accuracy": card.get("test_accuracy")}
+
+
 def run_explain(clf, dataset, out: Path, *, methods: list[str], params: dict, target="predicted",
                 batch_size: int = 64, seed: int = 0, images_per_batch: int = 16, progress: bool = True,
                 model_source: str = "", data_source: str = "", report: bool = True, clip_percentile: float = 0.5):
@@ -118,14 +131,8 @@ def run_explain(clf, dataset, out: Path, *, methods: list[str], params: dict, ta
     from .viz.report import write_report
 
     resolved = resolved_methods(methods, params, batch_size, seed)
-    card = getattr(clf, "card", None) or {}
     spec = {
-        "model": {"source": model_source, "sha256": getattr(clf, "source_hash", None),
-                  "description": card.get("architecture") or card.get("factory") or type(clf.module).__name__,
-                  "classes": clf.classes, "in_channels": clf.in_channels,
-                  "input_size": list(clf.input_size) if clf.input_size else None,
-                  "value_range": list(clf.value_range) if clf.value_range else None,
-                  "preprocess": card.get("preprocess"), "test_accuracy": card.get("test_accuracy")},
+        "model": model_spec(clf, model_source),
         "data": {"path": data_source, "images": len(dataset), "classes": dataset.classes},
         "target": target, "seed": seed, "batch_size": batch_size,
         "methods": resolved, "device": str(clf.device), "versions": package_versions(),
@@ -192,16 +199,11 @@ def counterfactual_cmd(args) -> int:
         params.update(prior=AutoencoderPrior.load(args.prior, device=clf.device), prior_weight=args.prior_weight,
                       latent=args.latent)
     target = _target_arg(args.target)
-    card = getattr(clf, "card", None) or {}
     with RunStore(args.out) as store:
         spec = store.read_spec()
         if spec and spec.get("model", {}).get("sha256") != getattr(clf, "source_hash", None):
             raise CounterlensError(f"{args.out} holds a run of another model; pass a new --out directory")
-        spec.setdefault("model", {
-            "source": str(args.model), "sha256": getattr(clf, "source_hash", None),
-            "description": card.get("architecture") or card.get("factory") or type(clf.module).__name__,
-            "classes": clf.classes, "value_range": list(clf.value_range) if clf.value_range else None,
-            "test_accuracy": card.get("test_accuracy")})
+        spec.setdefault("model", model_spec(clf, args.model))
         spec.setdefault("data", {"path": str(args.data), "images": len(dataset), "classes": dataset.classes})
         spec.setdefault("device", str(clf.device))
         spec.setdefault("versions", package_versions())

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .attribution.base import Evaluator
 from .commands import DEMO_METHODS, load_arrays, run_explain, train_model
 
 DEMO_ARCH = "brain-tumor-cnn"
@@ -74,8 +75,7 @@ def run_demo(args) -> Path:
     test = ImageFolder(data_dir / "Testing", channels=1, size=args.size, classes=clf.classes,
                        masks=data_dir / "masks" / "tumor")
     x, y = load_arrays(test)
-    with torch.no_grad():
-        pred = torch.cat([clf.predict(x[i:i + 256]).cpu() for i in range(0, len(x), 256)])
+    pred = Evaluator(clf, 256).logits(x.to(clf.device)).argmax(dim=1).cpu()
     cases = pick_cases(pred, y, args.cases)
     n_wrong = sum(int(pred[i] != y[i]) for i in cases)
     say(f"[3/4] picked {len(cases)} test cases ({n_wrong} misclassified) of {len(test)}")
