@@ -1,12 +1,13 @@
 # make demo: the main job on the embedded default (synthetic brain MRI), prints where the report is.
-# make test: the whole test suite (slow end-to-end tests included).
+# make test: the whole test suite (slow end-to-end and browser tests included).
 # Both create .venv on first use and reuse it afterwards.
-PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.counterlens-installed
+PYTHON   ?= python3
+VENV     := .venv
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.counterlens-installed
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv browser-deps clean
 
 venv: $(STAMP)
 
@@ -16,11 +17,31 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
 	@touch $(STAMP)
 
+# The browser tests (tests/browser) drive Debian's Chromium through the Python package playwright.
+# Never `playwright install`: it downloads its own browsers. Chromium comes from apt when this runs
+# as root with apt-get; otherwise the browser tests skip and say why at the end of the pytest output
+# (with COUNTERLENS_REQUIRE_BROWSER=1, as .ci/run sets, they fail instead).
+browser-deps: $(STAMP)
+	@$(BIN)/python -c "import playwright.sync_api" 2>/dev/null || \
+	  $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt "playwright>=1.40"
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium with apt-get for the browser tests"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 || \
+	      { apt-get update >/dev/null && apt-get install -y --no-install-recommends chromium >/dev/null; } || \
+	      echo "WARNING: apt-get could not install chromium; the browser tests will be skipped"; \
+	  else \
+	    echo "WARNING: $(CHROMIUM) is missing and cannot be installed here (needs root and apt-get);" \
+	         "the browser tests will be skipped"; \
+	  fi; \
+	fi
+
 demo: $(STAMP)
 	$(BIN)/counterlens demo
 
-test: $(STAMP)
+test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) demo-run demo-run-work .pytest_cache
+	rm -rf $(VENV) demo-run demo-run-work .pytest_cache test-artifacts

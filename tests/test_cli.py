@@ -191,3 +191,17 @@ def test_counterfactual_and_fit_prior_from_the_cli(trained, tmp_path, capsys):
     prior = tmp_path / "prior"
     assert main(["fit-prior", "--data", str(data), "--out", str(prior), "--size", "32", "--epochs", "1", "--quiet"]) == 0
     assert (prior / "prior.json").exists()
+    # guided by class prototypes of the prior, with the distance to the nearest training image recorded
+    run2 = tmp_path / "cf-proto"
+    base2 = ["--model", str(model), "--data", str(data / "Testing"), "--out", str(run2), "--limit", "2", "--quiet"]
+    assert main(["counterfactual", *base2, "--prototypes", "--steps", "40"]) == 2       # needs --prior
+    assert "--prototypes needs --prior" in capsys.readouterr().err
+    assert main(["counterfactual", *base2, "--prior", str(prior), "--prototypes", "--steps", "40"]) == 2
+    assert "--prototypes needs --train-data" in capsys.readouterr().err
+    assert main(["counterfactual", *base2, "--prior", str(prior), "--prototypes", "--train-data",
+                 str(data / "Training"), "--steps", "40", "--no-report"]) == 0
+    with sqlite3.connect(run2 / "results.sqlite") as db:
+        near = [r[0] for r in db.execute("SELECT nearest_train_distance FROM counterfactuals")]
+    assert len(near) == 2 and all(v is not None and v > 0 for v in near)
+    spec = (run2 / "run.yaml").read_text()
+    assert "proto_weight: 10.0" in spec and "train_data:" in spec

@@ -97,10 +97,11 @@ def test_other_is_valid_for_95_percent_of_100_test_digits(clf, digits):
     assert len(rows) == 100 and rows[0]["target_name"] in NAMES and "distance_l2" in rows[0]
 
 
-def test_target_by_name_and_by_int(clf, digits):
+@pytest.mark.parametrize("schedule", ["adaptive", "bisection"])
+def test_target_by_name_and_by_int(clf, digits, schedule):
     xt, yt = digits[2], digits[3]
     x = xt[yt != 3][:8]
-    kw = {"steps": 200, "lam_steps": 3, "early_stop": 20}
+    kw = {"steps": 200, "lam_steps": 3, "early_stop": 20, "schedule": schedule}
     by_name = counterfactual(clf, x, target="three", **kw)
     by_int = counterfactual(clf, x, target=3, **kw)
     assert torch.equal(by_name.x, by_int.x) and torch.equal(by_name.target, torch.full((8,), 3))
@@ -110,11 +111,13 @@ def test_target_by_name_and_by_int(clf, digits):
     assert per_row.target.tolist() == [3, 5]
 
 
-def test_constraints_hold_exactly(clf, digits):
+@pytest.mark.parametrize("schedule", ["adaptive", "bisection"])
+def test_constraints_hold_exactly(clf, digits, schedule):
     x = digits[2][:12]
     centre = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
     centre[..., 2:6, 1:7] = True
-    res = counterfactual(clf, x, editable=centre, candidates=2, steps=200, lam_steps=3, early_stop=20, seed=1)
+    res = counterfactual(clf, x, editable=centre, candidates=2, steps=200, lam_steps=3, early_stop=20, seed=1,
+                         schedule=schedule)
     for out in (res.x, res.candidates[:, 0], res.candidates[:, 1]):
         assert torch.equal(out[~centre.expand_as(x)], x[~centre.expand_as(x)])
         assert out.min() >= 0.0 and out.max() <= 1.0
@@ -122,13 +125,14 @@ def test_constraints_hold_exactly(clf, digits):
     # a per-image mask and a narrower data-space range given as tensors
     per_image = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(0)) > 0.5
     res = counterfactual(clf, x, editable=per_image, value_range=(torch.tensor(0.0), torch.tensor(1.0)),
-                         steps=100, lam_steps=2, early_stop=20)
+                         steps=100, lam_steps=2, early_stop=20, schedule=schedule)
     assert torch.equal(res.x[~per_image], x[~per_image]) and res.x.min() >= 0 and res.x.max() <= 1
 
 
-def test_determinism_and_chunking(clf, digits):
+@pytest.mark.parametrize("schedule", ["adaptive", "bisection"])
+def test_determinism_and_chunking(clf, digits, schedule):
     x = digits[2][:5]
-    kw = {"candidates": 2, "steps": 100, "lam_steps": 2, "early_stop": 20}
+    kw = {"candidates": 2, "steps": 100, "lam_steps": 2, "early_stop": 20, "schedule": schedule}
     a = counterfactual(clf, x, seed=7, **kw)
     b = counterfactual(clf, x, seed=7, **kw)
     assert torch.equal(a.x, b.x) and torch.equal(a.candidates, b.candidates) and torch.equal(a.lam, b.lam)
@@ -138,23 +142,28 @@ def test_determinism_and_chunking(clf, digits):
     assert not torch.equal(other_seed.candidates[:, 1], a.candidates[:, 1])
 
 
-def test_stale_active_rows_change_nothing(clf, digits, monkeypatch):
-    """On a GPU the active rows are looked up every 10 steps only (no sync per step); rows that
-    finished in between are evaluated but frozen. Forcing that schedule on the CPU must give the
+@pytest.mark.parametrize("schedule", ["adaptive", "bisection"])
+def test_stale_active_rows_change_nothing(clf, digits, monkeypatch, schedule):
+    """On a GPU the active rows are looked up every few steps only (no sync per step); rows that
+    finished in between are evaluated but frozen. Forcing that cadence on the CPU must give the
     same result up to the rounding of a different batch composition."""
-    from counterlens.counterfactual import search
+    from counterlens.counterfactual import adaptive, bisection
     x = digits[2][40:48]
-    kw = {"steps": 120, "lam_steps": 3, "early_stop": 15, "candidates": 2}
+    kw = {"steps": 120, "lam_steps": 3, "early_stop": 15, "candidates": 2, "schedule": schedule}
     every_step = counterfactual(clf, x, **kw)
-    monkeypatch.setitem(search.REFRESH, "cpu", 10)
+    if schedule == "adaptive":
+        monkeypatch.setitem(adaptive.COMPACT_EVERY, "cpu", 8)
+    else:
+        monkeypatch.setitem(bisection.REFRESH, "cpu", 10)
     stale = counterfactual(clf, x, **kw)
     assert torch.allclose(stale.candidates, every_step.candidates, atol=1e-5)
     assert torch.equal(stale.iterations, every_step.iterations) and torch.equal(stale.lam_tried, every_step.lam_tried)
 
 
-def test_batched_equals_one_by_one(clf, digits):
+@pytest.mark.parametrize("schedule", ["adaptive", "bisection"])
+def test_batched_equals_one_by_one(clf, digits, schedule):
     x = digits[2][20:26]
-    kw = {"steps": 150, "lam_steps": 3, "early_stop": 20, "seed": 3}
+    kw = {"steps": 150, "lam_steps": 3, "early_stop": 20, "seed": 3, "schedule": schedule}
     together = counterfactual(clf, x, **kw)
     for i in range(6):
         alone = counterfactual(clf, x[i:i + 1], **kw)
@@ -163,11 +172,12 @@ def test_batched_equals_one_by_one(clf, digits):
         assert torch.allclose(alone.lam, together.lam[i:i + 1])
 
 
-def test_several_candidates_are_diverse(clf, digits):
+@pytest.mark.parametrize("schedule", ["adaptive", "bisection"])
+def test_several_candidates_are_diverse(clf, digits, schedule):
     x = digits[2][30:36]
-    res = counterfactual(clf, x, candidates=3, steps=150, lam_steps=3, early_stop=20)
+    res = counterfactual(clf, x, candidates=3, steps=150, lam_steps=3, early_stop=20, schedule=schedule)
     assert res.candidates.shape == (6, 3, 1, 8, 8) and res.candidates_valid.shape == (6, 3)
-    assert res.lam_tried.shape == (6, 3, 3)
+    assert res.lam_tried.shape == (6, 3, 3 if schedule == "bisection" else 2)
     # the returned counterfactual is the valid candidate with the smallest elastic distance
     for i in range(6):
         ok = res.candidates_valid[i]
@@ -180,17 +190,20 @@ def test_several_candidates_are_diverse(clf, digits):
     assert min(gaps) > 1e-2
 
 
-def test_impossible_case_returns_candidate_and_reason(clf, digits):
+@pytest.mark.parametrize("schedule", ["adaptive", "bisection"])
+def test_impossible_case_returns_candidate_and_reason(clf, digits, schedule):
     x = digits[2][:3]
     one_pixel = torch.zeros(8, 8, dtype=torch.bool)
     one_pixel[0, 0] = True
-    res = counterfactual(clf, x, editable=one_pixel, threshold=0.99, steps=60, lam_steps=2)
+    res = counterfactual(clf, x, editable=one_pixel, threshold=0.99, steps=60, lam_steps=2, schedule=schedule)
     assert not res.valid.any()
-    assert all("not reached" in r and "smallest lambda" in r for r in res.reason)
+    budget = "in 60 steps" if schedule == "adaptive" else "in 2 rounds of up to 60 steps"
+    assert all("not reached" in r and budget in r and "smallest lambda" in r for r in res.reason), res.reason
     assert res.x.shape == x.shape
     changed = (res.x != x)
     assert not changed[:, :, ~one_pixel].any()
-    empty = counterfactual(clf, x[:1], editable=torch.zeros(8, 8, dtype=torch.bool), steps=20, lam_steps=1)
+    empty = counterfactual(clf, x[:1], editable=torch.zeros(8, 8, dtype=torch.bool), steps=20, lam_steps=1,
+                           schedule=schedule)
     assert not empty.valid[0] and "nothing" in empty.reason[0] and torch.equal(empty.x, x[:1])
 
 
@@ -226,7 +239,8 @@ def test_lambda_bisection_on_a_linear_model_matches_the_closed_form():
     wd = w[1] - w[0]
     margin = x.flatten(1) @ wd
     closed = margin.abs() / wd.norm()
-    res = counterfactual(c, x, l1=0.0, l2=1.0, tv=0.0, steps=800, lr=0.002, lam_steps=8, early_stop=100)
+    res = counterfactual(c, x, l1=0.0, l2=1.0, tv=0.0, steps=800, lr=0.002, lam_steps=8, early_stop=100,
+                         schedule="bisection", prune=False)
     assert res.valid.all()
     ratio = res.distance["l2"] / closed.double()
     assert (ratio >= 0.99).all() and (ratio <= 1.10).all(), ratio
@@ -247,6 +261,41 @@ def test_lambda_bisection_on_a_linear_model_matches_the_closed_form():
         assert float(res.lam[i]) in [float(v) for v in tried[i][ok[i]]]
         assert float(res.lam[i]) >= 0.1 * lo         # close to the largest valid lambda
     print("L2 / closed form:", [round(float(v), 3) for v in ratio])
+
+
+def test_adaptive_schedule_on_a_linear_model_is_near_the_closed_form():
+    """The default schedule on the same linear model: the L2 counterfactual lands within a few
+    percent of the exact distance to the boundary, in a few dozen steps."""
+    gen = torch.Generator().manual_seed(0)
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    with torch.no_grad():
+        lin[1].weight.copy_(torch.randn(2, 16, generator=gen))
+        lin[1].bias.zero_()
+    c = cl.Classifier(lin, device="cpu", value_range=(-1.0, 2.0))
+    x = 0.3 + 0.4 * torch.rand(8, 1, 4, 4, generator=gen)
+    wd = lin[1].weight.detach()[1] - lin[1].weight.detach()[0]
+    closed = (x.flatten(1) @ wd).abs() / wd.norm()
+    res = counterfactual(c, x, l1=0.0, l2=1.0, early_stop=30, prune=False)
+    assert res.valid.all()
+    ratio = res.distance["l2"] / closed.double()
+    print("adaptive L2 / closed form:", [round(float(v), 3) for v in ratio], "steps", res.iterations.tolist())
+    assert (ratio >= 0.99).all() and (ratio <= 1.15).all(), ratio
+    assert (res.iterations < 200).all()
+
+
+def test_pruning_never_grows_an_edit_nor_breaks_validity(clf, digits):
+    x = digits[2][50:70]
+    kw = {"early_stop": 10, "seed": 0}
+    raw = counterfactual(clf, x, prune=False, **kw)
+    pruned = counterfactual(clf, x, prune=True, **kw)
+    assert torch.equal(raw.valid, pruned.valid)
+    v = raw.valid
+    assert (pruned.distance["l1"][v] <= raw.distance["l1"][v] + 1e-6).all()
+    assert (pruned.distance["l0"][v] <= raw.distance["l0"][v]).all()
+    # pruning only removes changes: every changed element of the pruned edit has the raw edit's value
+    changed = pruned.x != x
+    assert torch.equal(pruned.x[changed], raw.x[changed])
+    assert float(pruned.distance["l0"][v].float().mean()) < float(raw.distance["l0"][v].float().mean())
 
 
 def test_constraint_helpers():
@@ -379,3 +428,16 @@ def test_other_spatial_dimensions(dims):
     res = counterfactual(c, x, tv=0.5, editable=mask, steps=150, lam_steps=5)
     assert res.x.shape == x.shape and res.valid.float().mean() >= 0.5     # a random model: some rows are hard
     assert torch.equal(res.x[~mask.expand_as(x)], x[~mask.expand_as(x)]) and res.x.min() >= 0 and res.x.max() <= 1
+
+
+def test_top_level_entry_point_is_the_same_search(clf, digits):
+    """``counterlens.counterfactual(...)`` (the callable subpackage) is the image search, and the
+    subpackage's modules stay importable."""
+    import importlib
+
+    import counterlens.counterfactual.search as search_module
+    x = digits[2][:4]
+    a = cl.counterfactual(clf, x, target="other", steps=60)
+    b = search_module.counterfactual(clf, x, target="other", steps=60)
+    assert isinstance(a, CounterfactualResult) and torch.equal(a.x, b.x) and torch.equal(a.valid, b.valid)
+    assert importlib.import_module("counterlens.counterfactual.prior").fit_prior is cl.counterfactual.fit_prior

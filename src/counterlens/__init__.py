@@ -1,7 +1,15 @@
-"""counterlens: explain what a PyTorch classifier bases its decisions on."""
+"""counterlens: explain what a PyTorch classifier bases its decisions on.
+
+``counterlens.explain`` (attribution maps) and ``counterlens.counterfactual`` (the smallest edit
+that changes the decision; the subpackage is callable) are the two entry points.
+"""
+from . import counterfactual
 from .attribution import explain
+from .counterfactual import CounterfactualResult
 from .errors import CounterlensError
+from .metrics.evaluate import evaluate
 from .model import Classifier, Normalize, RepeatChannels
 
 __version__ = "0.1.0"
-__all__ = ["Classifier", "CounterlensError", "Normalize", "RepeatChannels", "explain", "__version__"]
+__all__ = ["Classifier", "CounterfactualResult", "CounterlensError", "Normalize", "RepeatChannels", "counterfactual",
+           "evaluate", "explain", "__version__"]

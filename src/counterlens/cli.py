@@ -124,15 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     cf = sub.add_parser("counterfactual", help="smallest edits that change the model's decision, into a run directory",
                         description="Search a counterfactual for every image (batched gradient search in data space, "
-                                    "per-image lambda bisection) and write RUN/results.sqlite, RUN/arrays/counterfactuals/ "
-                                    "and RUN/report.html. Re-running into the same RUN resumes.")
+                                    "each image's distance weight adapted step by step) and write RUN/results.sqlite, "
+                                    "RUN/arrays/counterfactuals/ and RUN/report.html. Re-running into the same RUN "
+                                    "resumes.")
     _add_model_args(cf)
     cf.add_argument("--data", required=True, type=Path, help="an image file or folder (class subfolders give labels)")
     cf.add_argument("--out", required=True, type=Path, help="run directory (may hold an explain run of the same model)")
     cf.add_argument("--target", default="other",
                     help="class name or index to reach, or 'other' for any class but the predicted one (default)")
     cf.add_argument("--threshold", type=float, default=0.5, help="probability the target must reach (default: 0.5)")
-    cf.add_argument("--steps", type=int, default=500, help="optimisation steps per lambda round (default: 500)")
+    cf.add_argument("--steps", type=int, default=500,
+                    help="optimisation steps per image at most (bisection: per lambda round) (default: 500)")
+    cf.add_argument("--schedule", choices=["adaptive", "bisection"], default="adaptive",
+                    help="adaptive: one run, lambda follows validity step by step (fast, default); bisection: one "
+                         "optimisation per lambda (slower, slightly smaller edits)")
+    cf.add_argument("--early-stop", type=int, default=None,
+                    help="stop an image after this many steps without 1%% progress (default: 10 adaptive, 50 bisection)")
     cf.add_argument("--candidates", type=int, default=1, help="candidates per image, different starts (default: 1)")
     cf.add_argument("--l1", type=float, default=1.0, help="weight of the L1 part of the distance (default: 1)")
     cf.add_argument("--l2", type=float, default=1.0, help="weight of the squared L2 part (default: 1)")
@@ -142,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--prior", type=Path, help="autoencoder written by `counterlens fit-prior`")
     cf.add_argument("--prior-weight", type=float, default=1.0, help="weight of its reconstruction error (default: 1)")
     cf.add_argument("--latent", action="store_true", help="search the prior's latent code instead of the pixels")
+    cf.add_argument("--train-data", type=Path,
+                    help="the labelled training folder (class subfolders): each counterfactual records its distance "
+                         "to the nearest training image of its target class, and --prototypes uses it")
+    cf.add_argument("--prototypes", action="store_true",
+                    help="guide the search to the target class's prototype in the prior's code space (needs --prior "
+                         "and --train-data)")
+    cf.add_argument("--proto-weight", type=float, default=10.0, help="weight of the prototype term (default: 10)")
     cf.add_argument("--limit", type=int, help="at most this many images (spread over classes)")
     cf.add_argument("--batch-size", type=_batch_size, default=64, help="rows per model call (default: 64)")
     cf.add_argument("--images-per-batch", type=int, default=16, help="images searched together (default: 16)")
@@ -152,6 +166,29 @@ def build_parser() -> argparse.ArgumentParser:
     from .counterfactual.prior_cli import add_fit_prior_parser
     add_fit_prior_parser(sub)
 
+    ev = sub.add_parser("evaluate", help="trust metrics of a run directory (faithfulness, localisation, sanity)",
+                        description="Score the maps of a run: deletion/insertion AUC, MuFidelity, sparseness, entropy, "
+                                    "IG completeness, localisation against masks (with --masks) and the model-"
+                                    "randomisation sanity check. Writes the metrics table of RUN/results.sqlite, "
+                                    "RUN/metrics.csv, RUN/metrics_summary.csv, RUN/curves.json and RUN/sanity.json.")
+    ev.add_argument("run", type=Path, help="run directory written by `counterlens explain`")
+    ev.add_argument("--masks", type=Path,
+                    help="folder of ground-truth masks matched to the images by file stem (enables localisation)")
+    ev.add_argument("--model", metavar="PATH", help="the run's model (default: the source recorded in RUN/run.yaml)")
+    ev.add_argument("--factory", metavar="PKG.MODULE:FUNCTION", help="builds the module for a state-dict --model")
+    ev.add_argument("--trust-model-file", action="store_true",
+                    help="allow a fully pickled model (can run code when loaded)")
+    ev.add_argument("--classes", type=_csv, help="class names, comma-separated")
+    ev.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda[:N]")
+    ev.add_argument("--metrics", type=_csv, help="comma-separated metric names (default: all that apply)")
+    ev.add_argument("--steps", type=positive_int, default=20, help="deletion/insertion steps (default: 20)")
+    ev.add_argument("--baseline", choices=["blur", "zero", "mean"], default="blur",
+                    help="what deleted pixels become (default: blur)")
+    ev.add_argument("--batch-size", type=_batch_size, default=64, help="rows per model call (default: 64)")
+    ev.add_argument("--sanity-images", type=int, default=8, help="images for the randomisation test; 0 skips it")
+    ev.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+
     sub.add_parser("methods", help="list the attribution methods with their defaults",
                    description="List every attribution method, a one-line description and its parameters.")
 
@@ -159,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Render the self-contained HTML report of a run directory.")
     report.add_argument("run", type=Path, help="run directory")
     report.add_argument("--clip-percentile", type=float, default=0.5, help="colour-scale clip (default: 0.5)")
+    report.add_argument("--figures", action="store_true",
+                        help="also write RUN/figures/<id>_<name>.png, one figure per case (about 0.5-1 s per case)")
+    report.add_argument("--page-size", type=positive_int, default=24, help="cases per page of the gallery (default: 24)")
 
     demo = sub.add_parser("demo", help="the whole path on synthetic brain MRI: data, training, explanations, report",
                           description="Synthesise brain-MRI slices, train the brain-tumour CNN, explain 16 test images "
@@ -187,9 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from . import commands
     from .counterfactual.prior_cli import fit_prior_command
+    from .metrics.evaluate import evaluate_cmd
     handler = {"data": commands.data_synth, "train": commands.train, "explain": commands.explain,
                "counterfactual": commands.counterfactual_cmd, "fit-prior": fit_prior_command,
-               "methods": commands.methods, "report": commands.report, "demo": commands.demo}[args.command]
+               "evaluate": evaluate_cmd, "methods": commands.methods, "report": commands.report, "demo": commands.demo}[args.command]
     try:
         return handler(args) or 0
     except CounterlensError as exc:

@@ -189,15 +189,34 @@ def counterfactual_cmd(args) -> int:
     from .runs.store import RunStore
     from .viz.report import write_report
     clf = load_classifier(args)
-    dataset = ImageFolder(args.data, channels=1 if (clf.in_channels or 1) == 1 else clf.in_channels,
+    channels = 1 if (clf.in_channels or 1) == 1 else clf.in_channels
+    dataset = ImageFolder(args.data, channels=channels,
                           size=clf.input_size, classes=clf.classes if _has_class_folders(args.data) else None,
                           masks=args.editable_masks, limit=args.limit)
     params = {"threshold": args.threshold, "steps": args.steps, "candidates": args.candidates,
-              "l1": args.l1, "l2": args.l2, "tv": args.tv, "batch_size": args.batch_size, "seed": args.seed}
+              "l1": args.l1, "l2": args.l2, "tv": args.tv, "schedule": args.schedule, "early_stop": args.early_stop,
+              "batch_size": args.batch_size, "seed": args.seed}
+    if (args.prototypes or args.latent) and args.prior is None:
+        raise InputError(f"{'--prototypes' if args.prototypes else '--latent'} needs --prior PRIOR "
+                         "(an autoencoder from `counterlens fit-prior`)")
+    if args.prototypes and args.train_data is None:
+        raise InputError("--prototypes needs --train-data DIR: the labelled training images the prototypes are "
+                         "the class means of")
+    train = None
+    if args.train_data is not None:
+        if not _has_class_folders(args.train_data):
+            raise InputError(f"--train-data {args.train_data}: expected a folder with one subfolder per class")
+        train_set = ImageFolder(args.train_data, channels=channels, size=clf.input_size, classes=clf.classes)
+        train = load_arrays(train_set, progress=not args.quiet)
     if args.prior is not None:
-        from .counterfactual.prior import AutoencoderPrior
-        params.update(prior=AutoencoderPrior.load(args.prior, device=clf.device), prior_weight=args.prior_weight,
-                      latent=args.latent)
+        from .counterfactual.prior import AutoencoderPrior, class_prototypes
+        prior = AutoencoderPrior.load(args.prior, device=clf.device)
+        prior_weight = 0.0 if args.prototypes else args.prior_weight
+        params.update(prior=prior, prior_weight=prior_weight if not args.latent else 0.0, latent=args.latent)
+        if args.prototypes:
+            n_classes = len(clf.classes) if clf.classes else int(train[1].max()) + 1
+            params.update(prototypes=class_prototypes(prior, train[0], train[1], n_classes),
+                          proto_weight=args.proto_weight)
     target = _target_arg(args.target)
     with RunStore(args.out) as store:
         spec = store.read_spec()
@@ -208,11 +227,12 @@ def counterfactual_cmd(args) -> int:
         spec.setdefault("device", str(clf.device))
         spec.setdefault("versions", package_versions())
         spec["counterfactual"] = {"target": target, "editable_masks": str(args.editable_masks or ""),
-                                  "prior": str(args.prior or ""),
-                                  **{k: v for k, v in params.items() if k != "prior"}}
+                                  "prior": str(args.prior or ""), "train_data": str(args.train_data or ""),
+                                  **{k: v for k, v in params.items() if k not in ("prior", "prototypes")}}
         store.write_spec(spec)
         summary = counterfactual_dataset(clf, dataset, store, target=target, params=params,
-                                         images_per_batch=args.images_per_batch, progress=not args.quiet)
+                                         images_per_batch=args.images_per_batch, progress=not args.quiet,
+                                         train=train)
     print(f"counterfactuals for {summary.done} images ({summary.skipped} already done, {summary.failed} failed) "
           f"in {summary.seconds:.1f} s; run directory: {args.out}")
     if not args.no_report:
@@ -232,7 +252,11 @@ def methods(args) -> int:
 
 def report(args) -> int:
     from .viz.report import write_report
-    print(f"report: {write_report(args.run, clip_percentile=args.clip_percentile)}")
+    path = write_report(args.run, clip_percentile=args.clip_percentile, figures=args.figures,
+                        page_size=args.page_size)
+    print(f"report: {path}")
+    print(f"all metrics: {Path(args.run) / 'results.csv'}"
+          + (f"; figures: {Path(args.run) / 'figures'}" if args.figures else ""))
     return 0
 
 

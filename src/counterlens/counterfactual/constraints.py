@@ -173,6 +173,14 @@ def check_search_params(**p) -> dict:
         raise InputError(f"lam={p['lam']!r}; pass a positive number or 'auto'")
     if p["lam"] != "auto":
         check_number("lam", p["lam"], low_open=True)
+    if p["schedule"] not in ("adaptive", "bisection"):
+        raise InputError(f"schedule={p['schedule']!r}; pass 'adaptive' (lambda follows validity step by step) "
+                         "or 'bisection' (one optimisation per lambda)")
+    adaptive = p["schedule"] == "adaptive"
+    if p["early_stop"] is None:
+        p = {**p, "early_stop": 10 if adaptive else 50}
+    if p["lr"] is None:
+        p = {**p, "lr": 0.1 if adaptive else 0.01}
     if p["lam_factor"] is None:
         p = {**p, "lam_factor": 2.0 if p["lam"] == "auto" else 10.0}
     check_number("lam_factor", p["lam_factor"], low=1.0, low_open=True)

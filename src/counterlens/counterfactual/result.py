@@ -28,8 +28,10 @@ class CounterfactualResult:
     reason : ``B`` strings, ``""`` for a valid row, else why it is not valid.
     candidates : ``[B, k, C, *S]`` every candidate when ``k > 1`` (else None).
     candidates_valid : ``[B, k]`` bool, validity of each candidate (k > 1, else None).
-    lam_tried, lam_valid : ``[B, k, rounds]`` the lambda of every bisection round of every
-        candidate and whether that round found a valid counterfactual (diagnostics).
+    lam_tried, lam_valid : diagnostics per candidate, ``[B, k, n]``: with the bisection schedule
+        the lambda of every round (``n = lam_steps``) and whether that round found a valid
+        counterfactual; with the adaptive schedule ``n = 2``: the start lambda and the smallest
+        lambda reached, and (both columns) whether the row found a valid counterfactual.
     classes : class names, when known.
     params : the search settings, for records.
     """
@@ -139,8 +141,9 @@ def invalid_reasons(valid, found, probs, t, orig, other, mask, p, lam_tried, nam
                        f"{pt:.3f} of {name!r}, predicted {names[pred]!r}")
         else:
             argmax = " (the argmax, below the threshold)" if pred == int(t[i]) else ""
-            out.append(f"target {goal} not reached in {p['lam_steps']} rounds of up to {p['steps']} steps, "
-                       f"at the smallest lambda "
+            budget = (f"{p['steps']} steps" if p.get("schedule", "adaptive") == "adaptive"
+                      else f"{p['lam_steps']} rounds of up to {p['steps']} steps")
+            out.append(f"target {goal} not reached in {budget}, at the smallest lambda "
                        f"{float(lam_tried[i].min()):.3g}: best prob {pt:.3f} of {name!r}{argmax} "
                        f"< threshold {p['threshold']:g}")
     return out

@@ -10,17 +10,29 @@ Per row and step the objective is::
     + prior_weight * prior.reconstruction_error(x')
     + proto_weight * mean (prior.encode(x') - prototype[target])^2
 
-minimised by Adam on ``x'`` (or, with ``latent=True``, on the prior's code ``z`` with
+minimised by gradient steps on ``x'`` (or, with ``latent=True``, on the prior's code ``z`` with
 ``x' = decode(z)``), projected after every step onto the box ``[low, high]`` and the editable mask
-(elements outside it are reset to the original exactly). ``lam`` is searched per row by bisection
-on its logarithm (``lam_steps`` rounds; up after a valid round, down after an invalid one, by
-``lam_factor``, its square, its cube, ... until bracketed, then geometric means; the first
-value is given, or with ``lam="auto"`` set per row from the loss gradient at the start) for the
-*largest* weight that still gives a valid counterfactual; across rounds and steps each row keeps
-its best valid iterate (smallest elastic distance). A round ends after ``steps`` steps or when the
-row's objective has not improved by 1% for ``early_stop`` steps; the row then starts its next round
-at once (where it ended, ``warm_start``), independently of the other rows, and rows that finished
-all rounds are no longer evaluated.
+(elements outside it are reset to the original exactly). Each row keeps its best valid iterate
+(smallest elastic distance). ``lam`` follows one of two schedules:
+
+- ``"adaptive"`` (default, :mod:`.adaptive`): one run in which each row's ``lam`` grows after a
+  valid step and shrinks after an invalid one, so the row walks to the decision boundary and then
+  slides along it towards the original; steps are momentum steps scaled so that the largest
+  element moves ``lr`` of the range; a row stops when its best valid distance has not improved by
+  1% for ``early_stop`` steps. As fast as the hand-written loop that stops at the first valid step,
+  with edits a fraction of its size.
+- ``"bisection"``: ``lam_steps`` Adam optimisations per row, ``lam`` bisected on its logarithm
+  between them (up after a valid round, down after an invalid one, by ``lam_factor``, its square,
+  its cube, ... until bracketed, then geometric means) for the *largest* weight that still gives a
+  valid counterfactual; a round ends after ``steps`` steps or when the row's objective has not
+  improved by 1% for ``early_stop`` steps, and the row starts its next round at once (where it
+  ended, ``warm_start``), independently of the other rows. Slower (hundreds of steps), slightly
+  smaller edits.
+
+The first ``lam`` is given, or with ``lam="auto"`` set per row from the loss gradient at the start.
+Rows that finished no longer cost model evaluations. Then (``prune``, on by default without prior
+terms) the smallest changes of each valid edit are dropped while it stays valid (forward passes
+only, :func:`.adaptive.prune_edits`).
 
 Validity: ``argmax(probs) == target`` and ``probs[target] >= threshold``. A row that never gets
 there returns its closest iterate with ``valid=False`` and a reason. Gradients are taken with
@@ -42,7 +54,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attribution.base import Evaluator, resolve_targets
-from ..attribution.noise import counter_normal
 from ..errors import InputError, MethodError
 from ..model import Classifier
 from .constraints import (
@@ -57,23 +68,22 @@ from .constraints import (
     rows_of,
     total_variation,
 )
+from .adaptive import prune_edits, run_adaptive
+from .bisection import run_bisection
 from .result import CounterfactualResult, invalid_reasons
 
 MARGIN = 1e-3            # the loss aims this far past the boundary (logit / log-prob units) ...
 RECORD_MARGIN = 5e-4     # ... and an iterate is recorded as valid this far past it
-BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
-REFRESH = {"cpu": 1}     # look up the active rows every step on the CPU, every 10 (one sync) elsewhere
-IMPROVE_TOL = 1e-2       # relative decrease of the objective that counts as progress for the early stop
 
 
 def counterfactual(clf: Classifier, x, target="other", *, threshold: float = 0.5, loss: str = "hinge",
                    kappa: float = 0.0, l1: float = 1.0, l2: float = 1.0, tv: float = 0.0,
                    lam: float | str = "auto", lam_steps: int = 5, lam_factor: float | None = None,
-                   steps: int = 500, lr: float = 0.01, candidates: int = 1, init_noise: float = 0.1,
+                   steps: int = 500, lr: float | None = None, candidates: int = 1, init_noise: float = 0.1,
                    editable=None, value_range=None, prior=None, prior_weight: float = 0.0,
                    prototypes: Tensor | None = None, proto_weight: float = 0.0, latent: bool = False,
-                   early_stop: int | None = 50, warm_start: bool = True, batch_size: int | str = 64,
-                   seed: int = 0) -> CounterfactualResult:
+                   early_stop: int | None = None, warm_start: bool = True, schedule: str = "adaptive",
+                   prune: bool | None = None, batch_size: int | str = 64, seed: int = 0) -> CounterfactualResult:
     """Counterfactuals of ``x`` for ``target``, searched in data space, batched.
 
     Parameters
@@ -88,15 +98,17 @@ def counterfactual(clf: Classifier, x, target="other", *, threshold: float = 0.5
     kappa : 0.0. Extra logit margin the hinge asks for.
     l1, l2 : 1.0, 1.0. Weights of mean |d| and mean d^2 in the distance (``d`` in units of the range).
     tv : 0.0. Weight of the total variation of the edit (smooth, blob-like edits).
-    lam : ``"auto"``. Initial distance weight of the per-row bisection: a number, or ``"auto"``
+    lam : ``"auto"``. Initial distance weight of each row: a number, or ``"auto"``
         (per row, from the gradient at the start: the weight at which the L1 pull on an element
         equals the mean gradient magnitude; see ``_Search._auto_lam``).
-    lam_steps : 5. Bisection rounds (each an optimisation of up to ``steps`` steps).
+    lam_steps : 5. Bisection rounds (each an optimisation of up to ``steps`` steps; bisection only).
     lam_factor : None. Factor ``f`` of the bisection's first phase: round ``r`` (0-based) moves lam
         by ``f**(r+1)``, up after a valid round, down after an invalid one, until a valid and an
         invalid lam bracket it; None: 2 with ``lam="auto"`` (the start is near), 10 with a given lam.
-    steps : 500. Adam steps per round at most.
-    lr : 0.01. Adam step size as a fraction of the value range (latent: of the code's std per row).
+    steps : 500. Steps per row at most (bisection: per round).
+    lr : None. Step size as a fraction of the value range (latent: of the code's std per row);
+        None: 0.1 for the adaptive schedule (the largest element's move per step), 0.01 for the
+        bisection (Adam's step).
     candidates : 1. Counterfactuals per image (different random starts); ``x`` holds the best.
     init_noise : 0.1. Start noise of candidates 1.. as a fraction of the range (or code std).
     editable : None. Bool mask ``[1 or B, 1 or C, *S]`` (or ``[*S]``) of the elements that may change.
@@ -110,10 +122,15 @@ def counterfactual(clf: Classifier, x, target="other", *, threshold: float = 0.5
         to ``encode(x)``.
     proto_weight : 0.0. Weight of ``mean (encode(x') - prototype)^2``.
     latent : False. Search the prior's code and decode it (edits made of the prior's patterns).
-    early_stop : 50. Stop a row's round when its objective has not improved by 1% for this many
-        steps (None or 0: never; 20 is about twice as fast for slightly larger edits).
+    early_stop : None. Adaptive: stop a row when its best valid distance has not improved by 1% for
+        this many steps (default 10; 30 gives slightly smaller edits for about twice the steps);
+        bisection: end a round when its objective has not improved by 1% for this many steps
+        (default 50). 0: never.
     warm_start : True. Each bisection round starts where the row's previous round ended (False:
         every round starts again from the image; slower, sometimes slightly closer).
+    schedule : ``"adaptive"`` (default) or ``"bisection"``; see the module docstring.
+    prune : None. Drop the smallest changes of every valid edit while it stays valid; None: on,
+        except with a prior term or ``latent=True`` (there the edit's shape is the point).
     batch_size : 64. Rows (images x candidates) optimised at once; ``"auto"`` measures.
     seed : 0. Seed of the start noise of candidates 1...
 
@@ -123,7 +140,8 @@ def counterfactual(clf: Classifier, x, target="other", *, threshold: float = 0.5
         loss=loss, threshold=threshold, kappa=kappa, l1=l1, l2=l2, tv=tv, lam=lam, lam_steps=lam_steps,
         lam_factor=lam_factor, steps=steps, lr=lr, candidates=candidates, init_noise=init_noise,
         prior_weight=prior_weight, proto_weight=proto_weight, early_stop=early_stop, seed=seed,
-        warm_start=bool(warm_start))
+        warm_start=bool(warm_start), schedule=schedule,
+        prune=(not latent and not prior_weight and not proto_weight) if prune is None else bool(prune))
     x = clf.as_input(x).detach()
     if x.shape[0] == 0:
         raise InputError("x has no rows; pass at least one image [1, C, *S]")
@@ -160,120 +178,22 @@ class _Search:
         self.log_thr = math.log(p["threshold"]) if p["threshold"] > 0 else -math.inf
 
     def run(self, x0, tgt, orig, low, high, mask, img, cand) -> dict:
-        p, r = self.p, x0.shape[0]
-        scale = high - low
-        with torch.no_grad():
-            if self.latent:
-                z0 = self.prior.encode(x0).detach()
-                start = z0.flatten(1)
-                step_size = p["lr"] * start.std(dim=1, keepdim=True).clamp_min(1e-8)
-                noise_scale = p["init_noise"] * start.std(dim=1, keepdim=True)
-                self.latent_shape = z0.shape[1:]
-            else:
-                start = x0.flatten(1)
-                step_size = (p["lr"] * scale).expand_as(x0).flatten(1)
-                noise_scale = (p["init_noise"] * scale).expand_as(x0).flatten(1)
-            noise = counter_normal(p["seed"], (img, cand), start.shape[1]) * noise_scale
-            init = start + torch.where(cand[:, None] > 0, noise, torch.zeros_like(noise))
-            if not self.latent:
-                init = project(init.view_as(x0), x0, low, high, mask).flatten(1)
-            proto_rows = self._prototypes(x0, img, tgt, orig)
-        grad_mask = None if (mask is None or self.latent) else mask.flatten(1).to(x0.dtype)
-        state = {"x0": x0, "tgt": tgt, "orig": orig, "low": low, "high": high, "mask": mask, "scale": scale,
-                 "protos": proto_rows}
-        dev, n_rounds, early = x0.device, p["lam_steps"], p["early_stop"] or 0
-        lam = self._auto_lam(init, state) if p["lam"] == "auto" else torch.full((r,), p["lam"], device=dev)
-        lam_lo, lam_hi = torch.zeros_like(lam), torch.full_like(lam, math.inf)
-        best_x, fallback_x = x0.clone(), x0.clone()
-        best_dist, fallback_score = torch.full_like(lam, math.inf), torch.full_like(lam, math.inf)
-        best_lam, fallback_lam = lam.clone(), lam.clone()
-        lam_tried = torch.zeros(r, n_rounds, device=dev)
-        lam_valid = torch.zeros(r, n_rounds, dtype=torch.bool, device=dev)
-        lam_tried[:, 0] = lam
-        # per-row state: each row runs its own rounds; a row that ends a round starts its next one at
-        # once, so the chunk runs as long as its slowest row, not the sum of every round's slowest row
-        par, m, v = init.clone(), torch.zeros_like(init), torch.zeros_like(init)
-        t = torch.zeros(r, device=dev)                         # Adam steps in the current round
-        rnd = torch.zeros(r, dtype=torch.long, device=dev)     # current round
-        iters = torch.zeros(r, dtype=torch.long, device=dev)
-        best_obj, stall = torch.full_like(lam, math.inf), torch.zeros_like(iters)
-        round_valid, done = torch.zeros(r, dtype=torch.bool, device=dev), torch.zeros(r, dtype=torch.bool, device=dev)
-        refresh = REFRESH.get(dev.type, 10)
-        idx = torch.arange(r, device=dev)
-        for step in range(n_rounds * p["steps"]):
-            if step % refresh == 0:
-                idx = (~done).nonzero().squeeze(1)
-                if idx.numel() == 0:
-                    break
-            pa = par[idx].detach().requires_grad_(True)
-            lam_i = lam[idx]
-            with torch.enable_grad():
-                xp = self._to_data(pa, idx, state)
-                obj, _, sel, strict, violation = self._objective(xp, idx, lam_i, state)
-                (g,) = torch.autograd.grad(obj.sum(), pa)
-            with torch.no_grad():
-                act, xp = ~done[idx], xp.detach()
-                one = (-1,) + (1,) * (xp.dim() - 1)
-                # the best valid iterate (smallest distance) and, for rows never valid, the closest one
-                # (torch.where rather than boolean indexing: no device sync per step)
-                upd = act & strict & (sel < best_dist[idx])
-                best_x[idx] = torch.where(upd.view(one), xp, best_x[idx])
-                best_dist[idx] = torch.where(upd, sel, best_dist[idx])
-                best_lam[idx] = torch.where(upd, lam_i, best_lam[idx])
-                rv = round_valid[idx] | (act & strict)
-                upd = act & (violation < fallback_score[idx])
-                fallback_x[idx] = torch.where(upd.view(one), xp, fallback_x[idx])
-                fallback_score[idx] = torch.where(upd, violation, fallback_score[idx])
-                fallback_lam[idx] = torch.where(upd, lam_i, fallback_lam[idx])
-                # early stop of the round on a stalled objective
-                improved = obj < best_obj[idx] - IMPROVE_TOL * best_obj[idx].abs() - 1e-9
-                b_obj = torch.minimum(best_obj[idx], obj)
-                st = torch.where(improved, 0, stall[idx] + 1)
-                # Adam, then the projection
-                if grad_mask is not None:
-                    g = g * grad_mask[idx]
-                m_i, v_i, t_i = m[idx], v[idx], t[idx] + 1
-                m_new = BETAS[0] * m_i + (1 - BETAS[0]) * g
-                v_new = BETAS[1] * v_i + (1 - BETAS[1]) * g * g
-                m_hat = m_new / (1 - BETAS[0] ** t_i)[:, None]
-                v_hat = v_new / (1 - BETAS[1] ** t_i)[:, None]
-                p_new = pa.detach() - step_size[idx] * m_hat / (v_hat.sqrt() + ADAM_EPS)
-                if not self.latent:
-                    p_new = project(p_new.view_as(xp), x0[idx], rows_of(low, idx), rows_of(high, idx),
-                                    None if mask is None else mask[idx]).flatten(1)
-                iters[idx] += act.long()
-                # the end of a round: bisection on log lambda (up after a valid round, down after an
-                # invalid one, by f, f^2, f^3, ... until bracketed, then geometric means), fresh Adam
-                end = act & ((t_i >= p["steps"]) | ((st >= early) if early else torch.zeros_like(act)))
-                r_i = rnd[idx]
-                r_c = r_i.clamp_max(n_rounds - 1)     # rows already done (stale on the GPU) stay put
-                lam_valid[idx, r_c] = torch.where(end, rv, lam_valid[idx, r_c])
-                lo = torch.where(end & rv, torch.maximum(lam_lo[idx], lam_i), lam_lo[idx])
-                hi = torch.where(end & ~rv, torch.minimum(lam_hi[idx], lam_i), lam_hi[idx])
-                bracketed = torch.isfinite(hi) & (lo > 0)
-                step_up = torch.pow(p["lam_factor"], (r_i + 1).to(lam_i.dtype))   # f, f^2, ... until bracketed
-                grow = torch.where(rv, lam_i * step_up, lam_i / step_up)
-                nxt = torch.where(bracketed, (lo * hi.clamp_max(1e30)).sqrt(), grow)
-                lam_lo[idx], lam_hi[idx], lam[idx] = lo, hi, torch.where(end, nxt, lam_i)
-                r_next = r_i + end.long()
-                fin = r_next >= n_rounds
-                lam_tried[idx, r_next.clamp_max(n_rounds - 1)] = torch.where(
-                    end & ~fin, nxt, lam_tried[idx, r_next.clamp_max(n_rounds - 1)])
-                rnd[idx], done[idx] = r_next, done[idx] | (end & fin)
-                a, e = act[:, None], end[:, None]
-                moved = torch.where(a, p_new, pa.detach())
-                restart = init[idx] if not p["warm_start"] else moved
-                par[idx] = torch.where(e, restart, moved)
-                m[idx] = torch.where(e, 0.0, torch.where(a, m_new, m_i))
-                v[idx] = torch.where(e, 0.0, torch.where(a, v_new, v_i))
-                t[idx] = torch.where(end, 0.0, torch.where(act, t_i, t[idx]))
-                best_obj[idx] = torch.where(end, math.inf, torch.where(act, b_obj, best_obj[idx]))
-                stall[idx] = torch.where(end, 0, torch.where(act, st, stall[idx]))
-                round_valid[idx] = torch.where(end, False, torch.where(act, rv, round_valid[idx]))
-        found = torch.isfinite(best_dist)
-        return {"x": torch.where(found.view(-1, *[1] * (x0.dim() - 1)), best_x, fallback_x),
-                "found": found, "lam": torch.where(found, best_lam, fallback_lam), "iterations": iters,
-                "lam_tried": lam_tried, "lam_valid": lam_valid}
+        run = run_adaptive if self.p["schedule"] == "adaptive" else run_bisection
+        out = run(self, x0, tgt, orig, low, high, mask, img, cand)
+        if self.p["prune"]:
+            out["x"] = prune_edits(self, x0, out["x"], out["found"], tgt, orig, low, high, mask)
+        return out
+
+    def is_valid(self, logits: Tensor, tgt: Tensor, orig: Tensor) -> Tensor:
+        """``[r]`` bool: the row's logits meet the target (with the recording margin)."""
+        if self.other:
+            t = logits.scatter(1, orig[:, None], -math.inf).argmax(dim=1)
+        else:
+            t = tgt
+        z_t = logits.gather(1, t[:, None]).squeeze(1)
+        margin = z_t - logits.scatter(1, t[:, None], -math.inf).amax(dim=1)
+        lp_t = torch.log_softmax(logits, dim=1).gather(1, t[:, None]).squeeze(1)
+        return (margin > RECORD_MARGIN) & (lp_t > self.log_thr + RECORD_MARGIN)
 
     def _to_data(self, pa: Tensor, idx: Tensor, s: dict) -> Tensor:
         x0 = s["x0"][idx]

@@ -100,13 +100,16 @@ def explain_dataset(clf, dataset, store: RunStore, *, methods: dict[str, dict], 
 
 
 def counterfactual_dataset(clf, dataset, store: RunStore, *, target="other", params: dict | None = None,
-                           images_per_batch: int = 16, progress: bool = True) -> RunSummary:
+                           images_per_batch: int = 16, progress: bool = True, train=None) -> RunSummary:
     """Counterfactuals for every image of ``dataset``, written to ``store`` batch by batch.
 
     ``params`` go to :func:`counterlens.counterfactual.counterfactual`. The ``editable`` mask of
-    each image is its mask from the dataset's masks folder when there is one. Images whose
-    counterfactuals are already in the store are skipped; unreadable files are recorded as failed.
+    each image is its mask from the dataset's masks folder when there is one. ``train``: optional
+    ``(x_train, y_train)`` tensors; each counterfactual then records its L2 distance to the nearest
+    training image of its target class. Images whose counterfactuals are already in the store are
+    skipped; unreadable files are recorded as failed.
     """
+    from ..metrics.counterfactual import nearest_training_distance
     from ..counterfactual import counterfactual
     start = time.perf_counter()
     done_paths = store.counterfactual_done()
@@ -129,6 +132,7 @@ def counterfactual_dataset(clf, dataset, store: RunStore, *, target="other", par
         result = counterfactual(clf, x, target, **kwargs)
         seconds = (time.perf_counter() - t0) / len(loaded)
         names = clf.class_names(result.probs_before.shape[1])
+        nearest = nearest_training_distance(result.x, result.target, *train) if train is not None else None
         for j, rec in enumerate(loaded):
             probs = result.probs_before[j]
             pred = int(probs.argmax())
@@ -142,7 +146,8 @@ def counterfactual_dataset(clf, dataset, store: RunStore, *, target="other", par
                 "iterations": int(result.iterations[j]),
                 "distance": {k: float(v[j]) for k, v in result.distance.items()},
                 "probs_before": result.probs_before[j].tolist(), "probs_after": result.probs_after[j].tolist(),
-                "seconds": seconds, "x": result.x[j].numpy()}])
+                "seconds": seconds, "x": result.x[j].numpy(),
+                "nearest_train_distance": None if nearest is None else float(nearest[j])}])
             done += 1
         bar.update(len(loaded))
     bar.close()

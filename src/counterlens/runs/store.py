@@ -54,9 +54,13 @@ CREATE TABLE IF NOT EXISTS counterfactuals (
     probs_after TEXT,
     seconds REAL,
     array_file TEXT NOT NULL,
+    nearest_train_distance REAL,
     PRIMARY KEY (image_id, target)
 );
 """
+# columns added after a table's first release: (table, column, SQL type); older run directories
+# get them on opening
+ADDED_COLUMNS = [("counterfactuals", "nearest_train_distance", "REAL")]
 
 
 class RunStore:
@@ -76,6 +80,11 @@ class RunStore:
         self.db = sqlite3.connect(self.root / "results.sqlite")
         self.db.row_factory = sqlite3.Row
         self.db.executescript(SCHEMA)
+        for table, column, kind in ADDED_COLUMNS:
+            have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                with self.db:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -137,7 +146,8 @@ class RunStore:
 
         Each row: ``target``, ``target_name``, ``valid``, ``reason``, ``lam``, ``iterations``,
         ``distance`` (``{"l0", "l1", "l2", "linf"}``), ``probs_before``, ``probs_after``,
-        ``seconds`` and ``x`` (the counterfactual, ``[C, *spatial]``).
+        ``seconds``, ``x`` (the counterfactual, ``[C, *spatial]``) and optionally
+        ``nearest_train_distance`` (L2 to the closest training image of the target class).
         """
         files = [self.save_array(f"counterfactuals/{image_id}_{int(r['target'])}.npy", r["x"]) for r in rows]
         with self.db:
@@ -145,11 +155,14 @@ class RunStore:
             for r, file in zip(rows, files):
                 d = r["distance"]
                 self.db.execute(
-                    "INSERT INTO counterfactuals VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO counterfactuals (image_id, target, target_name, valid, reason, lam, iterations,"
+                    " l0, l1, l2, linf, probs_before, probs_after, seconds, array_file, nearest_train_distance)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (image_id, int(r["target"]), r.get("target_name"), int(bool(r["valid"])), r.get("reason") or "",
                      float(r["lam"]), int(r["iterations"]), float(d["l0"]), float(d["l1"]), float(d["l2"]),
                      float(d["linf"]), json.dumps([float(v) for v in r["probs_before"]]),
-                     json.dumps([float(v) for v in r["probs_after"]]), float(r.get("seconds", 0.0)), file))
+                     json.dumps([float(v) for v in r["probs_after"]]), float(r.get("seconds", 0.0)), file,
+                     None if r.get("nearest_train_distance") is None else float(r["nearest_train_distance"])))
 
     def counterfactual_done(self) -> set[str]:
         """Paths whose counterfactuals are written (skipped when a run resumes)."""
