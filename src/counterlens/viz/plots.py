@@ -139,3 +139,81 @@ def figure_png(fig, dpi: int = 80) -> bytes:
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _trapezoid(x, y) -> float:
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2)) if len(x) > 1 else float("nan")
+
+
+def curves_figure(curves: dict, *, width: float = 4.2):
+    """Faithfulness curves, one panel per kind (deletion, insertion, ...), one line per method.
+
+    ``curves``: ``{method: {kind: {"x": [...], "y": [...]}}}`` (means over images; ``x`` is the
+    fraction of pixels deleted or inserted, ``y`` the target-class probability). The legend gives
+    each line's area under the curve (trapezoids over ``x``). Returns a matplotlib Figure.
+    """
+    kinds: list[str] = []
+    for per_method in curves.values():
+        for kind, curve in (per_method or {}).items():
+            if isinstance(curve, dict) and "x" in curve and "y" in curve and kind not in kinds:
+                kinds.append(kind)
+    if not kinds:
+        raise InputError("curves has no {'x': [...], 'y': [...]} entries to draw")
+    fig, axes = plt.subplots(1, len(kinds), figsize=(width * len(kinds), 3.2), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, kind in zip(axes[0], kinds):
+        for i, (method, per_method) in enumerate(curves.items()):
+            curve = (per_method or {}).get(kind)
+            if not isinstance(curve, dict) or len(curve.get("x", [])) != len(curve.get("y", [])):
+                continue
+            ax.plot(curve["x"], curve["y"], color=colours[i % len(colours)], lw=1.6,
+                    label=f"{method} (AUC {_trapezoid(curve['x'], curve['y']):.3f})")
+        better = {"deletion": "lower is better", "insertion": "higher is better"}.get(kind, "")
+        ax.set_title(f"{kind}" + (f" ({better})" if better else ""), fontsize=9)
+        ax.set_xlabel(f"fraction of pixels {'deleted' if kind == 'deletion' else 'inserted' if kind == 'insertion' else 'changed'}",
+                      fontsize=8)
+        ax.set_ylabel("target-class probability (mean)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def randomisation_figure(sanity: dict, *, width: float = 6.4):
+    """Model-parameter randomisation test: similarity of each method's maps to the maps of the
+    trained model as layers are randomised (cascading, from the output), one line per method,
+    with each method's pass threshold dashed.
+
+    ``sanity``: ``{method: {"layers": [names], "similarity": [...], "threshold": t, "passed": bool}}``.
+    Returns a matplotlib Figure.
+    """
+    rows = {m: v for m, v in sanity.items()
+            if isinstance(v, dict) and v.get("similarity") is not None and len(v["similarity"]) > 0}
+    if not rows:
+        raise InputError("sanity has no method with a 'similarity' list to draw")
+    longest = max(rows.values(), key=lambda v: len(v["similarity"]))
+    layers = [str(name) for name in (longest.get("layers") or range(len(longest["similarity"])))]
+    fig, ax = plt.subplots(figsize=(width, 3.4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (method, v) in enumerate(rows.items()):
+        colour = colours[i % len(colours)]
+        passed = v.get("passed")
+        verdict = "" if passed is None else (" \u2713 passed" if passed else " \u2717 failed")
+        similarity = [np.nan if s is None else float(s) for s in v["similarity"]]
+        ax.plot(range(len(similarity)), similarity, marker="o", ms=3, lw=1.6, color=colour,
+                label=f"{method}{verdict}")
+        if v.get("threshold") is not None:
+            ax.axhline(float(v["threshold"]), color=colour, ls="--", lw=0.9, alpha=0.7)
+    ax.set_xticks(range(len(layers)), layers, rotation=35, ha="right", fontsize=7)
+    ax.set_xlabel("randomised up to layer (cascading from the output)", fontsize=8)
+    measure = next((str(v["measure"]) for v in rows.values() if v.get("measure")), "similarity")
+    ax.set_ylabel(f"{measure} to the trained model's map", fontsize=8)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("model-parameter randomisation (a method that passes changes its maps; dashed: threshold)",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,154 @@
+/* counterlens report: filters, paging, method toggles and map opacity. Plain JavaScript, no
+   network. Cases live in inert <template> elements; only the cases of the page shown are cloned
+   into the document, so their images are decoded only then. User text is never parsed as HTML
+   here: it arrives escaped inside the templates and is only compared as strings. */
+(function () {
+  "use strict";
+  var gallery = document.getElementById("gallery");
+  if (!gallery) { return; }
+  var byId = function (id) { return document.getElementById(id); };
+  var all = Array.prototype.slice.call(document.querySelectorAll("#case-store > template.case-data"));
+  var pageSize = parseInt(gallery.getAttribute("data-page-size"), 10) || 24;
+  var controls = {
+    label: byId("f-label"), prediction: byId("f-prediction"), outcome: byId("f-outcome"),
+    confMin: byId("f-conf-min"), confMax: byId("f-conf-max"), sort: byId("f-sort"),
+    opacity: byId("f-opacity"), showCf: byId("f-show-cf"), reset: byId("f-reset")
+  };
+  var methodBoxes = Array.prototype.slice.call(document.querySelectorAll("input.method-toggle"));
+  var pagers = Array.prototype.slice.call(document.querySelectorAll("[data-pager]"));
+  var state = { matches: all, page: 0 };
+
+  all.forEach(function (t, i) {
+    var c = t.getAttribute("data-confidence");
+    t.cl = { index: i, label: t.getAttribute("data-label"), prediction: t.getAttribute("data-prediction"),
+             outcome: t.getAttribute("data-outcome"), confidence: c === "" ? null : parseFloat(c) };
+  });
+
+  function matches(t) {
+    var d = t.cl;
+    if (controls.label.value !== "" && d.label !== controls.label.value) { return false; }
+    if (controls.prediction.value !== "" && d.prediction !== controls.prediction.value) { return false; }
+    if (controls.outcome.value !== "" && d.outcome !== controls.outcome.value) { return false; }
+    var lo = Number(controls.confMin.value) / 100, hi = Number(controls.confMax.value) / 100;
+    if (lo > 0 || hi < 1) {
+      if (d.confidence === null || d.confidence < lo - 1e-9 || d.confidence > hi + 1e-9) { return false; }
+    }
+    return true;
+  }
+
+  function confKey(t, missing) { return t.cl.confidence === null ? missing : t.cl.confidence; }
+
+  function applyFilters() {
+    var found = all.filter(matches);
+    var order = controls.sort.value;
+    if (order === "conf-asc") {
+      found.sort(function (a, b) { return confKey(a, 2) - confKey(b, 2) || a.cl.index - b.cl.index; });
+    } else if (order === "conf-desc") {
+      found.sort(function (a, b) { return confKey(b, -1) - confKey(a, -1) || a.cl.index - b.cl.index; });
+    }
+    state.matches = found;
+    state.page = 0;
+    render();
+  }
+
+  function fillCopies(root) {
+    root.querySelectorAll("img[data-copy]").forEach(function (img) {
+      var source = null;
+      if (img.getAttribute("data-copy") === "case") {
+        source = img.closest("article").querySelector("img.main");
+      } else {
+        source = img.closest("figure").querySelector("img.cf-orig");
+      }
+      if (source) { img.src = source.src; }
+    });
+  }
+
+  function applyToggles(root) {
+    var on = {};
+    methodBoxes.forEach(function (box) { on[box.value] = box.checked; });
+    root.querySelectorAll("figure.ov").forEach(function (fig) {
+      fig.hidden = on[fig.getAttribute("data-method")] === false;
+    });
+    var showCf = !controls.showCf || controls.showCf.checked;
+    root.querySelectorAll("figure.cf").forEach(function (fig) { fig.hidden = !showCf; });
+  }
+
+  function render() {
+    var total = state.matches.length;
+    var pages = Math.max(1, Math.ceil(total / pageSize));
+    state.page = Math.min(Math.max(0, state.page), pages - 1);
+    var start = state.page * pageSize;
+    var shown = state.matches.slice(start, start + pageSize);
+    var fragment = document.createDocumentFragment();
+    shown.forEach(function (t) { fragment.appendChild(document.importNode(t.content, true)); });
+    fillCopies(fragment);
+    applyToggles(fragment);
+    gallery.replaceChildren(fragment);
+    byId("no-match").hidden = total > 0;
+    var text = total === 0 ? "no case matches (" + all.length + " in the run)"
+      : "cases " + (start + 1) + "\u2013" + (start + shown.length) + " of " + total +
+        (total === all.length ? "" : " matching (" + all.length + " in the run)") +
+        " \u00b7 page " + (state.page + 1) + " of " + pages;
+    pagers.forEach(function (p) {
+      p.querySelector(".count").textContent = text;
+      p.querySelector("[data-step='-1']").disabled = state.page === 0;
+      p.querySelector("[data-step='1']").disabled = state.page >= pages - 1;
+    });
+  }
+
+  function showOutput(input, outputId) {
+    var out = byId(outputId);
+    if (out) { out.textContent = input.value + "%"; }
+  }
+
+  function setOpacity() {
+    gallery.style.setProperty("--map-opacity", String(Number(controls.opacity.value) / 100));
+    showOutput(controls.opacity, "o-opacity");
+  }
+
+  [controls.label, controls.prediction, controls.outcome, controls.sort].forEach(function (el) {
+    el.addEventListener("change", applyFilters);
+  });
+  controls.confMin.addEventListener("input", function () {
+    if (Number(controls.confMin.value) > Number(controls.confMax.value)) { controls.confMax.value = controls.confMin.value; }
+    showOutput(controls.confMin, "o-conf-min"); showOutput(controls.confMax, "o-conf-max"); applyFilters();
+  });
+  controls.confMax.addEventListener("input", function () {
+    if (Number(controls.confMax.value) < Number(controls.confMin.value)) { controls.confMin.value = controls.confMax.value; }
+    showOutput(controls.confMin, "o-conf-min"); showOutput(controls.confMax, "o-conf-max"); applyFilters();
+  });
+  methodBoxes.forEach(function (box) { box.addEventListener("change", function () { applyToggles(gallery); }); });
+  if (controls.showCf) { controls.showCf.addEventListener("change", function () { applyToggles(gallery); }); }
+  controls.opacity.addEventListener("input", setOpacity);
+  controls.reset.addEventListener("click", function () {
+    controls.label.value = ""; controls.prediction.value = ""; controls.outcome.value = "";
+    controls.confMin.value = "0"; controls.confMax.value = "100"; controls.sort.value = "run";
+    showOutput(controls.confMin, "o-conf-min"); showOutput(controls.confMax, "o-conf-max");
+    applyFilters();
+  });
+  pagers.forEach(function (p) {
+    p.querySelectorAll("button[data-step]").forEach(function (button) {
+      button.addEventListener("click", function () {
+        state.page += parseInt(button.getAttribute("data-step"), 10);
+        render();
+        if (p !== pagers[0]) { pagers[0].scrollIntoView(); }
+      });
+    });
+  });
+
+  var confusion = byId("confusion");
+  if (confusion) {
+    confusion.addEventListener("click", function (event) {
+      var cell = event.target.closest("td[data-label]");
+      if (!cell || cell.classList.contains("zero")) { return; }
+      controls.label.value = cell.getAttribute("data-label");
+      controls.prediction.value = cell.getAttribute("data-prediction");
+      controls.outcome.value = "";
+      applyFilters();
+      byId("cases").scrollIntoView();
+    });
+  }
+
+  setOpacity();
+  applyFilters();
+}());
