@@ -10,7 +10,8 @@ import torch
 
 from counterlens.cli import main
 
-SUBCOMMANDS = [["data"], ["data", "synth"], ["train"], ["explain"], ["counterfactual"], ["fit-prior"], ["methods"],
+SUBCOMMANDS = [["data"], ["data", "synth"], ["train"], ["explain"], ["counterfactual"], ["fit-prior"], ["evaluate"], ["audit"],
+               ["methods"],
                ["report"], ["demo"]]
 
 
@@ -121,19 +122,41 @@ def test_cli_errors_are_one_clear_line(trained, tmp_path, capsys):
 def test_demo_end_to_end_small(tmp_path, capsys):
     out = tmp_path / "demo-run"
     args = ["demo", "--out", str(out), "--n-train", "96", "--n-test", "32", "--size", "32", "--epochs", "1",
-            "--cases", "6"]
+            "--cases", "6", "--methods", "gradcam,integrated_gradients", "--counterfactuals", "2"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "[4/4]" in printed and f"report: {(out / 'report.html').resolve()}" in printed
+    assert "[6/6]" in printed and f"report: {(out / 'report.html').resolve()}" in printed
     assert (tmp_path / "demo-run-work" / "model" / "model.json").exists()
     with sqlite3.connect(out / "results.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM images WHERE status = 'done'").fetchone()[0] == 6
         assert {r[0] for r in db.execute("SELECT method FROM attributions")} == {"gradcam", "integrated_gradients"}
+        assert db.execute("SELECT COUNT(*) FROM counterfactuals").fetchone()[0] == 2
+        metrics = {r[0] for r in db.execute("SELECT DISTINCT metric FROM metrics")}
+    assert {"deletion_auc", "insertion_auc", "mass_lift", "pointing_game"} <= metrics
     assert (out / "run.yaml").exists() and (out / "report.html").stat().st_size > 10_000
+    assert (out / "sanity.json").exists() and (out / "curves.json").exists() and (out / "results.csv").exists()
+    assert len(list((out / "figures").glob("*.png"))) == 6
     # a second demo reuses data and model
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "reusing the synthetic data" in printed and "reusing the model" in printed
+
+
+@pytest.mark.slow
+def test_shortcut_demo_small(tmp_path, capsys):
+    """demo --shortcut: chest X-rays with a planted marker, a model, the audit and its report."""
+    out = tmp_path / "shortcut"
+    assert main(["demo", "--shortcut", "--out", str(out), "--n-train", "64", "--n-test", "16", "--size", "32",
+                 "--epochs", "1", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "relies on the marker:" in printed and f"report: {(out / 'report.html').resolve()}" in printed
+    import json
+    audit = json.loads((out / "audit.json").read_text())
+    assert {"relies_on_region", "region_flip_rate", "random_flip_rate", "methods"} <= set(audit)
+    assert set(audit["methods"]) == {"gradcam", "integrated_gradients"}
+    assert 0 < audit["n_images"] <= 16
+    html = (out / "report.html").read_text()
+    assert "audit" in html.lower() and audit["verdict"].split(":")[0] in html
 
 
 @pytest.mark.slow

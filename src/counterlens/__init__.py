@@ -8,8 +8,9 @@ from .attribution import explain
 from .counterfactual import CounterfactualResult
 from .errors import CounterlensError
 from .metrics.evaluate import evaluate
+from .metrics.shortcut import audit
 from .model import Classifier, Normalize, RepeatChannels
 
 __version__ = "0.1.0"
-__all__ = ["Classifier", "CounterfactualResult", "CounterlensError", "Normalize", "RepeatChannels", "counterfactual",
+__all__ = ["audit", "Classifier", "CounterfactualResult", "CounterlensError", "Normalize", "RepeatChannels", "counterfactual",
            "evaluate", "explain", "__version__"]

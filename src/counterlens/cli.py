@@ -166,6 +166,32 @@ def build_parser() -> argparse.ArgumentParser:
     from .counterfactual.prior_cli import add_fit_prior_parser
     add_fit_prior_parser(sub)
 
+    audit = sub.add_parser("audit", help="does the model rely on a suspected region (e.g. a marker)? flip rates and a verdict",
+                           description="Inpaint a suspected region (a masks folder or a box) and random regions of the "
+                                       "same area, count the decisions that change, score attribution maps in the region, "
+                                       "and write RUN/audit.json, RUN/audit.md and a run directory. Prints a "
+                                       "plain-language verdict.")
+    _add_model_args(audit)
+    audit.add_argument("--data", required=True, type=Path, help="an image file or folder (class subfolders give labels)")
+    audit.add_argument("--region", required=True, metavar="MASKS_DIR|x0,y0,x1,y1",
+                       help="folder of masks matched to images by file stem, or a box x0,y0,x1,y1 in pixels of the "
+                            "model's input size (x1, y1 exclusive)")
+    audit.add_argument("--out", required=True, type=Path, help="run directory")
+    audit.add_argument("--methods", type=_csv, default=_csv(DEFAULT_METHODS),
+                       help=f"attribution methods scored in the region (default: {DEFAULT_METHODS}); '' for none")
+    audit.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE",
+                       help="method parameter, repeatable, e.g. --param integrated_gradients.steps=32")
+    audit.add_argument("--limit", type=positive_int, help="at most this many images (spread over classes)")
+    audit.add_argument("--batch-size", type=_batch_size, default=64, help="rows per model call (default: 64)")
+    audit.add_argument("--seed", type=int, default=0, help="seed of the random regions and methods (default: 0)")
+    audit.add_argument("--n-random", type=positive_int, default=8, help="random regions per image (default: 8)")
+    audit.add_argument("--inpaint", choices=["normalized", "biharmonic"], default="normalized",
+                       help="how the region is filled from its surroundings (default: normalized)")
+    audit.add_argument("--min-flip-rate", type=float, default=0.1,
+                       help="share of decisions that must change for an alarm (default: 0.1); see docs/trust.md")
+    audit.add_argument("--fail-on-shortcut", action="store_true",
+                       help="exit with status 3 when the model relies on the region (for CI)")
+
     ev = sub.add_parser("evaluate", help="trust metrics of a run directory (faithfulness, localisation, sanity)",
                         description="Score the maps of a run: deletion/insertion AUC, MuFidelity, sparseness, entropy, "
                                     "IG completeness, localisation against masks (with --masks) and the model-"
@@ -186,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what deleted pixels become (default: blur)")
     ev.add_argument("--batch-size", type=_batch_size, default=64, help="rows per model call (default: 64)")
     ev.add_argument("--sanity-images", type=int, default=8, help="images for the randomisation test; 0 skips it")
+    ev.add_argument("--sanity-methods", type=_csv,
+                    help="methods for the randomisation test, comma-separated (default: every method of the run)")
     ev.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -200,9 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write RUN/figures/<id>_<name>.png, one figure per case (about 0.5-1 s per case)")
     report.add_argument("--page-size", type=positive_int, default=24, help="cases per page of the gallery (default: 24)")
 
-    demo = sub.add_parser("demo", help="the whole path on synthetic brain MRI: data, training, explanations, report",
+    demo = sub.add_parser("demo", help="the whole path on synthetic data: data, training, explanations, counterfactuals, "
+                                       "metrics, report",
                           description="Synthesise brain-MRI slices, train the brain-tumour CNN, explain 16 test images "
-                                      "(correct and incorrect) and write a run directory with report.html.")
+                                      "(correct and incorrect) with every attribution method, search counterfactuals for "
+                                      "8 of them, score the maps and write a run directory with report.html. With "
+                                      "--shortcut: the chest X-ray shortcut case and its audit.")
     demo.add_argument("--out", type=Path, default=Path("demo-run"), help="run directory (default: demo-run)")
     demo.add_argument("--work", type=Path, default=None,
                       help="where data and model go (default: next to the run, OUT-work)")
@@ -211,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=64, help="image side (default: 64)")
     demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
     demo.add_argument("--cases", type=int, default=16, help="test images to explain (default: 16)")
+    demo.add_argument("--methods", type=_csv, default=["all"],
+                      help="attribution methods, comma-separated, or 'all' (default: all)")
+    demo.add_argument("--counterfactuals", type=int, default=8,
+                      help="cases that also get a counterfactual (default: 8)")
+    demo.add_argument("--shortcut", action="store_true",
+                      help="the chest X-ray shortcut case instead: a model trained where a marker agrees with the "
+                           "label, explained and audited (does it rely on the marker?)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]' (default: auto)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -228,9 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     from . import commands
     from .counterfactual.prior_cli import fit_prior_command
     from .metrics.evaluate import evaluate_cmd
+    from .metrics.shortcut import audit_cmd
     handler = {"data": commands.data_synth, "train": commands.train, "explain": commands.explain,
                "counterfactual": commands.counterfactual_cmd, "fit-prior": fit_prior_command,
-               "evaluate": evaluate_cmd, "methods": commands.methods, "report": commands.report, "demo": commands.demo}[args.command]
+               "evaluate": evaluate_cmd, "audit": audit_cmd, "methods": commands.methods, "report": commands.report, "demo": commands.demo}[args.command]
     try:
         return handler(args) or 0
     except CounterlensError as exc:

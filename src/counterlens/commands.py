@@ -11,7 +11,6 @@ import torch
 from .attribution.base import METHODS, get_method
 from .errors import CounterlensError, InputError
 
-DEMO_METHODS = ("gradcam", "integrated_gradients")
 
 
 def _say(args, text: str) -> None:

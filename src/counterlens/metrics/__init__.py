@@ -5,8 +5,9 @@ from .evaluate import METRICS, evaluate, evaluate_run, per_class, per_correctnes
 from .faithfulness import deletion, insertion, mufidelity
 from .localization import mass_lift, pointing_game, relevance_mass, relevance_rank
 from .sanity import model_randomisation, sanity_report
+from .shortcut import audit, inpaint, random_regions
 
-__all__ = ["METRICS", "completeness_error", "deletion", "distances", "diversity", "entropy", "evaluate", "evaluate_run",
-           "im1", "im2", "insertion", "mass_lift", "model_randomisation", "mufidelity", "nearest_training_distance",
-           "per_class", "per_correctness", "per_method", "pointing_game", "proximity", "relevance_mass",
+__all__ = ["METRICS", "audit", "completeness_error", "deletion", "distances", "diversity", "entropy", "evaluate", "evaluate_run",
+           "im1", "im2", "inpaint", "insertion", "mass_lift", "model_randomisation", "mufidelity", "nearest_training_distance",
+           "per_class", "per_correctness", "per_method", "pointing_game", "proximity", "random_regions", "relevance_mass",
            "relevance_rank", "sanity_report", "sparseness", "sparsity", "summarize", "summary_table", "validity"]

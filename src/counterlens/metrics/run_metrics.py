@@ -77,7 +77,8 @@ def _cases(store, rows: list[dict], clf, mask_paths):
 
 def evaluate_run(run_dir, clf, masks_dir=None, metrics=None, *, batch_size: int = 64, seed: int = 0,
                  steps: int = 20, baseline="blur", n_subsets: int = 32, images_per_batch: int = 32,
-                 sanity: bool = True, sanity_images: int = 8, progress: bool = False) -> pd.DataFrame:
+                 sanity: bool = True, sanity_images: int = 8, sanity_methods=None,
+                 progress: bool = False) -> pd.DataFrame:
     """Score the maps stored in a run directory and write the results next to them.
 
     ``clf`` is the run's model (faithfulness and sanity evaluate it). Images come from the run's
@@ -93,7 +94,9 @@ def evaluate_run(run_dir, clf, masks_dir=None, metrics=None, *, batch_size: int 
     * ``curves.json``: ``{method: {"deletion": {"x", "y", "n"}, "insertion": ..., "deletion_lerf": ...}}``,
       means over images;
     * ``sanity.json`` (``sanity=True``): ``{method: SanityResult.to_json()}`` from
-      :func:`~counterlens.metrics.sanity.model_randomisation` on the first ``sanity_images`` images.
+      :func:`~counterlens.metrics.sanity.model_randomisation` on the first ``sanity_images`` images,
+      for the run's methods in ``sanity_methods`` (None: all; each costs a run of the method per
+      randomised layer, so the sampling methods are the expensive ones).
 
     ``images_per_batch`` images are loaded and scored together (all their (image, step) rows go
     through the evaluator in chunks of ``batch_size``); ``steps``, ``baseline``, ``n_subsets``,
@@ -133,7 +136,8 @@ def evaluate_run(run_dir, clf, masks_dir=None, metrics=None, *, batch_size: int 
                     for j, c in enumerate(have):
                         targets[(c[0]["id"], method)] = int(tgt[j])
                         records += [(c[0]["id"], method, metric, float(v[j])) for metric, v in values.items()]
-        sanity_out = _run_sanity(store, rows, clf, params, batch_size, seed, sanity_images) if sanity else None
+        sanity_out = _run_sanity(store, rows, clf, params, batch_size, seed, sanity_images,
+                                 sanity_methods) if sanity else None
         df = _run_table(records, targets, rows, clf.classes or (spec.get("model") or {}).get("classes"))
         with store.db:
             store.db.execute(METRICS_TABLE)
@@ -161,13 +165,15 @@ def _run_table(records, targets, rows, classes) -> pd.DataFrame:
     return add_class_columns(df, classes)
 
 
-def _run_sanity(store, rows, clf, params: dict, batch_size: int, seed: int, n_images: int) -> dict:
+def _run_sanity(store, rows, clf, params: dict, batch_size: int, seed: int, n_images: int, only=None) -> dict:
     """Cascading randomisation of every registered method of the run on its first ``n_images`` images."""
     from .sanity import sanity_report
     cases = _cases(store, rows[:n_images * 4], clf, None) if n_images > 0 else []
     cases = [c for c in cases if c[1].shape == cases[0][1].shape][:n_images]
     inputs = {}
     for method in dict.fromkeys(m for c in cases for m in c[3]):
+        if only is not None and method not in only:
+            continue
         have = [c for c in cases if method in c[3]]
         inputs[method] = (torch.from_numpy(np.stack([c[1] for c in have])),
                           torch.tensor([c[3][method][1] for c in have]))
@@ -201,7 +207,8 @@ def evaluate_cmd(args) -> int:
     df = evaluate_run(run, clf, masks_dir=getattr(args, "masks", None), metrics=getattr(args, "metrics", None),
                       batch_size=getattr(args, "batch_size", 64), seed=getattr(args, "seed", 0),
                       steps=getattr(args, "steps", 20), baseline=getattr(args, "baseline", "blur"),
-                      sanity=sanity_images > 0, sanity_images=sanity_images, progress=not getattr(args, "quiet", False))
+                      sanity=sanity_images > 0, sanity_images=sanity_images,
+                      sanity_methods=getattr(args, "sanity_methods", None), progress=not getattr(args, "quiet", False))
     table = per_method(df).pivot(index="method", columns="metric", values="mean")
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
     for method, v in (df.attrs.get("sanity") or {}).items():
