@@ -7,7 +7,7 @@ BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.counterlens-installed
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: demo test venv browser-deps clean
+.PHONY: demo test venv browser-deps bench-tabular clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,14 @@ demo: $(STAMP)
 
 test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest
+
+# The head-to-head with DiCE (not part of make test): its own venv, so dice-ml never enters .venv.
+bench-tabular:
+	@test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/pip install --quiet -c constraints.txt torch==2.13.0
+	.venv-bench/bin/pip install --quiet -c constraints.txt -e ".[bench]"
+	.venv-bench/bin/python benchmarks/tabular_counterfactual.py --dice-methods random,genetic \
+	    --json benchmarks/results/tabular-dice.json --md benchmarks/results/tabular-dice.md
 
 clean:
 	rm -rf $(VENV) demo-run demo-run-work .pytest_cache test-artifacts

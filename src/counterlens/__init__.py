@@ -5,12 +5,13 @@ that changes the decision; the subpackage is callable) are the two entry points.
 """
 from . import counterfactual
 from .attribution import explain
-from .counterfactual import CounterfactualResult
+from .counterfactual import CounterfactualResult, recourse_fairness, tabular_counterfactual
+from .data.tabular import TabularSchema
 from .errors import CounterlensError
 from .metrics.evaluate import evaluate
 from .metrics.shortcut import audit
 from .model import Classifier, Normalize, RepeatChannels
 
 __version__ = "0.1.0"
-__all__ = ["audit", "Classifier", "CounterfactualResult", "CounterlensError", "Normalize", "RepeatChannels", "counterfactual",
-           "evaluate", "explain", "__version__"]
+__all__ = ["audit", "Classifier", "CounterfactualResult", "CounterlensError", "Normalize", "RepeatChannels", "TabularSchema", "counterfactual",
+           "evaluate", "explain", "recourse_fairness", "tabular_counterfactual", "__version__"]

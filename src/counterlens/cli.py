@@ -128,7 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "RUN/arrays/counterfactuals/ and RUN/report.html. Re-running into the same RUN "
                                     "resumes.")
     _add_model_args(cf)
-    cf.add_argument("--data", required=True, type=Path, help="an image file or folder (class subfolders give labels)")
+    cf.add_argument("--data", type=Path, help="an image file or folder (class subfolders give labels); or use --table")
+    cf.add_argument("--table", type=Path, help="a CSV table: counterfactuals of its rows (tabular search) instead of --data")
+    cf.add_argument("--label", help="--table: the label column (not a feature)")
+    cf.add_argument("--immutable", type=_csv, help="--table: features that may not change, comma-separated (e.g. sex,age)")
+    cf.add_argument("--monotone", type=_csv, help="--table: FEATURE:increase or FEATURE:decrease, comma-separated")
+    cf.add_argument("--k", type=positive_int, default=4, help="--table: counterfactuals per row (default: 4)")
     cf.add_argument("--out", required=True, type=Path, help="run directory (may hold an explain run of the same model)")
     cf.add_argument("--target", default="other",
                     help="class name or index to reach, or 'other' for any class but the predicted one (default)")
@@ -139,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="adaptive: one run, lambda follows validity step by step (fast, default); bisection: one "
                          "optimisation per lambda (slower, slightly smaller edits)")
     cf.add_argument("--early-stop", type=int, default=None,
-                    help="stop an image after this many steps without 1%% progress (default: 10 adaptive, 50 bisection)")
+                    help="stop an image after this many steps without 1%% progress (default: 6 adaptive, 50 bisection)")
     cf.add_argument("--candidates", type=int, default=1, help="candidates per image, different starts (default: 1)")
     cf.add_argument("--l1", type=float, default=1.0, help="weight of the L1 part of the distance (default: 1)")
     cf.add_argument("--l2", type=float, default=1.0, help="weight of the squared L2 part (default: 1)")
@@ -157,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "and --train-data)")
     cf.add_argument("--proto-weight", type=float, default=10.0, help="weight of the prototype term (default: 10)")
     cf.add_argument("--limit", type=int, help="at most this many images (spread over classes)")
-    cf.add_argument("--batch-size", type=_batch_size, default=64, help="rows per model call (default: 64)")
+    cf.add_argument("--batch-size", type=_batch_size, default=None,
+                    help="rows searched together (default: sized by the image; 8192 for tables)")
     cf.add_argument("--images-per-batch", type=int, default=16, help="images searched together (default: 16)")
     cf.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     cf.add_argument("--no-report", action="store_true", help="do not write report.html")
@@ -260,6 +266,16 @@ def _version() -> str:
     return __version__
 
 
+def _counterfactual(args) -> int:
+    if getattr(args, "table", None) is not None:
+        from .counterfactual.tabular_cli import tabular_counterfactual_cmd
+        return tabular_counterfactual_cmd(args)
+    if args.data is None:
+        raise CounterlensError("counterfactual: pass --data (images) or --table (a CSV table)")
+    from .commands import counterfactual_cmd
+    return counterfactual_cmd(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -268,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     from .metrics.evaluate import evaluate_cmd
     from .metrics.shortcut import audit_cmd
     handler = {"data": commands.data_synth, "train": commands.train, "explain": commands.explain,
-               "counterfactual": commands.counterfactual_cmd, "fit-prior": fit_prior_command,
+               "counterfactual": _counterfactual, "fit-prior": fit_prior_command,
                "evaluate": evaluate_cmd, "audit": audit_cmd, "methods": commands.methods, "report": commands.report, "demo": commands.demo}[args.command]
     try:
         return handler(args) or 0

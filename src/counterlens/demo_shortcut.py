@@ -60,7 +60,7 @@ def run_shortcut_demo(args) -> Path:
     else:
         say(f"[2/4] reusing the model in {model_dir} (test accuracy {100 * card['test_accuracy']:.1f}%)")
 
-    say(f"[3/4] auditing the marker region on the test films (inpainted vs random regions of the same area) ...")
+    say("[3/4] auditing the marker region on the test films (inpainted vs random regions of the same area) ...")
     shutil.rmtree(out, ignore_errors=True)
     methods = ["gradcam", "integrated_gradients"] if not args.methods or args.methods == ["all"] else args.methods
     audit_args = argparse.Namespace(

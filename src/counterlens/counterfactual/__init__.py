@@ -13,6 +13,8 @@ from .analysis import activation_changes, attribute_difference, difference_map
 from .prior import AutoencoderPrior, class_prototypes, fit_prior
 from .result import CounterfactualResult
 from .search import counterfactual as image_counterfactual
+from .tabular import recourse_fairness, tabular_counterfactual
+from .tabular_result import TabularCounterfactualResult, recourse_by_group
 
 
 def counterfactual(clf, x, target="other", *, schema=None, **params):
@@ -24,7 +26,6 @@ def counterfactual(clf, x, target="other", *, schema=None, **params):
     :func:`counterlens.counterfactual.tabular.tabular_counterfactual` (``k`` counterfactuals per row).
     """
     if schema is not None:
-        from .tabular import tabular_counterfactual
         return tabular_counterfactual(clf, x, target, schema=schema, **params)
     return image_counterfactual(clf, x, target, **params)
 
@@ -39,5 +40,6 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["AutoencoderPrior", "CounterfactualResult", "activation_changes", "attribute_difference",
-           "class_prototypes", "counterfactual", "difference_map", "fit_prior", "image_counterfactual"]
+__all__ = ["AutoencoderPrior", "CounterfactualResult", "TabularCounterfactualResult", "activation_changes",
+           "attribute_difference", "class_prototypes", "counterfactual", "difference_map", "fit_prior",
+           "image_counterfactual", "recourse_by_group", "recourse_fairness", "tabular_counterfactual"]

@@ -144,15 +144,16 @@ def run_adaptive(search, x0, tgt, orig, low, high, mask, img, cand) -> dict:
             "lam_valid": torch.stack([out_found, out_found], dim=1)}
 
 
-PRUNE_GRID = 12    # edits tried per row and pruning round
+PRUNE_GRID = 8            # edits tried per row and pruning round
+PRUNE_ROWS = 1 << 20       # elements per model call of the pruning pass (several grid points per call for small inputs)
 
 
 def prune_edits(search, x0, x_cf, found, tgt, orig, low, high, mask) -> torch.Tensor:
     """Drop the smallest changes of every valid counterfactual while it stays valid.
 
     Per row, the elements of ``d = x_cf - x0`` are ranked by ``|d| / (high - low)``; the edits that
-    keep only the top ``k`` are evaluated for a geometric grid of ``k`` (forward passes only, all rows
-    x grid points in chunks of the chunk's size), then for a linear grid between the largest invalid
+    keep only the top ``k`` are evaluated for a geometric grid of ``k`` (forward passes only; for small
+    inputs several grid points per model call, up to ``PRUNE_ROWS`` elements), then for a linear grid between the largest invalid
     and the smallest valid ``k`` of the first round. Each row keeps its valid variant with the smallest
     elastic distance (the unpruned edit is always one of them), so pruning never makes an edit larger
     or a valid row invalid. Rows without a valid counterfactual are returned unchanged.
@@ -181,16 +182,22 @@ def prune_edits(search, x0, x_cf, found, tgt, orig, low, high, mask) -> torch.Te
             ks = (lo[:, None] + frac[None, :] * (hi - lo)[:, None]).ceil()
         ks = torch.minimum(ks.clamp_min(1), nonzero[:, None].to(ks.dtype))
         ok = torch.zeros(r, PRUNE_GRID, dtype=torch.bool, device=d.device)
-        for j in range(PRUNE_GRID):
-            keep = rank < ks[:, j:j + 1]
-            xv = torch.where(keep, x_cf.flatten(1), x0.flatten(1)).view_as(x0)    # exactly x_cf or x0
+        per_call = max(1, min(PRUNE_GRID, PRUNE_ROWS // max(1, r * n)))    # grid points per model call
+        for j0 in range(0, PRUNE_GRID, per_call):
+            js = range(j0, min(PRUNE_GRID, j0 + per_call))
+            # [len(js) * r] variants, grid point major: exactly x_cf or x0 in every element
+            keep = torch.cat([rank < ks[:, j:j + 1] for j in js])
+            xv = torch.where(keep, x_cf.flatten(1).repeat(len(js), 1), x0.flatten(1).repeat(len(js), 1))
+            xv = xv.view(len(js) * r, *x0.shape[1:])
             with torch.no_grad():
-                valid = search.is_valid(search.clf.forward(xv), tgt, orig)
-            ok[:, j] = valid & found
-            dist = _elastic(search, xv, x0, scale)
-            take = ok[:, j] & (dist < best_dist)
-            best = torch.where(take.view((-1,) + (1,) * (x0.dim() - 1)), xv, best)
-            best_dist = torch.where(take, dist, best_dist)
+                logits = search.clf.forward(xv)
+            for q, j in enumerate(js):
+                xj = xv[q * r:(q + 1) * r]
+                ok[:, j] = search.is_valid(logits[q * r:(q + 1) * r], tgt, orig) & found
+                dist = _elastic(search, xj, x0, scale)
+                take = ok[:, j] & (dist < best_dist)
+                best = torch.where(take.view((-1,) + (1,) * (x0.dim() - 1)), xj, best)
+                best_dist = torch.where(take, dist, best_dist)
         # the bracket: the largest invalid k below the smallest valid k
         k_valid = torch.where(ok, ks, torch.full_like(ks, math.inf)).amin(dim=1)
         hi = torch.where(torch.isfinite(k_valid), torch.minimum(hi, k_valid), hi)

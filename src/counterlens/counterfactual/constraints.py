@@ -178,7 +178,7 @@ def check_search_params(**p) -> dict:
                          "or 'bisection' (one optimisation per lambda)")
     adaptive = p["schedule"] == "adaptive"
     if p["early_stop"] is None:
-        p = {**p, "early_stop": 10 if adaptive else 50}
+        p = {**p, "early_stop": 6 if adaptive else 50}
     if p["lr"] is None:
         p = {**p, "lr": 0.1 if adaptive else 0.01}
     if p["lam_factor"] is None:

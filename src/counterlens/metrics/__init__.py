@@ -6,6 +6,7 @@ from .faithfulness import deletion, insertion, mufidelity
 from .localization import mass_lift, pointing_game, relevance_mass, relevance_rank
 from .sanity import model_randomisation, sanity_report
 from .shortcut import audit, inpaint, random_regions
+from . import tabular  # noqa: F401  (the module: its diversity is not the image one)
 
 __all__ = ["METRICS", "audit", "completeness_error", "deletion", "distances", "diversity", "entropy", "evaluate", "evaluate_run",
            "im1", "im2", "inpaint", "insertion", "mass_lift", "model_randomisation", "mufidelity", "nearest_training_distance",

@@ -1,0 +1,228 @@
+"""``counterlens counterfactual --table data.csv --label COLUMN --model ...``: tabular counterfactuals
+of a table's rows into a run directory.
+
+Written to ``RUN/``: ``run.yaml`` (model and its SHA-256, table, schema, settings, versions),
+``results.sqlite`` table ``tabular_counterfactuals`` (one row per counterfactual, or one row with
+``rank = -1`` for a query without one; written per chunk of queries in one transaction, so a
+re-run resumes after the rows done) and ``counterfactuals.csv`` (every counterfactual with its
+raw features and metrics, rewritten at the end of each run).
+
+The model: a torch model that ``counterlens.loading.load_model`` reads (a model directory, a
+TorchScript or torch.export file, a state_dict with ``--factory``) taking schema-space rows (its
+card's preprocessing, e.g. ``schema.preprocess()``, is applied), or a pickled scikit-learn estimator
+(``.pkl`` / ``.pickle`` / ``.joblib``, loaded only with ``--trust-model-file``) searched as a
+black box.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import time
+from pathlib import Path
+
+from ..errors import InputError, UntrustedModelError
+
+__all__ = ["TABLE_SCHEMA", "tabular_counterfactual_cmd"]
+
+TABLE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tabular_counterfactuals (
+    row_index INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    target INTEGER,
+    target_name TEXT,
+    pred_before INTEGER,
+    pred_before_name TEXT,
+    prob_target REAL,
+    valid INTEGER,
+    l0 REAL, l1_mad REAL, violations INTEGER, ynn REAL, redundancy REAL,
+    diversity REAL,
+    changes TEXT,
+    row TEXT,
+    reason TEXT,
+    seconds REAL,
+    PRIMARY KEY (row_index, rank)
+);
+"""
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib")
+CHUNK = 256   # queries per search call and per transaction
+
+
+def _names(value) -> list[str]:
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else [v for part in value for v in str(part).split(",")]
+    return [v.strip() for v in items if v.strip()]
+
+
+def _monotone(value) -> dict[str, str]:
+    out = {}
+    for item in _names(value):
+        name, sep, direction = item.rpartition(":")
+        if not sep or direction not in ("increase", "decrease"):
+            raise InputError(f"--monotone {item!r}: write FEATURE:increase or FEATURE:decrease, e.g. age:increase")
+        out[name] = direction
+    return out
+
+
+def load_tabular_model(args):
+    """``(model, sha256, description)``: a Classifier, or an unpickled estimator with predict_proba."""
+    from ..cards import file_sha256
+    source = getattr(args, "model", None) or getattr(args, "weights", None)
+    if source is None:
+        raise InputError("--model is required: a torch model (directory, TorchScript, state_dict with --factory) "
+                         "or a pickled scikit-learn estimator (.pkl, with --trust-model-file)")
+    path = Path(source)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not path.is_file():
+            raise InputError(f"--model {path}: no such file")
+        if not getattr(args, "trust_model_file", False):
+            raise UntrustedModelError(f"{path} is a pickle: loading it runs code from the file. If you trust its "
+                                      "origin, pass --trust-model-file")
+        try:
+            if path.suffix.lower() == ".joblib":
+                import joblib
+                model = joblib.load(path)
+            else:
+                with open(path, "rb") as fh:
+                    model = pickle.load(fh)
+        except Exception as exc:
+            raise InputError(f"--model {path}: cannot unpickle it: {exc}") from exc
+        if not callable(getattr(model, "predict_proba", None)):
+            raise InputError(f"--model {path} holds a {type(model).__name__} without predict_proba; pass a classifier")
+        return model, file_sha256(path), type(model).__name__
+    from ..commands import load_classifier
+    if getattr(args, "model", None) is None:
+        args.model = source
+    for name, default in (("factory", None), ("trust_model_file", False), ("device", "auto"), ("classes", None)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    clf = load_classifier(args)
+    card = getattr(clf, "card", None) or {}
+    return clf, getattr(clf, "source_hash", None), card.get("architecture") or card.get("factory") or \
+        type(clf.module).__name__
+
+
+def tabular_counterfactual_cmd(args) -> int:
+    """Run the search for the rows of ``args.table`` and write the run directory; returns 0."""
+    from ..data.tabular import TabularSchema, read_table
+    from ..runs.runner import package_versions
+    from ..runs.store import RunStore
+    from .tabular import TabularModel, _targets, tabular_counterfactual
+
+    t0 = time.perf_counter()
+    say = (lambda text: None) if getattr(args, "quiet", False) else (lambda text: print(text, flush=True))
+    df = read_table(args.table)
+    label = getattr(args, "label", None)
+    if label is not None and label not in df.columns:
+        raise InputError(f"--label {label!r} is not a column of {args.table}; columns: {list(df.columns)}")
+    schema = TabularSchema.from_frame(df, label=label, immutable=_names(getattr(args, "immutable", None)),
+                                      monotone=_monotone(getattr(args, "monotone", None)))
+    model, sha, description = load_tabular_model(args)
+    k = int(getattr(args, "k", 4) or 4)
+    seed = int(getattr(args, "seed", 0) or 0)
+    batch_size = getattr(args, "batch_size", None)
+    batch_size = 8192 if batch_size in (None, "auto") else int(batch_size)
+    target_text = str(getattr(args, "target", None) or "other")
+    target = int(target_text) if target_text.lstrip("-").isdigit() else target_text
+    tm = TabularModel(model, schema, batch_size)
+    x_all = schema.encode(df).to(tm.device)
+    probs = tm.probs(x_all)
+    names = tm.class_names(probs.shape[1])
+    t = int(_targets(target, names, 1)[0])
+    todo = [i for i in range(len(df)) if t < 0 or int(probs[i].argmax()) != t]
+    limit = getattr(args, "limit", None)
+    if limit is not None:
+        todo = todo[:int(limit)]
+    spec = {"model": {"source": str(getattr(args, "model", None)), "sha256": sha, "description": description},
+            "data": {"table": str(args.table), "rows": len(df), "label": label, "queries": len(todo), "limit": limit},
+            "schema": schema.to_dict(),
+            "counterfactual": {"kind": "tabular", "target": target, "k": k, "seed": seed, "batch_size": batch_size,
+                               "immutable": _names(getattr(args, "immutable", None)),
+                               "monotone": _monotone(getattr(args, "monotone", None))},
+            "device": str(tm.device), "versions": package_versions()}
+    with RunStore(args.out) as store:
+        previous = store.read_spec()
+        if previous and (previous.get("model", {}).get("sha256") != sha
+                         or previous.get("counterfactual") != spec["counterfactual"]
+                         or previous.get("data", {}).get("table") != spec["data"]["table"]):
+            raise InputError(f"{args.out} holds a run of another model, table or settings; pass a new --out directory")
+        store.write_spec(spec)
+        store.db.executescript(TABLE_SCHEMA)
+        done = {r[0] for r in store.db.execute("SELECT DISTINCT row_index FROM tabular_counterfactuals")}
+        rest = [i for i in todo if i not in done]
+        say(f"{len(todo)} queries ({len(todo) - len(rest)} already done), k={k}, target={target!r}, "
+            f"{'gradient' if tm.clf is not None else 'genetic'} search")
+        found = 0
+        for a in range(0, len(rest), CHUNK):
+            idx = rest[a:a + CHUNK]
+            start = time.perf_counter()
+            res = tabular_counterfactual(model, df.iloc[idx], target, schema=schema, k=k, seed=seed,
+                                         batch_size=batch_size, reference=df)
+            seconds = (time.perf_counter() - start) / len(idx)
+            found += int(res.found.sum())
+            _write(store, res, idx, seconds)
+            say(f"  {min(a + CHUNK, len(rest))}/{len(rest)} queries searched")
+        csv = _write_csv(store, schema, Path(args.out) / "counterfactuals.csv")
+    print(f"tabular counterfactuals for {len(rest)} rows ({len(done)} already done; {found} of {len(rest)} with a "
+          f"counterfactual) in {time.perf_counter() - t0:.1f} s; run directory: {args.out}; table: {csv}")
+    return 0
+
+
+def _write(store, res, idx: list[int], seconds: float) -> None:
+    """One transaction per chunk: every counterfactual of every query (or one 'none' row)."""
+    rows = []
+    for i, row_index in enumerate(idx):
+        pred = int(res.pred_before[i])
+        base = {"row_index": int(row_index), "pred_before": pred, "pred_before_name": res.classes[pred],
+                "seconds": seconds, "diversity": float(res.diversity[i])}
+        cfs = res.counterfactuals(i)
+        if not len(cfs):
+            status = "already" if bool(res.already[i]) else "none"
+            rows.append({**base, "rank": -1, "status": status, "reason": res.reason[i]})
+            continue
+        orig = res.frame_orig.iloc[i]
+        for r in range(len(cfs)):
+            t = int(res.target[i, r])
+            cf = {n: _plain(v) for n, v in cfs.iloc[r].items()}
+            changes = {n: [_plain(orig[n]), v] for n, v in cf.items() if _plain(orig[n]) != v}
+            rows.append({**base, "rank": r, "status": "found", "target": t, "target_name": res.classes[t],
+                         "prob_target": float(res.probs_after[i, r, t]), "valid": int(bool(res.valid[i, r])),
+                         **{m: _num(getattr(res, m)[i, r]) for m in ("l0", "l1_mad", "violations", "ynn",
+                                                                     "redundancy")},
+                         "changes": json.dumps(changes), "row": json.dumps(cf), "reason": ""})
+    cols = ["row_index", "rank", "status", "target", "target_name", "pred_before", "pred_before_name",
+            "prob_target", "valid", "l0", "l1_mad", "violations", "ynn", "redundancy", "diversity", "changes", "row",
+            "reason", "seconds"]
+    with store.db:
+        store.db.executemany(f"INSERT OR REPLACE INTO tabular_counterfactuals ({', '.join(cols)}) "
+                             f"VALUES ({', '.join('?' * len(cols))})", [[r.get(c) for c in cols] for r in rows])
+
+
+def _write_csv(store, schema, path: Path) -> Path:
+    import pandas as pd
+    records = []
+    for r in store.db.execute("SELECT * FROM tabular_counterfactuals WHERE rank >= 0 ORDER BY row_index, rank"):
+        r = dict(r)
+        row = json.loads(r.pop("row"))
+        r.pop("changes")
+        records.append({"row_index": r["row_index"], "rank": r["rank"], **row,
+                        **{c: r[c] for c in ("target_name", "prob_target", "valid", "l0", "l1_mad", "violations",
+                                             "ynn", "redundancy")}})
+    frame = pd.DataFrame(records, columns=["row_index", "rank", *schema.names, "target_name", "prob_target", "valid",
+                                           "l0", "l1_mad", "violations", "ynn", "redundancy"])
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    tmp.replace(path)
+    return path
+
+
+def _plain(v):
+    """A JSON-able Python scalar (numpy scalars unwrapped)."""
+    return v.item() if hasattr(v, "item") else v
+
+
+def _num(v) -> float | None:
+    v = float(v)
+    return None if math.isnan(v) else v

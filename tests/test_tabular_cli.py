@@ -1,0 +1,136 @@
+"""`counterlens counterfactual --table ...`: the run directory it writes, resuming, black boxes, errors."""
+import argparse
+import json
+import pickle
+import sqlite3
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from counterlens.counterfactual.tabular_cli import tabular_counterfactual_cmd
+from counterlens.data.tabular import TabularSchema
+from counterlens.errors import InputError, UntrustedModelError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def table(n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({"age": rng.integers(20, 65, n), "sex": rng.choice(["f", "m"], n),
+                       "income": np.round(rng.uniform(10, 100, n), 1),
+                       "plan": rng.choice(["basic", "plus", "premium"], n)})
+    score = 0.05 * (df["income"] - 50) + df["plan"].map({"basic": -1.0, "plus": 0.0, "premium": 1.0}) \
+        + 0.03 * (df["age"] - 40)
+    df["ok"] = np.where(score > 0, "yes", "no")
+    return df
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tabcli")
+    df = table()
+    csv = root / "loans.csv"
+    df.to_csv(csv, index=False)
+    schema = TabularSchema.from_frame(df, label="ok")
+    x, y = schema.encode(df), schema.encode_labels(df["ok"])
+    torch.manual_seed(0)
+    net = nn.Sequential(schema.preprocess(), nn.Linear(schema.width, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    net.eval()
+    script = root / "model.pt2"
+    torch.export.save(torch.export.export(net, (x[:2],)), str(script))
+    from sklearn.compose import make_column_transformer
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder
+    forest = make_pipeline(make_column_transformer((OneHotEncoder(), ["sex", "plan"]), remainder="passthrough"),
+                           RandomForestClassifier(n_estimators=20, max_depth=6, random_state=0))
+    forest.fit(df.drop(columns="ok"), df["ok"])
+    pkl = root / "forest.pkl"
+    with open(pkl, "wb") as fh:
+        pickle.dump(forest, fh)
+    return {"csv": csv, "script": script, "pkl": pkl, "df": df}
+
+
+def args(**kw):
+    base = {"table": None, "label": "ok", "model": None, "factory": None, "weights": None,
+            "trust_model_file": False, "immutable": "sex", "monotone": "age:increase", "k": 2, "target": "yes",
+            "out": None, "limit": 6, "seed": 0, "batch_size": None, "device": "cpu", "classes": None, "quiet": True}
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_torch_model_writes_a_resumable_run_directory(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert tabular_counterfactual_cmd(args(table=files["csv"], model=files["script"], out=out)) == 0
+    spec = yaml.safe_load((out / "run.yaml").read_text())
+    assert spec["counterfactual"]["kind"] == "tabular" and spec["data"]["label"] == "ok"
+    assert [f["name"] for f in spec["schema"]["features"]] == ["age", "sex", "income", "plan"]
+    assert spec["model"]["sha256"]
+    db = sqlite3.connect(out / "results.sqlite")
+    rows = db.execute("SELECT row_index, rank, status, valid, violations, changes, row FROM tabular_counterfactuals "
+                      "ORDER BY row_index, rank").fetchall()
+    assert len({r[0] for r in rows}) == 6
+    df = files["df"]
+    for row_index, rank, status, valid, violations, changes, row in rows:
+        assert df.loc[row_index, "ok"] is not None
+        if status != "found":
+            continue
+        cf = json.loads(row)
+        assert valid == 1 and violations == 0
+        assert cf["sex"] == df.loc[row_index, "sex"] and cf["age"] >= df.loc[row_index, "age"]
+        assert set(json.loads(changes)) == {k for k in cf if cf[k] != df.loc[row_index, k]}
+    csv = pd.read_csv(out / "counterfactuals.csv")
+    assert len(csv) == sum(r[2] == "found" for r in rows)
+    assert {"row_index", "rank", "age", "plan", "l0", "l1_mad", "violations", "ynn"} <= set(csv.columns)
+    assert "6 rows" in capsys.readouterr().out
+    # resuming: nothing is searched again, nothing duplicated
+    assert tabular_counterfactual_cmd(args(table=files["csv"], model=files["script"], out=out, limit=8)) == 0
+    assert "2 rows (6 already done" in capsys.readouterr().out
+    again = sqlite3.connect(out / "results.sqlite").execute("SELECT COUNT(DISTINCT row_index) FROM "
+                                                            "tabular_counterfactuals").fetchone()[0]
+    assert again == 8
+
+
+@pytest.mark.slow
+def test_pickled_pipeline_needs_trust_and_runs_as_a_black_box(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(UntrustedModelError, match="--trust-model-file"):
+        tabular_counterfactual_cmd(args(table=files["csv"], model=files["pkl"], out=out))
+    assert tabular_counterfactual_cmd(args(table=files["csv"], model=files["pkl"], out=out, trust_model_file=True,
+                                           limit=4)) == 0
+    spec = yaml.safe_load((out / "run.yaml").read_text())
+    assert spec["model"]["description"] == "Pipeline"
+    with open(files["pkl"], "rb") as fh:
+        forest = pickle.load(fh)
+    csv = pd.read_csv(out / "counterfactuals.csv")
+    assert len(csv) >= 4
+    assert (forest.predict(csv[["age", "sex", "income", "plan"]]) == "yes").all()
+    df = files["df"]
+    assert (csv["sex"].to_numpy() == df.loc[csv["row_index"], "sex"].to_numpy()).all()
+    assert (csv["age"].to_numpy() >= df.loc[csv["row_index"], "age"].to_numpy()).all()
+
+
+def test_argument_errors_are_clear(files, tmp_path):
+    with pytest.raises(InputError, match="age:increase"):
+        tabular_counterfactual_cmd(args(table=files["csv"], model=files["script"], out=tmp_path / "r",
+                                        monotone="age"))
+    with pytest.raises(InputError, match="--label"):
+        tabular_counterfactual_cmd(args(table=files["csv"], model=files["script"], out=tmp_path / "r", label="y"))
+    with pytest.raises(InputError, match="not feature columns"):
+        tabular_counterfactual_cmd(args(table=files["csv"], model=files["script"], out=tmp_path / "r",
+                                        immutable="gender"))
