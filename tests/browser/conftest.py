@@ -109,7 +109,8 @@ def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser-demo")
     out = root / "demo-run"
     assert main(["demo", "--out", str(out), "--work", str(root / "work"), "--n-train", "96", "--n-test", "32",
-                 "--size", "32", "--epochs", "1", "--cases", "8", "--quiet"]) == 0
+                 "--size", "32", "--epochs", "1", "--cases", "8", "--methods", "gradcam,integrated_gradients",
+                 "--counterfactuals", "0", "--quiet"]) == 0
     add_counterfactuals(out, root / "work" / "model", n=3)
     add_metric_files(out)
     write_report(out)
