@@ -70,13 +70,20 @@ def pneumonia_setup(args, device):
     from counterlens.models import pneumonia_cnn
     size = 64 if args.quick else args.size
     n_train = 64 if args.quick else args.pneumonia_train
-    sets = make_dataset("chest-xray", n_train=n_train, n_test=max(4, args.pneumonia_images), size=size, seed=0)
+    sets = make_dataset("chest-xray", n_train=n_train, n_test=max(64, args.pneumonia_images), size=size, seed=0)
     x_tr, y_tr = torch.from_numpy(sets["train"].images), torch.from_numpy(sets["train"].labels)
-    fit = train_classifier(lambda: pneumonia_cnn(input_size=(size, size)), x_tr, y_tr,
-                           epochs=1 if args.quick else 4, batch_size=32, lr=1e-3, seed=0, progress=False,
-                           device=device)
-    clf = cl.Classifier(fit["module"], classes=sets["train"].classes, device=device, value_range=(0, 1))
-    x_te = torch.from_numpy(sets["test"].images)[:args.pneumonia_images]
+    pre = cl.Normalize([0.5], [0.25])       # as `counterlens train` does; without it this CNN can collapse
+    fit = train_classifier(lambda: pneumonia_cnn(input_size=(size, size), width=args.width), x_tr, y_tr,
+                           epochs=1 if args.quick else args.pneumonia_epochs, batch_size=32, lr=2e-3, seed=0,
+                           progress=False, device=device, preprocess=pre)
+    clf = cl.Classifier(fit["module"], preprocess=pre, classes=sets["train"].classes, device=device,
+                        value_range=(0, 1))
+    x_te = torch.from_numpy(sets["test"].images)
+    with torch.no_grad():
+        acc = float((clf.predict(x_te.to(device)).cpu() == torch.from_numpy(sets["test"].labels)).float().mean())
+    print(f"pneumonia CNN (width {args.width}, {size}x{size}, {n_train} training films): test accuracy {acc:.3f}",
+          flush=True)
+    x_te = x_te[:args.pneumonia_images]
     return clf, x_tr, y_tr, x_te
 
 
@@ -213,6 +220,8 @@ def main(argv=None):
     ap.add_argument("--digits-images", type=int, default=100)
     ap.add_argument("--pneumonia-images", type=int, default=8)
     ap.add_argument("--pneumonia-train", type=int, default=400)
+    ap.add_argument("--pneumonia-epochs", type=int, default=4)
+    ap.add_argument("--width", type=float, default=0.5, help="width multiplier of the pneumonia CNN")
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--naive-lam", type=float, default=0.1)
     ap.add_argument("--naive-steps", type=int, default=1000)

@@ -62,7 +62,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="counterlens",
-        description="Explain what a PyTorch classifier bases its decisions on: attribution maps, "
+        description="Explain what a PyTorch classifier bases its decisions on: attribution maps, counterfactuals, "
+                    "trust metrics (faithfulness, sanity, localisation, shortcut audit), "
                     "run directories and an HTML report.")
     parser.add_argument("--version", action="version", version=f"counterlens {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
