@@ -19,7 +19,6 @@ import math
 
 import torch
 
-from ..attribution.noise import counter_normal
 from .constraints import elastic_distance, project, rows_of
 
 LAM_UP, LAM_DOWN = 1.25, 0.6     # per-step factors of lam after a valid / an invalid step
@@ -32,27 +31,7 @@ COMPACT_EVERY = {"cpu": 1}       # drop finished rows every step on the CPU, eve
 def run_adaptive(search, x0, tgt, orig, low, high, mask, img, cand) -> dict:
     """Optimise one chunk of rows (see the module docstring); the same outputs as the bisection run."""
     p, r, dev = search.p, x0.shape[0], x0.device
-    scale = high - low
-    with torch.no_grad():
-        if search.latent:
-            z0 = search.prior.encode(x0).detach()
-            start = z0.flatten(1)
-            step_size = p["lr"] * start.std(dim=1, keepdim=True).clamp_min(1e-8)
-            noise_scale = p["init_noise"] * start.std(dim=1, keepdim=True)
-            search.latent_shape = z0.shape[1:]
-        else:
-            start = x0.flatten(1)
-            step_size = (p["lr"] * scale).expand_as(x0).flatten(1)
-            noise_scale = (p["init_noise"] * scale).expand_as(x0).flatten(1)
-        noise = counter_normal(p["seed"], (img, cand), start.shape[1]) * noise_scale
-        init = start + torch.where(cand[:, None] > 0, noise, torch.zeros_like(noise))
-        if not search.latent:
-            init = project(init.view_as(x0), x0, low, high, mask).flatten(1)
-        protos = search._prototypes(x0, img, tgt, orig)
-    state = {"x0": x0, "tgt": tgt, "orig": orig, "low": low, "high": high, "mask": mask, "scale": scale,
-             "protos": protos}
-    lam0 = search._auto_lam(init, state) if p["lam"] == "auto" else torch.full((r,), p["lam"], device=dev)
-    grad_mask = None if (mask is None or search.latent) else mask.flatten(1).to(x0.dtype)
+    init, step_size, state, lam0, grad_mask = search.start(x0, tgt, orig, low, high, mask, img, cand)
     patience = p["early_stop"] or p["steps"]
 
     # outputs, written when a row leaves the batch
@@ -77,8 +56,7 @@ def run_adaptive(search, x0, tgt, orig, low, high, mask, img, cand) -> dict:
     def sub(t):
         return None if t is None else rows_of(t, rows)
 
-    view = {"x0": x0, "low": low, "high": high, "mask": mask, "scale": scale, "tgt": tgt, "orig": orig,
-            "protos": protos}
+    view = state               # the whole chunk's per-row tensors; ``local``: those of the rows still running
     local = dict(view)
     for step in range(1, p["steps"] + 1):
         ids = torch.arange(rows.shape[0], device=dev)

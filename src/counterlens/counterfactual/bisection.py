@@ -14,7 +14,6 @@ import math
 
 import torch
 
-from ..attribution.noise import counter_normal
 from .constraints import project, rows_of
 
 BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
@@ -24,28 +23,8 @@ IMPROVE_TOL = 1e-2       # relative decrease of the objective that counts as pro
 
 def run_bisection(self, x0, tgt, orig, low, high, mask, img, cand) -> dict:
     p, r = self.p, x0.shape[0]
-    scale = high - low
-    with torch.no_grad():
-        if self.latent:
-            z0 = self.prior.encode(x0).detach()
-            start = z0.flatten(1)
-            step_size = p["lr"] * start.std(dim=1, keepdim=True).clamp_min(1e-8)
-            noise_scale = p["init_noise"] * start.std(dim=1, keepdim=True)
-            self.latent_shape = z0.shape[1:]
-        else:
-            start = x0.flatten(1)
-            step_size = (p["lr"] * scale).expand_as(x0).flatten(1)
-            noise_scale = (p["init_noise"] * scale).expand_as(x0).flatten(1)
-        noise = counter_normal(p["seed"], (img, cand), start.shape[1]) * noise_scale
-        init = start + torch.where(cand[:, None] > 0, noise, torch.zeros_like(noise))
-        if not self.latent:
-            init = project(init.view_as(x0), x0, low, high, mask).flatten(1)
-        proto_rows = self._prototypes(x0, img, tgt, orig)
-    grad_mask = None if (mask is None or self.latent) else mask.flatten(1).to(x0.dtype)
-    state = {"x0": x0, "tgt": tgt, "orig": orig, "low": low, "high": high, "mask": mask, "scale": scale,
-             "protos": proto_rows}
+    init, step_size, state, lam, grad_mask = self.start(x0, tgt, orig, low, high, mask, img, cand)
     dev, n_rounds, early = x0.device, p["lam_steps"], p["early_stop"] or 0
-    lam = self._auto_lam(init, state) if p["lam"] == "auto" else torch.full((r,), p["lam"], device=dev)
     lam_lo, lam_hi = torch.zeros_like(lam), torch.full_like(lam, math.inf)
     best_x, fallback_x = x0.clone(), x0.clone()
     best_dist, fallback_score = torch.full_like(lam, math.inf), torch.full_like(lam, math.inf)

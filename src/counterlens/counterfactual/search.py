@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attribution.base import Evaluator, resolve_targets
+from ..attribution.noise import counter_normal
 from ..errors import InputError, MethodError
 from ..model import Classifier
 from .constraints import (
@@ -189,6 +190,39 @@ class _Search:
         if self.p["prune"]:
             out["x"] = prune_edits(self, x0, out["x"], out["found"], tgt, orig, low, high, mask)
         return out
+
+    def start(self, x0, tgt, orig, low, high, mask, img, cand):
+        """What both schedules start from: ``(init [r, N], step_size, state, lam0 [r], grad_mask)``.
+
+        ``init``: the optimised tensor, flattened (pixels, or the prior's code with ``latent``);
+        candidate 0 of each image is the image itself, candidate ``j > 0`` adds noise keyed by
+        ``(seed, image, j)``; ``step_size``: ``lr`` in range units (latent: of the code's std per row);
+        ``state``: the per-row tensors :meth:`_objective` reads; ``grad_mask``: the editable mask as
+        floats (None without one, or in latent mode).
+        """
+        p, r = self.p, x0.shape[0]
+        scale = high - low
+        with torch.no_grad():
+            if self.latent:
+                z0 = self.prior.encode(x0).detach()
+                start = z0.flatten(1)
+                step_size = p["lr"] * start.std(dim=1, keepdim=True).clamp_min(1e-8)
+                noise_scale = p["init_noise"] * start.std(dim=1, keepdim=True)
+                self.latent_shape = z0.shape[1:]
+            else:
+                start = x0.flatten(1)
+                step_size = (p["lr"] * scale).expand_as(x0).flatten(1)
+                noise_scale = (p["init_noise"] * scale).expand_as(x0).flatten(1)
+            noise = counter_normal(p["seed"], (img, cand), start.shape[1]) * noise_scale
+            init = start + torch.where(cand[:, None] > 0, noise, torch.zeros_like(noise))
+            if not self.latent:
+                init = project(init.view_as(x0), x0, low, high, mask).flatten(1)
+            protos = self._prototypes(x0, img, tgt, orig)
+        state = {"x0": x0, "tgt": tgt, "orig": orig, "low": low, "high": high, "mask": mask, "scale": scale,
+                 "protos": protos}
+        lam0 = self._auto_lam(init, state) if p["lam"] == "auto" else torch.full((r,), p["lam"], device=x0.device)
+        grad_mask = None if (mask is None or self.latent) else mask.flatten(1).to(x0.dtype)
+        return init, step_size, state, lam0, grad_mask
 
     def is_valid(self, logits: Tensor, tgt: Tensor, orig: Tensor) -> Tensor:
         """``[r]`` bool: the row's logits meet the target (with the recording margin)."""

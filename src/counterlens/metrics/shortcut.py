@@ -25,19 +25,16 @@ inpainted and random-region versions of a chunk of images are one batch of rows.
 """
 from __future__ import annotations
 
-import json
 import math
-import re
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..attribution.base import Evaluator, explain, get_method
-from ..errors import DataFileError, InputError
+from ..errors import InputError
 from .localization import expected_in_top, mass_lift, relevance_mass
 
 __all__ = ["INPAINT_METHODS", "audit", "audit_cmd", "inpaint", "random_regions", "verdict"]
@@ -320,110 +317,7 @@ def verdict(result: dict) -> str:
 
 
 # -- the command ----------------------------------------------------------------------------------
-def _parse_box(text: str, shape: tuple[int, ...]) -> torch.Tensor:
-    x0, y0, x1, y1 = (int(v) for v in text.split(","))
-    if len(shape) != 2:
-        raise InputError(f"--region {text}: a box needs 2D images, these have spatial shape {shape}; pass a masks folder")
-    h, w = shape
-    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-        raise InputError(f"--region {text}: the box x0,y0,x1,y1 must satisfy 0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h} "
-                         "(pixels of the images as the model sees them, x1 and y1 exclusive)")
-    box = torch.zeros(shape, dtype=torch.bool)
-    box[y0:y1, x0:x1] = True
-    return box
 
 
-def audit_cmd(args) -> int:
-    """``counterlens audit``: load model and images, audit the region, write ``RUN/audit.json``/``audit.md``."""
-    from ..cli import parse_params
-    from ..commands import load_classifier, model_spec
-    from ..data.images import ImageFolder
-    from ..runs.runner import package_versions, resolved_methods
-    from ..runs.store import RunStore
-
-    is_box = re.fullmatch(r"\s*\d+\s*,\s*\d+\s*,\s*\d+\s*,\s*\d+\s*", str(args.region)) is not None
-    if not is_box and not Path(args.region).is_dir():
-        raise InputError(f"--region {args.region}: pass a folder of masks named like the images (one per image "
-                         "stem) or a box x0,y0,x1,y1 in pixels")
-    clf = load_classifier(args)
-    data = Path(args.data)
-    class_folders = data.is_dir() and any(d.is_dir() and not d.name.startswith(".") for d in data.iterdir())
-    dataset = ImageFolder(data, channels=1 if (clf.in_channels or 1) == 1 else clf.in_channels, size=clf.input_size,
-                          classes=clf.classes if class_folders else None,
-                          masks=None if is_box else Path(args.region), limit=getattr(args, "limit", None))
-    images, masks, labels, rows, failed = [], [], [], [], []
-    for i in range(len(dataset)):
-        try:
-            img, label, mask = dataset.load(i)
-            if images and img.shape != images[0].shape:
-                raise DataFileError(dataset.records[i].path, f"shape {img.shape} differs from the first image's "
-                                                             f"{images[0].shape}; resize the images to one size")
-        except DataFileError as exc:
-            failed.append((dataset.records[i], str(exc)))
-            continue
-        images.append(img)
-        masks.append(mask if mask is not None else np.zeros(img.shape[1:], bool))
-        labels.append(label)
-        rows.append(dataset.records[i])
-    if not images:
-        raise InputError(f"--data {data}: no image could be read ({failed[0][1] if failed else 'empty'})")
-    x = torch.from_numpy(np.stack(images))
-    region = _parse_box(args.region, tuple(x.shape[2:])) if is_box else torch.from_numpy(np.stack(masks))
-    y = torch.tensor(labels) if all(v is not None for v in labels) else None
-    methods = [get_method(m).name for m in (getattr(args, "methods", None) or [])]
-    params = parse_params(getattr(args, "param", None))
-    batch_size, seed = getattr(args, "batch_size", 64), getattr(args, "seed", 0)
-    resolved = resolved_methods(methods, params, batch_size, seed)     # fails early on a bad parameter
-    out = Path(args.out)
-    with RunStore(out) as store:
-        previous = store.read_spec().get("model", {}).get("sha256")
-        if previous and previous != getattr(clf, "source_hash", None):
-            raise InputError(f"--out {out} holds a run of another model; pass a new --out directory")
-        result, extras = audit(clf, x, region, methods, y, batch_size=batch_size, seed=seed,
-                               n_random=getattr(args, "n_random", 8), inpaint=getattr(args, "inpaint", "normalized"),
-                               min_flip_rate=getattr(args, "min_flip_rate", 0.1), params=params, return_details=True)
-        result.update(model=str(args.model), data=str(data), region=str(args.region), n_failed=len(failed))
-        store.write_spec({"model": model_spec(clf, str(args.model)), "target": "predicted", "seed": seed,
-                          "data": {"path": str(data), "images": len(rows), "classes": clf.classes},
-                          "methods": resolved, "device": str(clf.device), "versions": package_versions(),
-                          "audit": {k: result[k] for k in ("region", "inpaint", "n_random", "decision_rule")}})
-        for record, error in failed:
-            store.record_image(path=str(record.path), name=record.path.stem, label=record.label, label_name=None,
-                               status="failed", error=error)
-        names = clf.class_names(clf.n_classes)
-        for j, i in enumerate(extras["index"].tolist()):
-            rec, p = rows[i], int(extras["pred"][j])
-            store.record_image(
-                path=str(rec.path), name=rec.path.stem, label=rec.label,
-                label_name=names[rec.label] if rec.label is not None else None, prediction=p,
-                prediction_name=names[p], probs=extras["probs"][j].tolist(), image=images[i],
-                mask=extras["region"][j].numpy(),
-                attributions={m: (extras["maps"][m][j].numpy(), p, extras["seconds"][m] / len(extras["index"]))
-                              for m in methods})
-    result["per_image"] = [{"path": str(rows[i].path), "prediction": names[int(extras["pred"][j])],
-                            "prediction_region_removed": names[int(extras["pred_region"][j])],
-                            "flipped": bool(extras["flipped"][j]), "random_flip_rate": _num(extras["random_flips"][j])}
-                           for j, i in enumerate(extras["index"].tolist())]
-    (out / "audit.json").write_text(json.dumps(result, indent=2))
-    (out / "audit.md").write_text(_markdown(result))
-    print(result["verdict"])
-    print(f"audit written to {out / 'audit.json'} and {out / 'audit.md'}")
-    return 3 if getattr(args, "fail_on_shortcut", False) and result["relies_on_region"] else 0
-
-
-def _markdown(result: dict) -> str:
-    def fmt(v):
-        return "n/a" if v is None else f"{v:.3f}"
-
-    lines = ["# Shortcut audit", "", f"Model `{result['model']}`, data `{result['data']}`, region `{result['region']}`.",
-             "", result["verdict"], "", "| measure | value |", "|---|---|",
-             f"| relies on region | {'yes' if result['relies_on_region'] else 'no'} |",
-             f"| region flip rate | {fmt(result['region_flip_rate'])} |",
-             f"| random flip rate | {fmt(result['random_flip_rate'])} |",
-             (f"| images with the region | {result['n_images']} ({result['n_without_region']} without, "
-              f"{result['n_failed']} unreadable) |"), ""]
-    if result["methods"]:
-        lines += ["| method | mass lift | confounder sensitivity | relevance mass |", "|---|---|---|---|"]
-        lines += [f"| {m} | {fmt(v['mass_lift'])} | {fmt(v['confounder_sensitivity'])} | {fmt(v['relevance_mass'])} |"
-                  for m, v in result["methods"].items()] + [""]
-    return "\n".join([*lines, f"Decision rule: {result['decision_rule']['text']}.", ""])
+# the command (`counterlens audit`) lives in shortcut_cli.py (re-exported here)
+from .shortcut_cli import audit_cmd  # noqa: E402,F401
