@@ -17,11 +17,12 @@ def test_tabular_benchmark_smoke(tmp_path, capsys):
     out = tmp_path / "bench.json"
     threads = torch.get_num_threads()
     try:
-        assert bench.main(["--quick", "--no-dice", "--tasks", "credit", "--ours-threshold", "0", "--json", str(out)]) == 0
+        assert bench.main(["--quick", "--no-dice", "--tasks", "credit", "--json", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
     rows = json.loads(out.read_text())["results"]
-    assert [r["method"] for r in rows] == ["counterlens"]
-    row = rows[0]
-    assert row["violations"] == 0 and row["found"] == 1.0 and row["s_per_query"] > 0
+    assert [r["method"] for r in rows] == ["counterlens", "counterlens (plausibility 0.8)"]
+    for row in rows:
+        assert row["violations"] == 0 and row["found"] == 1.0 and row["s_per_query"] > 0
+    assert rows[1]["ynn"] > rows[0]["ynn"]
     assert "| credit | counterlens |" in capsys.readouterr().out

@@ -11,7 +11,7 @@ import torch
 import yaml
 from torch import nn
 
-from counterlens.counterfactual.tabular_cli import tabular_counterfactual_cmd
+from counterlens.counterfactual.tabular_cli import load_tabular_model, tabular_counterfactual_cmd
 from counterlens.data.tabular import TabularSchema
 from counterlens.errors import InputError, UntrustedModelError
 
@@ -104,6 +104,26 @@ def test_torch_model_writes_a_resumable_run_directory(files, tmp_path, capsys):
     again = sqlite3.connect(out / "results.sqlite").execute("SELECT COUNT(DISTINCT row_index) FROM "
                                                             "tabular_counterfactuals").fetchone()[0]
     assert again == 8
+
+
+def test_threshold_and_plausibility_reach_the_search(files, tmp_path):
+    from counterlens.metrics.tabular import ynn
+    out = tmp_path / "run"
+    assert tabular_counterfactual_cmd(args(table=files["csv"], model=files["script"], out=out, threshold=0.8,
+                                           plausibility=0.8, limit=8)) == 0
+    spec = yaml.safe_load((out / "run.yaml").read_text())["counterfactual"]
+    assert spec["threshold"] == 0.8 and spec["plausibility"] == 0.8 and spec["diversity"] == 0.8
+    csv = pd.read_csv(out / "counterfactuals.csv")
+    assert len(csv) >= 8 and (csv["prob_target"] >= 0.8).all() and (csv["violations"] == 0).all()
+    # the recorded yNN agrees with one computed here from the table and the rows written
+    df = files["df"]
+    schema = TabularSchema.from_frame(df, label="ok")
+    clf = load_tabular_model(args(table=files["csv"], model=files["script"]))[0]
+    with torch.no_grad():
+        ref_class = clf.forward(schema.encode(df)).argmax(1)
+    cls = torch.full((len(csv),), schema.classes.index("yes"))
+    mine = ynn(schema, csv[schema.names], cls, df[schema.names], ref_class)
+    assert np.allclose(mine.numpy(), csv["ynn"].to_numpy()) and float(mine.mean()) >= 0.8 * 0.9
 
 
 @pytest.mark.slow

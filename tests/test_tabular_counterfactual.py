@@ -115,6 +115,29 @@ def test_linear_model_with_a_binding_range_is_the_fractional_knapsack():
     assert int(res.l0[0, 0]) == 2
 
 
+def test_selection_trades_cost_for_a_distinct_alternative():
+    # candidates of one query: a (feature a, cost 1), b (a, plus a little of b: cost 1.3, next to a),
+    # c (feature c alone: cost 2.5). Without the diversity term the second pick is the cheaper b;
+    # with it, c, which is far from a (the distance to a outweighs the extra cost)
+    from counterlens.counterfactual.tabular_box import Box
+    from counterlens.counterfactual.tabular_refine import select
+    schema, _, x0, _, _, scale = linear_case()
+    x0 = schema.encode(x0).double()
+    box = Box.build(schema, x0)
+    cand = x0.repeat(3, 1)
+    cand[0, 0] += 1.0 * scale[0]
+    cand[1, 0] += 1.0 * scale[0]
+    cand[1, 1] += 0.3 * scale[1]
+    cand[2, 2] += 2.5 * scale[2]
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    plain, _ = select(box, cand[None], valid, 2, l0_weight=0.0, diversity=0.0)
+    diverse, _ = select(box, cand[None], valid, 2, l0_weight=0.0, diversity=0.8)
+    assert plain[0].tolist() == [0, 1] and diverse[0].tolist() == [0, 2]
+    # rows outside `prefer` only come after every preferred one
+    preferred, _ = select(box, cand[None], valid, 2, diversity=0.0, prefer=torch.tensor([[False, True, True]]))
+    assert preferred[0].tolist() == [1, 2]
+
+
 # -- real data: breast cancer with an MLP ---------------------------------------------------------
 @pytest.mark.slow
 def test_breast_cancer_mlp_valid_sparse_and_within_constraints(cancer):
@@ -143,6 +166,31 @@ def test_breast_cancer_mlp_valid_sparse_and_within_constraints(cancer):
     assert view.index[0] == "original" and set(view.columns[:-3]) <= set(schema.names)
     changed_somewhere = [c for c in view.columns[:-3]]
     assert len(changed_somewhere) < len(schema.names)
+
+
+@pytest.mark.slow
+def test_plausible_counterfactuals_sit_among_rows_of_their_class(cancer):
+    from counterlens.metrics.tabular import ynn
+    df, schema, clf = cancer
+    queries = df[schema.names].iloc[:40]
+    ref_class = predict(clf, schema, df[schema.names]).argmax(dim=1)
+
+    def neighbours(res):     # yNN computed here from the returned DataFrame and the model's predictions
+        table = res.to_frame()
+        cls = predict(clf, schema, table[schema.names]).argmax(dim=1)
+        return ynn(schema, table[schema.names], cls, df[schema.names], ref_class, n_neighbors=5)
+
+    plain = tabular_counterfactual(clf, queries, schema=schema, k=4, reference=df)
+    res = tabular_counterfactual(clf, queries, schema=schema, k=4, reference=df, plausibility=0.8)
+    assert int(res.found.sum()) == len(queries) and bool(res.valid[res.present].all())
+    assert int(res.violations.nan_to_num(0).sum()) == 0
+    near, before = neighbours(res), neighbours(plain)
+    assert float((near >= 0.8 - 1e-9).double().mean()) >= 0.9
+    assert float(near.mean()) > float(before.mean()) + 0.4
+    # still far sparser than a training row of the other class (which changes every feature)
+    assert res.metrics()["l0"] < len(schema.names) / 2
+    with pytest.raises(InputError, match="reference"):
+        tabular_counterfactual(clf, queries.iloc[:2], schema=schema, plausibility=0.8)
 
 
 def test_model_left_as_found_and_deterministic(cancer):
@@ -178,6 +226,16 @@ def test_categorical_table_respects_every_constraint(loans):
     assert set(table["plan"]) <= {"basic", "plus", "premium"} and set(table["region"]) <= {"n", "s", "e", "w"}
     assert (predict(clf, schema, table[schema.names]).argmax(dim=1) == schema.classes.index("yes")).all()
     assert int(res.violations.nan_to_num(0).sum()) == 0
+    # plausible counterfactuals start from other people's rows: the constraints still hold
+    near = tabular_counterfactual(clf, queries, "yes", schema=schema, k=3, immutable=["sex"],
+                                  monotone={"age": "increase"}, ranges={"income": (10, 80)}, reference=df,
+                                  plausibility=0.8)
+    t2 = near.to_frame()
+    o2 = queries.iloc[t2["query"].to_numpy()].reset_index(drop=True)
+    assert near.found.float().mean() >= 0.9
+    assert (t2["sex"] == o2["sex"]).all() and (t2["age"] >= o2["age"]).all()
+    assert t2.loc[t2["income"] != o2["income"], "income"].between(10, 80).all()
+    assert int(near.violations.nan_to_num(0).sum()) == 0
     # fairness helper: per sex, the share flipped and the mean cost of the cheapest, as computed here
     fair = recourse_by_group(res, "sex")
     for _, row in fair.iterrows():

@@ -32,6 +32,17 @@ def parse_params(items: list[str] | None) -> dict[str, dict]:
     return out
 
 
+def share(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -135,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--immutable", type=_csv, help="--table: features that may not change, comma-separated (e.g. sex,age)")
     cf.add_argument("--monotone", type=_csv, help="--table: FEATURE:increase or FEATURE:decrease, comma-separated")
     cf.add_argument("--k", type=positive_int, default=4, help="--table: counterfactuals per row (default: 4)")
+    cf.add_argument("--diversity", type=float, default=0.8,
+                    help="--table: how much extra cost an alternative may take for being far from the ones already "
+                         "chosen (0: the k cheapest; below 1) (default: 0.8)")
+    cf.add_argument("--plausibility", type=share, default=0.0,
+                    help="--table: also require this share of each counterfactual's 5 nearest rows of the table to be "
+                         "put in its class by the model (e.g. 0.8: data-supported, larger edits) (default: 0, off)")
     cf.add_argument("--out", required=True, type=Path, help="run directory (may hold an explain run of the same model)")
     cf.add_argument("--target", default="other",
                     help="class name or index to reach, or 'other' for any class but the predicted one (default)")

@@ -57,6 +57,8 @@ from ..attribution.base import Evaluator, resolve_targets
 from ..attribution.noise import counter_normal
 from ..errors import InputError, MethodError
 from ..model import Classifier
+from .adaptive import prune_edits, run_adaptive
+from .bisection import run_bisection
 from .constraints import (
     check_prior,
     check_search_params,
@@ -69,8 +71,6 @@ from .constraints import (
     rows_of,
     total_variation,
 )
-from .adaptive import prune_edits, run_adaptive
-from .bisection import run_bisection
 from .result import CounterfactualResult, invalid_reasons
 
 MARGIN = 1e-3            # the loss aims this far past the boundary (logit / log-prob units) ...

@@ -17,7 +17,17 @@ The model is either
 
 Both searches are followed by the same refinement (:mod:`.tabular_refine`): hard projection and
 repair, a sparsity pass that reverts every change not needed, bisection of numeric changes towards
-the original, and the choice of ``k`` distinct counterfactuals per query.
+the original, and the choice of ``k`` distinct counterfactuals per query: the cheapest first, then
+alternatives that are far from those already chosen (``diversity``).
+
+With ``plausibility=p`` and ``reference`` rows (the training table), a counterfactual must also
+sit among rows of its class: at least ``p`` of its ``n_neighbors`` nearest reference rows are put
+in the goal class by the model (what yNN measures). Search points that are valid but not plausible
+are pushed further along their own edit; more candidates start from the nearest reference rows of
+the goal class (projected onto the constraints). The refinement then only reverts or shrinks a
+change while the row stays valid *and* plausible, so these counterfactuals are larger than the
+minimal ones, and data-supported. Rows that cannot be made plausible are returned after the
+plausible ones (their ``ynn`` says so).
 """
 from __future__ import annotations
 
@@ -35,6 +45,7 @@ from ..errors import InputError, MethodError, TargetError
 from ..model import Classifier
 from .constraints import check_number
 from .tabular_box import Box
+from .tabular_plausible import Neighbours, reach, seeds
 from .tabular_refine import repair, select, shrink, sparsify
 from .tabular_result import TabularCounterfactualResult, assemble, recourse_by_group
 from .tabular_search import Goal, Sampler, genetic_search, gradient_search, uniform
@@ -107,7 +118,8 @@ def tabular_counterfactual(model, X, target="other", *, schema: TabularSchema, k
                            threshold: float = 0.5, vary=None, immutable=(), monotone=None, ranges=None,
                            oversample: int = 8, steps: int = 100, step: float = 0.1, growth: float = 1.1,
                            focus: float = 1.0, population: int = 64, generations: int = 40, l0_weight: float = 2.0,
-                           sparse: bool = True, reference=None, n_neighbors: int = 5, model_input: str = "auto",
+                           diversity: float = 0.8, plausibility: float = 0.0, n_seeds: int = 16, sparse: bool = True,
+                           reference=None, n_neighbors: int = 5, model_input: str = "auto",
                            batch_size: int = 8192, seed: int = 0) -> TabularCounterfactualResult:
     """Up to ``k`` counterfactuals per row of ``X``.
 
@@ -135,9 +147,18 @@ def tabular_counterfactual(model, X, target="other", *, schema: TabularSchema, k
         (it stops after 8 without improvement).
     l0_weight : 2.0. Cost per changed feature (in MADs) added to the distance when the genetic
         search ranks individuals and when the ``k`` returned counterfactuals are chosen.
+    diversity : 0.8. After the cheapest counterfactual, each next one minimises its cost minus
+        ``diversity`` times its distance (the same measure) to the nearest one already chosen: 0
+        gives the ``k`` cheapest; values near 1 take alternatives that change other features even
+        when they cost more (below 1, the cheaper of two equally distinct ones still wins).
+    plausibility : 0.0 (off). Share of the ``n_neighbors`` nearest ``reference`` rows (MAD-L1) that
+        the model must put in the counterfactual's class; needs ``reference``.
+    n_seeds : 16. With ``plausibility``: extra candidates per query started from the nearest
+        reference rows of the goal class.
     sparse : True. Run the sparsity pass and the bisection towards the original (False: return the
         search's points as they are, made hard and valid).
-    reference : rows (DataFrame or ``[M, D]``) for yNN; default ``X`` itself.
+    reference : rows (DataFrame or ``[M, D]``, usually the training table) for yNN and
+        ``plausibility``; default ``X`` itself (for yNN only).
     n_neighbors : 5. Neighbours for yNN.
     model_input : ``"auto"``, ``"frame"`` or ``"array"``: what a black box is fed.
     batch_size : 8192. Rows per model call (and per gradient-search chunk).
@@ -160,6 +181,9 @@ def tabular_counterfactual(model, X, target="other", *, schema: TabularSchema, k
     check_number("growth", growth, low=1.0)
     check_number("focus", focus, high=1.0)
     check_number("l0_weight", l0_weight)
+    check_number("diversity", diversity)
+    check_number("plausibility", plausibility, high=1.0)
+    check_number("n_seeds", n_seeds, low=1, integer=True)
     check_number("seed", seed, integer=True, high=2 ** 32 - 1)
     if population < 4:
         raise InputError(f"population={population}; pass at least 4 individuals per query")
@@ -183,6 +207,14 @@ def tabular_counterfactual(model, X, target="other", *, schema: TabularSchema, k
         probs0 = tm.probs(x0)
         names = tm.class_names(probs0.shape[1])
         goal = Goal(_targets(target, names, x0.shape[0]).to(tm.device), probs0.argmax(dim=1), float(threshold))
+        ref = x0 if reference is None else schema.encode(reference).to(tm.device, x0.dtype)
+        ref_class = tm.probs(ref).argmax(dim=1) if ref.shape[0] >= n_neighbors else None
+        near = None
+        if plausibility > 0:
+            if reference is None or ref_class is None:
+                raise InputError(f"plausibility={plausibility} needs reference rows (the training table, at least "
+                                 f"n_neighbors={n_neighbors} of them): pass reference=")
+            near = Neighbours(ref, ref_class, Box.build(used, x0[:1]).unit, n_neighbors, plausibility)
         box = Box.build(used, x0)
         already = goal.check(probs0, eps=0.0)[0]
         todo = (~already & box.movable.any(dim=1)).nonzero().squeeze(1)
@@ -206,18 +238,33 @@ def tabular_counterfactual(model, X, target="other", *, schema: TabularSchema, k
             if sparse:
                 cand = shrink(tm.probs, box.rows(rows), goal.rows(rows), cand, valid)
                 cand = sparsify(tm.probs, box.rows(rows), goal.rows(rows), cand, valid)
-            chosen, here = select(box.rows(rows), cand.view(q.numel(), m, -1), valid.view(q.numel(), m), k,
-                                  l0_weight)
-            picked = cand.view(q.numel(), m, -1).gather(1, chosen[:, :, None].expand(-1, -1, cand.shape[1]))
+            prefer, mm = valid, m
+            if near is not None:     # the 2k best minimal ones made plausible, plus candidates from real rows
+                full = Goal(goal.target, goal.orig, goal.threshold, near)
+                mm = min(m, 2 * k)
+                pre, valid = select(box.rows(rows), cand.view(q.numel(), m, -1), valid.view(q.numel(), m), mm,
+                                    l0_weight, diversity)
+                cand = cand.view(q.numel(), m, -1).gather(1, pre[:, :, None].expand(-1, -1, cand.shape[1]))
+                rows = q.repeat_interleave(mm)
+                cand, prefer = reach(tm.probs, box.rows(rows), full.rows(rows), cand.flatten(0, 1), valid.flatten(),
+                                     sparse)
+                s_x, s_ok = seeds(tm.probs, box, full, q, n_seeds, sparse)
+                cand = torch.cat([cand.view(q.numel(), mm, -1), s_x.view(q.numel(), n_seeds, -1)], 1).flatten(0, 1)
+                valid = torch.cat([valid, s_ok.view(q.numel(), n_seeds)], 1).flatten()
+                prefer = torch.cat([prefer.view(q.numel(), mm), s_ok.view(q.numel(), n_seeds)], 1).flatten()
+                mm += n_seeds
+                rows = q.repeat_interleave(mm)
+            chosen, here = select(box.rows(rows), cand.view(q.numel(), mm, -1), valid.view(q.numel(), mm), k,
+                                  l0_weight, diversity, prefer.view(q.numel(), mm))
+            picked = cand.view(q.numel(), mm, -1).gather(1, chosen[:, :, None].expand(-1, -1, cand.shape[1]))
             out_x[q] = torch.where(here[:, :, None], picked, out_x[q])
             present[q] = here
         probs_after = tm.probs(out_x.view(-1, x0.shape[1])).view(x0.shape[0], k, -1)
-        ref = x0 if reference is None else schema.encode(reference).to(tm.device)
-        ref_class = tm.probs(ref).argmax(dim=1) if ref.shape[0] >= n_neighbors else None
         params = {"method": method, "k": k, "threshold": float(threshold), "oversample": oversample, "steps": steps,
                   "step": step, "growth": growth, "focus": focus, "population": population,
                   "generations": generations, "l0_weight": l0_weight, "sparse": bool(sparse),
-                  "n_neighbors": n_neighbors, "seed": seed, "batch_size": batch_size, "model_input": tm.input}
+                  "n_neighbors": n_neighbors, "diversity": diversity,
+                  "plausibility": plausibility, "n_seeds": n_seeds, "seed": seed, "batch_size": batch_size, "model_input": tm.input}
         return assemble(used, tm, goal, x0, frame, out_x, present, probs0, probs_after, already, names, ref,
                         ref_class, params, time.perf_counter() - t_start)
 

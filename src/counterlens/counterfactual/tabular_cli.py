@@ -122,6 +122,9 @@ def tabular_counterfactual_cmd(args) -> int:
     model, sha, description = load_tabular_model(args)
     k = int(getattr(args, "k", 4) or 4)
     seed = int(getattr(args, "seed", 0) or 0)
+    search = {"threshold": float(getattr(args, "threshold", 0.5) or 0.5),
+              "diversity": float(getattr(args, "diversity", 0.8)),
+              "plausibility": float(getattr(args, "plausibility", 0.0) or 0.0)}
     batch_size = getattr(args, "batch_size", None)
     batch_size = 8192 if batch_size in (None, "auto") else int(batch_size)
     target_text = str(getattr(args, "target", None) or "other")
@@ -139,6 +142,7 @@ def tabular_counterfactual_cmd(args) -> int:
             "data": {"table": str(args.table), "rows": len(df), "label": label, "queries": len(todo), "limit": limit},
             "schema": schema.to_dict(),
             "counterfactual": {"kind": "tabular", "target": target, "k": k, "seed": seed, "batch_size": batch_size,
+                               **search,
                                "immutable": _names(getattr(args, "immutable", None)),
                                "monotone": _monotone(getattr(args, "monotone", None))},
             "device": str(tm.device), "versions": package_versions()}
@@ -159,7 +163,7 @@ def tabular_counterfactual_cmd(args) -> int:
             idx = rest[a:a + CHUNK]
             start = time.perf_counter()
             res = tabular_counterfactual(model, df.iloc[idx], target, schema=schema, k=k, seed=seed,
-                                         batch_size=batch_size, reference=df)
+                                         batch_size=batch_size, reference=df, **search)
             seconds = (time.perf_counter() - start) / len(idx)
             found += int(res.found.sum())
             _write(store, res, idx, seconds)

@@ -11,7 +11,10 @@ change that the model confirms valid, so it never turns a valid row invalid:
   value (a grid of fractions, refined) for the smallest change that stays valid;
 - ``select``: per query, ``k`` distinct valid rows: the cheapest first (MAD-L1 plus a cost per
   changed feature), then rows whose set of changed features differs from every row already
-  taken, cheapest first.
+  taken, each minimising its cost minus ``diversity`` times its distance to the nearest row taken.
+
+When the goal carries a plausibility requirement (``Goal.near``), "valid" in every step means
+valid and plausible.
 """
 from __future__ import annotations
 
@@ -24,13 +27,21 @@ from .tabular_box import Box
 from .tabular_search import Goal
 
 REPAIR_FACTORS = (1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+REACH_FACTORS = (1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0, 10.0)
 
 
 def check(probs_fn, goal: Goal, x: Tensor) -> Tensor:
-    return goal.check(probs_fn(x))[0]
+    """``[R]`` valid (and plausible, when the goal asks for it)."""
+    ok, cls, _ = goal.check(probs_fn(x))
+    if goal.near is not None and bool(ok.any()):
+        idx = ok.nonzero().squeeze(1)                  # neighbours only where the model already agrees
+        ok = ok.clone()
+        ok[idx] = goal.near(x[idx], cls[idx])
+    return ok
 
 
-def repair(probs_fn, box: Box, goal: Goal, x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+def repair(probs_fn, box: Box, goal: Goal, x: Tensor, valid: Tensor,
+           factors=REPAIR_FACTORS) -> tuple[Tensor, Tensor]:
     """Invalid rows pushed further along their edit (hard); ``(x, valid)``."""
     idx = (~valid).nonzero().squeeze(1)
     if idx.numel() == 0:
@@ -41,8 +52,8 @@ def repair(probs_fn, box: Box, goal: Goal, x: Tensor, valid: Tensor) -> tuple[Te
     idx, x0, edit = idx[moved], x0[moved], edit[moved]
     if idx.numel() == 0:
         return x, valid
-    n_f = len(REPAIR_FACTORS)
-    factors = torch.tensor(REPAIR_FACTORS, dtype=x.dtype, device=x.device)
+    n_f = len(factors)
+    factors = torch.tensor(factors, dtype=x.dtype, device=x.device)
     rows = idx.repeat_interleave(n_f)
     trial = x0.repeat_interleave(n_f, dim=0) + factors.repeat(idx.numel())[:, None] * edit.repeat_interleave(n_f, dim=0)
     trial = box.project(trial, rows, hard=True)
@@ -127,10 +138,14 @@ def shrink(probs_fn, box: Box, goal: Goal, x: Tensor, valid: Tensor, points: int
     return out
 
 
-def select(box: Box, x: Tensor, valid: Tensor, k: int, l0_weight: float = 0.0) -> tuple[Tensor, Tensor]:
+def select(box: Box, x: Tensor, valid: Tensor, k: int, l0_weight: float = 0.0,
+           diversity: float = 0.0, prefer: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(chosen [B, k] row indices into M, present [B, k])`` from ``x [B, M, D]``, ``valid [B, M]``
     (box rows: query ``b`` candidate ``m`` is row ``b * M + m``); the cost of a row is its MAD-L1
-    distance plus ``l0_weight`` per changed feature."""
+    distance plus ``l0_weight`` per changed feature. The first pick is the cheapest row; each next
+    one minimises its cost minus ``diversity`` times its distance (same measure) to the nearest row
+    already taken, among rows whose set of changed features is new when there are any; valid rows
+    outside ``prefer [B, M]`` (e.g. not plausible) only when no preferred one is left."""
     b, m, d = x.shape
     dev = x.device
     flat = x.reshape(b * m, d)
@@ -145,14 +160,39 @@ def select(box: Box, x: Tensor, valid: Tensor, k: int, l0_weight: float = 0.0) -
     dup = (same & earlier & valid[:, None, :]).any(dim=2)
     usable = valid & ~dup
     same_set = (changed[:, :, None, :] == changed[:, None, :, :]).all(dim=3)   # [B, i, j]
+    if diversity:
+        pair = _pair_cost(box, x, l0_weight)                                 # [B, i, j]
+        nearest = torch.full((b, m), math.inf, dtype=x.dtype, device=dev)
     chosen = torch.zeros(b, k, dtype=torch.long, device=dev)
     present = torch.zeros(b, k, dtype=torch.bool, device=dev)
     taken = torch.zeros(b, m, dtype=torch.bool, device=dev)
+    ar = torch.arange(b, device=dev)
     for slot in range(k):
         repeat_set = (same_set & taken[:, None, :]).any(dim=2)
-        score = torch.where(usable & ~taken, cost + torch.where(repeat_set, 1e6, 0.0), math.inf)
+        score = cost + torch.where(repeat_set, 1e6, 0.0)
+        if prefer is not None:
+            score = score + torch.where(prefer, 0.0, 1e8)
+        if diversity and slot:
+            score = score - diversity * nearest
+        score = torch.where(usable & ~taken, score, math.inf)
         best = score.argmin(dim=1)
         ok = torch.isfinite(score.gather(1, best[:, None]).squeeze(1))
         chosen[:, slot], present[:, slot] = best, ok
-        taken[torch.arange(b, device=dev)[ok], best[ok]] = True
+        taken[ar[ok], best[ok]] = True
+        if diversity:
+            nearest = torch.where(ok[:, None], torch.minimum(nearest, pair[ar, best]), nearest)
     return chosen, present
+
+
+def _pair_cost(box: Box, x: Tensor, l0_weight: float) -> Tensor:
+    """``[B, M, M]`` distance between the rows of each query, in the cost's measure (MAD-L1 plus
+    ``l0_weight`` per differing feature), one query at a time in memory-bounded groups."""
+    b, m, d = x.shape
+    out = torch.empty(b, m, m, dtype=x.dtype, device=x.device)
+    step = max(1, 2 ** 24 // max(1, m * m * d))
+    for a in range(0, b, step):
+        diff = (x[a:a + step, :, None, :] - x[a:a + step, None, :, :]).abs() * box.unit
+        per_feat = torch.zeros(*diff.shape[:3], box.n_features, dtype=x.dtype, device=x.device)
+        per_feat.index_add_(3, box.col_feat, diff)
+        out[a:a + step] = per_feat.sum(dim=3) + l0_weight * (per_feat > 1e-6).sum(dim=3)
+    return out

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,9 @@ from torch import Tensor
 from ..attribution.noise import counter_normal
 from ..data.tabular import TabularSchema
 from .tabular_box import Box
+
+if TYPE_CHECKING:
+    from .tabular_plausible import Neighbours
 
 MARGIN = 1e-3        # the hinge aims this far past the boundary (logit units)
 RECORD_MARGIN = 5e-4
@@ -47,9 +51,10 @@ class Goal:
     target: Tensor
     orig: Tensor
     threshold: float
+    near: Neighbours | None = None    # optional plausibility requirement (checked in the refinement)
 
     def rows(self, idx: Tensor) -> Goal:
-        return Goal(self.target[idx], self.orig[idx], self.threshold)
+        return Goal(self.target[idx], self.orig[idx], self.threshold, self.near)
 
     def goal_class(self, scores: Tensor) -> Tensor:
         other = scores.scatter(1, self.orig[:, None], -math.inf).argmax(dim=1)
