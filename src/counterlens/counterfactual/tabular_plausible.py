@@ -86,7 +86,7 @@ def seeds(probs_fn, box: Box, goal: Goal, q: Tensor, n: int, sparse: bool = True
     x = rbox.project(near.raw[idx.flatten()], hard=True)
     ok = torch.isfinite(dist.flatten()) & check(probs_fn, rgoal, x)
     if sparse and bool(ok.any()):
-        x = sparsify(probs_fn, rbox, rgoal, x, ok)
+        x = sparsify(probs_fn, rbox, rgoal, x, ok, bulk=True)
         x = shrink(probs_fn, rbox, rgoal, x, ok, points=SHRINK_POINTS)
         x = sparsify(probs_fn, rbox, rgoal, x, ok)
     return x, ok

@@ -199,15 +199,22 @@ def diversity(schema: TabularSchema, sets: Sequence) -> dict[str, torch.Tensor]:
     """Per query: ``{"l1_mad": [B], "count": [B]}``, the mean pairwise ``l1_mad`` distance and the mean
     pairwise share of features that differ, over the counterfactuals of each set (0 for fewer
     than two). ``sets``: one DataFrame or ``[k_i, D]`` tensor per query."""
-    dist, count = [], []
-    for s in sets:
-        x = rows(schema, s) if len(s) else torch.zeros(0, schema.width, dtype=torch.float64)
-        k = x.shape[0]
-        if k < 2:
-            dist.append(0.0)
-            count.append(0.0)
+    left, right, owner = [], [], []
+    for q, s in enumerate(sets):
+        if len(s) < 2:
             continue
-        i, j = torch.triu_indices(k, k, offset=1)
-        dist.append(float(l1_mad(schema, x[i], x[j]).mean()))
-        count.append(float(changed_features(schema, x[i], x[j]).double().mean()))
-    return {"l1_mad": torch.tensor(dist, dtype=torch.float64), "count": torch.tensor(count, dtype=torch.float64)}
+        x = rows(schema, s)
+        i, j = torch.triu_indices(x.shape[0], x.shape[0], offset=1)
+        left.append(x[i])
+        right.append(x[j])
+        owner.append(torch.full((i.numel(),), q, dtype=torch.long))
+    dist = torch.zeros(len(sets), dtype=torch.float64)
+    count = torch.zeros(len(sets), dtype=torch.float64)
+    if owner:                                  # every pair of every set measured in one go
+        a, b, owner = torch.cat(left), torch.cat(right), torch.cat(owner)
+        pairs = torch.zeros(len(sets), dtype=torch.float64).index_add_(0, owner, torch.ones(owner.numel(),
+                                                                                          dtype=torch.float64))
+        dist.index_add_(0, owner, l1_mad(schema, a, b))
+        count.index_add_(0, owner, changed_features(schema, a, b).double().mean(dim=1))
+        dist, count = dist / pairs.clamp_min(1), count / pairs.clamp_min(1)
+    return {"l1_mad": dist, "count": count}
