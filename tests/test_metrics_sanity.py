@@ -48,6 +48,25 @@ def trained(digits):
     return clf, xt[:16]
 
 
+def test_gradcam_says_why_its_maps_are_empty_on_a_flatten_head(trained):
+    # this CNN ends in flatten + dense: Grad-CAM's mean-gradient channel weights give a map that is
+    # negative everywhere for most digits (Captum's LayerGradCam agrees), which the ReLU zeroes
+    from captum.attr import LayerGradCam
+    from counterlens.attribution.cam import find_target_layer, gradcam, layercam
+    clf, x = trained
+    name = find_target_layer(clf, x)
+    assert name == "4"                                  # the max-pool output, the last spatial map
+    pred = clf.predict(x)
+    ref = LayerGradCam(clf.module, dict(clf.module.named_modules())[name]).attribute(x, target=pred,
+                                                                                   relu_attributions=False)
+    negative = int((ref.detach().flatten(1).amax(dim=1) <= 0).sum())
+    assert negative >= 8
+    with pytest.warns(UserWarning, match=f"{negative} of {len(x)} class activation maps are zero"):
+        maps = gradcam(clf, x)
+    assert int((maps.flatten(1).amax(dim=1) == 0).sum()) == negative
+    assert bool((layercam(clf, x).flatten(1).amax(dim=1) > 0).all())    # element-wise weights keep them
+
+
 def test_gradients_and_gradcam_pass_guided_backprop_fails(trained):
     clf, x = trained
     results = {name: model_randomisation(clf, x, name, params=params, with_ssim=True)

@@ -15,6 +15,7 @@ layer's output is captured by a forward hook that passes a copy on, so later in-
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -174,6 +175,14 @@ def class_activation_map(clf, x, target, combine: Combine, *, layer=None, relu: 
     x, tgt = prepare(clf, x, target, batch_size)
     cam = layer_gradients(clf, x, tgt, get_layer(clf, layer, x), batch_size, combine)
     if relu:
+        flat = cam.flatten(1)
+        dark = (flat.amax(dim=1) <= 0) & (flat.amin(dim=1) < 0)
+        if bool(dark.any()):
+            warnings.warn(f"{int(dark.sum())} of {cam.shape[0]} class activation maps are zero: the weighted "
+                          "feature maps are negative everywhere for their target, so the ReLU removes all of it "
+                          "(Grad-CAM's mean-gradient weights assume a head that averages over positions; a flatten "
+                          "+ dense head breaks that); layercam or gradcam_plus_plus, or relu=False, show these images",
+                          stacklevel=3)
         cam = cam.clamp_min(0)
     return upsample(cam, x.shape[2:], interpolation)
 
