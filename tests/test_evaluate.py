@@ -83,6 +83,12 @@ def test_long_table_registry_and_equality_with_the_functions(setup):
                                 ("deletion_lerf_auc", "deletion", "lerf")):
         curve = faithfulness.perturbation_curve(clf, x, sal, pred, kind=kind, order=order, steps=8, seed=3)
         torch.testing.assert_close(values("saliency", metric).float(), curve.auc)
+    # the room insertion has: the model's probability on the image minus that on the blurred baseline
+    from counterlens.attribution.perturbation import perturbation_baseline
+    with torch.no_grad(), clf.eval_mode():
+        p_full = torch.softmax(clf.forward(x), 1).gather(1, pred[:, None]).flatten()
+        p_base = torch.softmax(clf.forward(perturbation_baseline(x, "blur", 3)), 1).gather(1, pred[:, None]).flatten()
+    torch.testing.assert_close(values("saliency", "insertion_room").float(), p_full - p_base, atol=1e-5, rtol=1e-4)
     mf = faithfulness.mufidelity(clf, x, sal, pred, n_subsets=8, baseline="blur", seed=3)
     torch.testing.assert_close(values("saliency", "mufidelity").float(), mf.value, equal_nan=True)
     torch.testing.assert_close(values("saliency", "sparseness").float(), complexity.sparseness(sal))

@@ -43,6 +43,9 @@ class MetricInfo:
 METRICS: dict[str, MetricInfo] = {m.name: m for m in (
     MetricInfo("deletion_auc", "faithfulness", "area under the deletion curve, most relevant first", "lower", "steps + 1"),
     MetricInfo("insertion_auc", "faithfulness", "area under the insertion curve, most relevant first", "higher", "steps + 1"),
+    MetricInfo("insertion_room", "faithfulness", "target score of the image minus that of the baseline: the room "
+               "insertion has (near 0 or below: insertion_auc cannot tell maps apart)", "", "steps + 1 (0 with "
+               "insertion_auc)"),
     MetricInfo("deletion_lerf_auc", "faithfulness", "area under the deletion curve, least relevant first", "higher",
                "steps + 1"),
     MetricInfo("mufidelity", "faithfulness", "correlation of subset attribution and output drop", "higher",
@@ -107,6 +110,12 @@ def method_metrics(clf, x: torch.Tensor, maps: torch.Tensor, target: torch.Tenso
             curve = faithfulness.perturbation_curve(clf, x, maps, target, kind=kind, order=order, steps=opts.steps,
                                                     baseline=opts.baseline, **common)
             curves[key], values[name], evaluations[name] = curve, curve.auc, curve.evaluations
+        elif name == "insertion_room":
+            curve = curves.get("insertion") or faithfulness.perturbation_curve(
+                clf, x, maps, target, kind="insertion", order="morf", steps=opts.steps, baseline=opts.baseline,
+                **common)
+            values[name], evaluations[name] = curve.y[:, -1] - curve.y[:, 0], 0 if "insertion" in curves else \
+                curve.evaluations
         elif name == "mufidelity":
             result = faithfulness.mufidelity(clf, x, maps, target, n_subsets=opts.n_subsets, baseline=opts.baseline,
                                              **common)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -248,7 +249,9 @@ def model_randomisation(clf, x, method, target="predicted", *, params: dict | No
     per_image, ssims = [], []
     for i, layer in enumerate(names):
         randomize_(modules[layer], seed + i)
-        with _no_grad_leak(twin.module):
+        with _no_grad_leak(twin.module), warnings.catch_warnings():
+            # a randomised network may well give empty CAMs: expected here, not worth a warning
+            warnings.filterwarnings("ignore", message=r".*class activation maps are zero")
             randomised = fn(twin, x, tgt, **kwargs).detach().cpu()
         per_image.append(sim(original, randomised))
         if with_ssim:

@@ -19,11 +19,14 @@ import numpy as np
 from ..runs.store import RunStore
 from .report_images import data_uri, difference_png, grey_png, map_png, scale_labels
 
-METRIC_ORDER = ("deletion_auc", "insertion_auc", "mufidelity", "pointing_game", "relevance_mass", "relevance_rank",
+METRIC_ORDER = ("deletion_auc", "insertion_auc", "insertion_room", "mufidelity", "pointing_game", "relevance_mass", "relevance_rank",
                 "mass_lift", "sparseness", "entropy", "ig_completeness_error")
 METRIC_HINTS = {
     "deletion_auc": "area under the deletion curve (most relevant pixels removed first); lower is better",
     "insertion_auc": "area under the insertion curve (most relevant pixels inserted first); higher is better",
+    "insertion_room": "target score of the image minus that of the baseline insertion starts from; near 0: the "
+                      "baseline alone already gives the class (e.g. a class defined by absence, such as no tumour), "
+                      "so insertion_auc cannot tell the maps apart there",
     "mufidelity": "correlation between attribution mass and output drop over random pixel subsets; higher is better",
     "pointing_game": "1 when the map's maximum lies in the ground-truth mask",
     "relevance_mass": "share of positive attribution inside the mask; higher is better",
