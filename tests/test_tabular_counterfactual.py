@@ -337,6 +337,8 @@ def test_clear_errors(loans):
         tabular_counterfactual(clf, q, schema=None)
     with pytest.raises(InputError, match="k=0"):
         tabular_counterfactual(clf, q, schema=schema, k=0)
+    with pytest.raises(InputError, match="diversity=1.5"):
+        tabular_counterfactual(clf, q, schema=schema, diversity=1.5)
     with pytest.raises(MethodError, match="genetic"):
         tabular_counterfactual(lambda a: np.full((len(a), 2), 0.5), q, schema=schema, method="gradient")
     wrong = Classifier(nn.Linear(3, 2), device="cpu")

@@ -181,7 +181,7 @@ def tabular_counterfactual(model, X, target="other", *, schema: TabularSchema, k
     check_number("growth", growth, low=1.0)
     check_number("focus", focus, high=1.0)
     check_number("l0_weight", l0_weight)
-    check_number("diversity", diversity)
+    check_number("diversity", diversity, high=1.0, high_open=True)
     check_number("plausibility", plausibility, high=1.0)
     check_number("n_seeds", n_seeds, low=1, integer=True)
     check_number("seed", seed, integer=True, high=2 ** 32 - 1)
