@@ -138,6 +138,39 @@ def test_selection_trades_cost_for_a_distinct_alternative():
     assert preferred[0].tolist() == [1, 2]
 
 
+def test_bulk_revert_reaches_the_same_minimal_edit_with_fewer_model_calls():
+    # 30 numeric features all moved; the rule needs only features 3 and 7 (the dearest changes)
+    from counterlens.counterfactual.tabular_box import Box
+    from counterlens.counterfactual.tabular_refine import sparsify
+    from counterlens.counterfactual.tabular_search import Goal
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame(rng.normal(size=(300, 30)), columns=[f"f{i}" for i in range(30)])
+    schema = TabularSchema.from_frame(df)
+    x0 = schema.encode(df.iloc[[0]]).double().repeat(5, 1)          # one original, five different edits
+    box = Box.build(schema, x0)
+    scale = 1 / box.unit
+    move = torch.from_numpy(rng.uniform(0.1, 0.5, size=(5, 30))) * scale
+    move[:, [3, 7]] = 2.0 * scale[[3, 7]]
+    x = x0 + move
+    calls = []
+
+    def probs(rows):     # class 1 when f3 and f7 are both at least 1 MAD above the original
+        calls.append(rows.shape[0])
+        ok = (((rows - x0[:1]) / scale)[:, [3, 7]] >= 1.0).all(dim=1)
+        return torch.stack([(~ok).double(), ok.double()], dim=1)
+
+    goal = Goal(torch.ones(5, dtype=torch.long), torch.zeros(5, dtype=torch.long), 0.5)
+    valid = torch.ones(5, dtype=torch.bool)
+    plain = sparsify(probs, box, goal, x, valid)
+    n_plain, calls[:] = len(calls), []
+    bulk = sparsify(probs, box, goal, x, valid, bulk=True)
+    n_bulk = len(calls)
+    for out in (plain, bulk):
+        changed = ((out - x0).abs() > 1e-9).nonzero()[:, 1].view(5, -1)
+        assert changed.tolist() == [[3, 7]] * 5
+    assert torch.equal(plain, bulk) and n_bulk < n_plain / 2
+
+
 # -- real data: breast cancer with an MLP ---------------------------------------------------------
 @pytest.mark.slow
 def test_breast_cancer_mlp_valid_sparse_and_within_constraints(cancer):
