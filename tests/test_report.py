@@ -122,7 +122,9 @@ def add_metric_files(root: Path, seed: int = 0) -> None:
             values = {"deletion_auc": dele, "insertion_auc": ins, "mufidelity": rng.uniform(-0.1, 0.6),
                       "pointing_game": float(rng.random() < 0.7), "relevance_mass": rng.uniform(0.1, 0.8),
                       "mass_lift": rng.uniform(0.8, 4), "sparseness": rng.uniform(0.3, 0.9),
-                      "entropy": rng.uniform(4, 7)}
+                      "entropy": rng.uniform(4, 7),
+                      # the first image's baseline already gives its class: insertion cannot judge it
+                      "insertion_room": 0.02 if image_id == pairs[0][0] else 0.8}
             rows += [(image_id, method, k, float(v)) for k, v in values.items()]
         db.executemany("INSERT OR REPLACE INTO metrics VALUES (?,?,?,?)", rows)
         cf_cols = {r[1] for r in db.execute("PRAGMA table_info(counterfactuals)")}
@@ -178,7 +180,11 @@ def test_report_has_every_section_with_metric_files(full_run):
     assert table.count("badge good") == 1 and table.count("badge bad") == 1
     # badges per case and method: gradcam passes sanity and is faithful in this fixture
     assert html.count("sanity check passed") >= 10 and html.count("sanity check failed") >= 10
-    assert html.count("faithfulness +") >= 10
+    assert html.count("faithfulness +") >= 9
+    # insertion_room is a property of the image: a note on the one case where it is too small (its
+    # badges fall back to MuFidelity), not a method-table column
+    assert html.count("Insertion cannot separate the maps of this image") == 1 and "insertion_room 0.02" in html
+    assert "insertion_room" not in table
     # audit: verdict escaped, per-method numbers, extra keys as text
     assert "relies on the region" in html and "&lt;b&gt;not bold&lt;/b&gt;" in html
     assert "confounder_sensitivity" in html and "per_class" in html and "0.62" in html
@@ -247,7 +253,7 @@ def test_results_csv_merges_attributions_counterfactuals_and_metrics(full_run):
         cf = db.execute("SELECT image_id, l2, im1 FROM counterfactuals ORDER BY image_id").fetchall()
     for r in rows:
         if r["row_type"] == "attribution":
-            for metric in ("deletion_auc", "insertion_auc", "mass_lift"):
+            for metric in ("deletion_auc", "insertion_auc", "mass_lift", "insertion_room"):
                 assert float(r[metric]) == stored[(int(r["image_id"]), r["method"], metric)]
             assert r["label"] in CLASSES and float(r["seconds"]) > 0
     cf_rows = [r for r in rows if r["row_type"] == "counterfactual"]

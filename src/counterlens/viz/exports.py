@@ -43,7 +43,7 @@ def _cell(value):
 
 def write_results_csv(store: RunStore, metrics: dict, path: Path) -> Path:
     """``results.csv`` (see the module docstring); written through a temporary file."""
-    metric_cols = metric_names(metrics)
+    metric_cols = metric_names(metrics, case_metrics=True)
     renamed = {m: (f"metric_{m}" if m in BASE_COLUMNS + CF_COLUMNS else m) for m in metric_cols}
     extra_cf = counterfactual_columns(store)
     header = BASE_COLUMNS + [renamed[m] for m in metric_cols] + CF_COLUMNS + extra_cf

@@ -19,8 +19,10 @@ import numpy as np
 from ..runs.store import RunStore
 from .report_images import data_uri, difference_png, grey_png, map_png, scale_labels
 
-METRIC_ORDER = ("deletion_auc", "insertion_auc", "insertion_room", "mufidelity", "pointing_game", "relevance_mass", "relevance_rank",
+METRIC_ORDER = ("deletion_auc", "insertion_auc", "mufidelity", "pointing_game", "relevance_mass", "relevance_rank",
                 "mass_lift", "sparseness", "entropy", "ig_completeness_error")
+CASE_METRICS = ("insertion_room",)   # properties of the image, the same for every method: shown per case
+ROOM_MIN = 0.1                        # insertion_room below this: insertion AUC does not separate maps
 METRIC_HINTS = {
     "deletion_auc": "area under the deletion curve (most relevant pixels removed first); lower is better",
     "insertion_auc": "area under the insertion curve (most relevant pixels inserted first); higher is better",
@@ -83,9 +85,13 @@ def read_metrics(store: RunStore) -> dict[tuple[int, str], dict[str, float]]:
     return out
 
 
-def metric_names(metrics: dict) -> list[str]:
-    names = {m for values in metrics.values() for m in values}
-    return [m for m in METRIC_ORDER if m in names] + sorted(names - set(METRIC_ORDER))
+def metric_names(metrics: dict, *, case_metrics: bool = False) -> list[str]:
+    """Metrics present, in display order; case-level ones (insertion_room, the same for every
+    method) only with ``case_metrics``."""
+    present = {m for values in metrics.values() for m in values}
+    names = present - set(CASE_METRICS)
+    out = [m for m in METRIC_ORDER if m in names] + sorted(names - set(METRIC_ORDER))
+    return out + [m for m in CASE_METRICS if m in present] if case_metrics else out
 
 
 def _has_table(db: sqlite3.Connection, name: str) -> bool:
@@ -99,9 +105,11 @@ def class_names(classes, n: int) -> list[str]:
 
 # -- per case ---------------------------------------------------------------------------------------
 def faithfulness_badge(values: dict) -> dict | None:
-    """A badge from insertion - deletion AUC (or MuFidelity when there are no curves)."""
-    ins, dele = values.get("insertion_auc"), values.get("deletion_auc")
-    if ins is not None and dele is not None and not (math.isnan(ins) or math.isnan(dele)):
+    """A badge from insertion - deletion AUC (or MuFidelity when there are no curves, or when the
+    insertion baseline alone already gives the class: insertion_room below ROOM_MIN)."""
+    ins, dele, room = values.get("insertion_auc"), values.get("deletion_auc"), values.get("insertion_room")
+    roomy = room is None or math.isnan(room) or room >= ROOM_MIN
+    if ins is not None and dele is not None and not (math.isnan(ins) or math.isnan(dele)) and roomy:
         d = ins - dele
         return {"good": d > 0, "text": f"faithfulness {d:+.2f}",
                 "title": "insertion AUC - deletion AUC: above 0 when the pixels the map ranks first matter "
@@ -127,7 +135,7 @@ def build_case(store: RunStore, row: dict, *, classes, value_range, clip_percent
     """Everything the gallery shows for one image."""
     case = {"id": int(row["id"]), "name": row["name"], "label_name": row["label_name"],
             "prediction_name": row["prediction_name"], "error": None, "overlays": [], "counterfactuals": [],
-            "probs": [], "confidence": None, "image_uri": None, "figure": None}
+            "probs": [], "confidence": None, "image_uri": None, "figure": None, "note": None}
     if row["status"] != "done":
         case.update(outcome="failed", outcome_text="failed", error=row["error"] or "failed")
         return case
@@ -135,6 +143,12 @@ def build_case(store: RunStore, row: dict, *, classes, value_range, clip_percent
     case["outcome"] = {None: "unknown", True: "correct", False: "incorrect"}[correct]
     case["outcome_text"] = {None: "no label", True: "correct", False: "incorrect"}[correct]
     case["confidence"] = row["probability"]
+    rooms = [v["insertion_room"] for (i, _), v in metrics.items() if i == case["id"] and v.get("insertion_room")
+             is not None and not math.isnan(v["insertion_room"])]
+    if rooms and rooms[0] < ROOM_MIN:
+        case["note"] = ("Insertion cannot separate the maps of this image: the baseline insertion starts from "
+                        "already gives the target class nearly as much probability as the image, or more "
+                        f"(insertion_room {rooms[0]:.2f}); read deletion here.")
     probs = json.loads(row["probs"]) if row["probs"] else []
     names = class_names(classes, len(probs))
     case["probs"] = [{"name": c, "value": float(p)} for c, p in zip(names, probs)]
