@@ -133,6 +133,12 @@ def test_selection_trades_cost_for_a_distinct_alternative():
     plain, _ = select(box, cand[None], valid, 2, l0_weight=0.0, diversity=0.0)
     diverse, _ = select(box, cand[None], valid, 2, l0_weight=0.0, diversity=0.8)
     assert plain[0].tolist() == [0, 1] and diverse[0].tolist() == [0, 2]
+    # a near copy (the same feature, 2% further) is not a second answer; the same feature much further is
+    near = torch.stack([cand[0], cand[0], cand[0]])
+    near[1, 0] += 0.02 * scale[0]
+    near[2, 0] += 1.0 * scale[0]
+    picked, present = select(box, near[None], valid, 3, l0_weight=0.0, diversity=0.0)
+    assert picked[0, :2].tolist() == [0, 2] and present[0].tolist() == [True, True, False]
     # rows outside `prefer` only come after every preferred one
     preferred, _ = select(box, cand[None], valid, 2, diversity=0.0, prefer=torch.tensor([[False, True, True]]))
     assert preferred[0].tolist() == [1, 2]

@@ -11,7 +11,8 @@ change that the model confirms valid, so it never turns a valid row invalid:
   value (a grid of fractions, refined) for the smallest change that stays valid;
 - ``select``: per query, ``k`` distinct valid rows: the cheapest first (MAD-L1 plus a cost per
   changed feature), then rows whose set of changed features differs from every row already
-  taken, each minimising its cost minus ``diversity`` times its distance to the nearest row taken.
+  taken, each minimising its cost minus ``diversity`` times its distance to the nearest row taken;
+  near copies of a row taken (same features, values within a quarter of the change) are dropped.
 
 When the goal carries a plausibility requirement (``Goal.near``), "valid" in every step means
 valid and plausible.
@@ -27,6 +28,7 @@ from .tabular_box import Box
 from .tabular_search import Goal
 
 REPAIR_FACTORS = (1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+SAME_SET_GAP = 0.25   # same features changed and closer than this share of the smaller change: a near copy
 REACH_FACTORS = (1.5, 2.5, 5.0, 10.0)   # coarse: the shrink pass that follows pulls each change back
 
 
@@ -172,7 +174,9 @@ def select(box: Box, x: Tensor, valid: Tensor, k: int, l0_weight: float = 0.0,
     distance plus ``l0_weight`` per changed feature. The first pick is the cheapest row; each next
     one minimises its cost minus ``diversity`` times its distance (same measure) to the nearest row
     already taken, among rows whose set of changed features is new when there are any; valid rows
-    outside ``prefer [B, M]`` (e.g. not plausible) only when no preferred one is left."""
+    outside ``prefer [B, M]`` (e.g. not plausible) only when no preferred one is left. A row that
+    changes the same features as one taken and lies within ``SAME_SET_GAP`` of the smaller change
+    of the two (MAD-L1) is a near copy and never taken: a query may get fewer than ``k``."""
     b, m, d = x.shape
     dev = x.device
     flat = x.reshape(b * m, d)
@@ -187,9 +191,12 @@ def select(box: Box, x: Tensor, valid: Tensor, k: int, l0_weight: float = 0.0,
     dup = (same & earlier & valid[:, None, :]).any(dim=2)
     usable = valid & ~dup
     same_set = (changed[:, :, None, :] == changed[:, None, :, :]).all(dim=3)   # [B, i, j]
-    if diversity:
-        pair = _pair_cost(box, x, l0_weight)                                 # [B, i, j]
-        nearest = torch.full((b, m), math.inf, dtype=x.dtype, device=dev)
+    l1, n_diff = _pair_cost(box, x)                                         # [B, i, j]
+    pair = l1 + l0_weight * n_diff
+    # near copies: the same features changed, and less than SAME_SET_GAP of the smaller change apart
+    l1_cost = delta.sum(dim=2)
+    near_copy = same_set & (l1 < SAME_SET_GAP * torch.minimum(l1_cost[:, :, None], l1_cost[:, None, :]))
+    nearest = torch.full((b, m), math.inf, dtype=x.dtype, device=dev)
     chosen = torch.zeros(b, k, dtype=torch.long, device=dev)
     present = torch.zeros(b, k, dtype=torch.bool, device=dev)
     taken = torch.zeros(b, m, dtype=torch.bool, device=dev)
@@ -201,25 +208,27 @@ def select(box: Box, x: Tensor, valid: Tensor, k: int, l0_weight: float = 0.0,
             score = score + torch.where(prefer, 0.0, 1e8)
         if diversity and slot:
             score = score - diversity * nearest
-        score = torch.where(usable & ~taken, score, math.inf)
+        copy = (near_copy & taken[:, None, :]).any(dim=2)
+        score = torch.where(usable & ~taken & ~copy, score, math.inf)
         best = score.argmin(dim=1)
         ok = torch.isfinite(score.gather(1, best[:, None]).squeeze(1))
         chosen[:, slot], present[:, slot] = best, ok
         taken[ar[ok], best[ok]] = True
-        if diversity:
-            nearest = torch.where(ok[:, None], torch.minimum(nearest, pair[ar, best]), nearest)
+        nearest = torch.where(ok[:, None], torch.minimum(nearest, pair[ar, best]), nearest)
     return chosen, present
 
 
-def _pair_cost(box: Box, x: Tensor, l0_weight: float) -> Tensor:
-    """``[B, M, M]`` distance between the rows of each query, in the cost's measure (MAD-L1 plus
-    ``l0_weight`` per differing feature), one query at a time in memory-bounded groups."""
+def _pair_cost(box: Box, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(l1 [B, M, M], n_diff [B, M, M])`` between the rows of each query: MAD-L1 distance and the
+    number of features that differ, in memory-bounded groups of queries."""
     b, m, d = x.shape
-    out = torch.empty(b, m, m, dtype=x.dtype, device=x.device)
+    l1 = torch.empty(b, m, m, dtype=x.dtype, device=x.device)
+    n_diff = torch.empty_like(l1)
     step = max(1, 2 ** 24 // max(1, m * m * d))
     for a in range(0, b, step):
         diff = (x[a:a + step, :, None, :] - x[a:a + step, None, :, :]).abs() * box.unit
         per_feat = torch.zeros(*diff.shape[:3], box.n_features, dtype=x.dtype, device=x.device)
         per_feat.index_add_(3, box.col_feat, diff)
-        out[a:a + step] = per_feat.sum(dim=3) + l0_weight * (per_feat > 1e-6).sum(dim=3)
-    return out
+        l1[a:a + step] = per_feat.sum(dim=3)
+        n_diff[a:a + step] = (per_feat > 1e-6).sum(dim=3)
+    return l1, n_diff
