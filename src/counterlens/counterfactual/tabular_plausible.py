@@ -5,7 +5,7 @@ reference rows (usually the training table; MAD-L1 distance) are put in class ``
 the requirement behind the yNN measure. With it, :func:`~counterlens.counterfactual.tabular.
 tabular_counterfactual` gets candidates from two sources:
 
-- ``reach``: minimal valid search points pushed further along their own edit (factors 1.1 to 10)
+- ``reach``: minimal valid search points pushed further along their own edit (factors 1.5 to 10)
   until they are plausible, then pulled back and pruned while they stay so;
 - ``seeds``: the nearest reference rows of the goal class, projected onto the query's constraints
   (immutable features reset, monotone and range limits applied, categories kept valid), then with
