@@ -150,7 +150,8 @@ def test_torch_export_dynamic_batch(tmp_path, net, x):
 def test_torch_export_static_batch(tmp_path, net, x):
     path = tmp_path / "static.pt2"
     torch.export.save(torch.export.export(net, (x[:2],)), str(path))
-    clf = load_model(path, device="cpu")
+    with pytest.warns(UserWarning, match="fixed batch of 2.*dynamic_shapes"):
+        clf = load_model(path, device="cpu")
     assert clf.module.batch == 2
     with torch.no_grad():  # 5 rows fed as 2 + 2 + 1 (padded)
         torch.testing.assert_close(clf.logits(x), net(x))

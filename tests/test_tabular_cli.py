@@ -52,7 +52,8 @@ def files(tmp_path_factory):
         opt.step()
     net.eval()
     script = root / "model.pt2"
-    torch.export.save(torch.export.export(net, (x[:2],)), str(script))
+    torch.export.save(torch.export.export(net, (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},)),
+                      str(script))
     from sklearn.compose import make_column_transformer
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.pipeline import make_pipeline

@@ -48,6 +48,10 @@ def test_encode_decode_round_trip_is_exact_for_categories_and_integers():
     assert back["owner"].tolist() == df["owner"].tolist()
     assert back["age"].tolist() == df["age"].tolist()
     np.testing.assert_allclose(back["income"], df["income"], rtol=1e-6)
+    # values with at most 7 significant digits come back as written, not with float32 noise
+    short = pd.DataFrame({**{c: df[c].iloc[:3] for c in s.names}, "income": [7.3, 33.2, 1234.5]})
+    assert s.decode(s.encode(short))["income"].tolist() == [7.3, 33.2, 1234.5]
+    assert s.decode(s.encode(short), tidy=False)["income"].tolist()[0] == float(np.float32(7.3)) != 7.3
     # a relaxed one-hot decodes to its most likely category
     x[0, s.slices["job"]] = torch.tensor([0.2, 0.5, 0.3])
     assert s.decode(x[:1])["job"].iloc[0] == "manager"

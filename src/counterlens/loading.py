@@ -49,6 +49,7 @@ import io
 import json
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -213,6 +214,9 @@ def _load_into(module: nn.Module, state: dict, path: Path) -> None:
         raise ModelLoadError(f"{path}: load_state_dict failed: {exc}") from exc
 
 
+SMALL_STATIC_BATCH = 16   # a program exported with a fixed batch below this gets a warning (slow)
+
+
 class ExportedModule(nn.Module):
     """A ``torch.export`` program as an ``nn.Module``.
 
@@ -283,6 +287,11 @@ def _load_export(path: Path, trust: bool) -> nn.Module:
     if len(inputs) == 1 and isinstance(getattr(inputs[0].meta.get("val"), "shape", None), torch.Size):
         first = inputs[0].meta["val"].shape[0]
         batch = first if isinstance(first, int) else None
+    if batch is not None and batch < SMALL_STATIC_BATCH:
+        warnings.warn(f"{path} was exported with a fixed batch of {batch}: it will be fed {batch} row(s) per call, "
+                      "which is slow for batched explanations and searches. Export it with a dynamic batch: "
+                      "torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},))",
+                      stacklevel=2)
     return ExportedModule(program.module(), batch)
 
 

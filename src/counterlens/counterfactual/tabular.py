@@ -87,7 +87,7 @@ class TabularModel:
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
         if self.clf is not None:
             return torch.softmax(self.clf.forward(x), dim=1)
-        rows = self.schema.decode(x) if self.input == "frame" else x.detach().cpu().double().numpy()
+        rows = self.schema.decode(x, tidy=False) if self.input == "frame" else x.detach().cpu().double().numpy()
         try:
             p = np.asarray(self.fn(rows), dtype=np.float64)
         except Exception as exc:   # the user's model: say what it was fed

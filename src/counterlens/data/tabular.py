@@ -271,9 +271,10 @@ class TabularSchema:
             raise InputError("X contains infinite values; clean the rows first")
         return torch.from_numpy(out)
 
-    def decode(self, x) -> pd.DataFrame:
+    def decode(self, x, *, tidy: bool = True) -> pd.DataFrame:
         """A DataFrame of schema-space rows ``[N, D]``: each one-hot block to its most likely
-        category, integer features rounded, the original value types."""
+        category, integer features rounded, the original value types. ``tidy``: continuous values
+        as the shortest decimal their float32 holds (7.3, not 7.300000190734863)."""
         x = self.encode(x) if not isinstance(x, torch.Tensor) else x.detach().cpu().float()
         if x.dim() != 2 or x.shape[1] != self.width:
             raise InputError(f"x has shape {tuple(x.shape)}; expected schema-space rows [N, {self.width}]")
@@ -281,7 +282,8 @@ class TabularSchema:
         for f in self.features:
             block = x[:, self.slices[f.name]].double().numpy()
             if f.kind == "continuous":
-                data[f.name] = block[:, 0]
+                data[f.name] = (block[:, 0].astype(np.float32).astype(str).astype(np.float64) if tidy
+                                else block[:, 0])
             elif f.kind == "integer":
                 data[f.name] = np.rint(block[:, 0]).astype(np.int64)
             else:
