@@ -26,6 +26,7 @@ from .tabular_refine import REACH_FACTORS, check, repair, shrink, sparsify
 from .tabular_search import Goal
 
 SHRINK_POINTS = 4   # grid per bisection round when pulling plausible changes back
+SHRINK_LEVELS = 1   # rounds (precision 1/5 of each change: every trial costs a neighbour search)
 
 
 class Neighbours:
@@ -61,7 +62,7 @@ def reach(probs_fn, box: Box, goal: Goal, cand: Tensor, valid: Tensor, sparse: b
         cand, ok = repair(probs_fn, box, goal, cand, ok | ~valid, factors=REACH_FACTORS)
         ok = ok & valid
         if sparse:
-            cand = shrink(probs_fn, box, goal, cand, ok, points=SHRINK_POINTS)
+            cand = shrink(probs_fn, box, goal, cand, ok, points=SHRINK_POINTS, levels=SHRINK_LEVELS)
             cand = sparsify(probs_fn, box, goal, cand, ok)
     return cand, ok
 
@@ -87,6 +88,6 @@ def seeds(probs_fn, box: Box, goal: Goal, q: Tensor, n: int, sparse: bool = True
     ok = torch.isfinite(dist.flatten()) & check(probs_fn, rgoal, x)
     if sparse and bool(ok.any()):
         x = sparsify(probs_fn, rbox, rgoal, x, ok, bulk=True)
-        x = shrink(probs_fn, rbox, rgoal, x, ok, points=SHRINK_POINTS)
+        x = shrink(probs_fn, rbox, rgoal, x, ok, points=SHRINK_POINTS, levels=SHRINK_LEVELS)
         x = sparsify(probs_fn, rbox, rgoal, x, ok)
     return x, ok
