@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from conftest import digits_cnn, fit_digits, single_thread
 from torch import nn
 
 import counterlens as cl
@@ -21,13 +22,7 @@ from counterlens.errors import InputError, TargetError
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """8x8 images: every op is tiny, so one thread is faster than two (and immune to a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
 
 @pytest.fixture(scope="module")
@@ -42,26 +37,11 @@ def digits():
     return x[tr], y[tr], x[te], y[te]
 
 
-def digits_net():
-    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 10))
-
-
 @pytest.fixture(scope="module")
 def clf(digits):
     x, y, xt, yt = digits
     torch.manual_seed(0)
-    net = digits_net()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(12):
-        for idx in torch.randperm(len(x), generator=gen).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
-    net.eval()
-    for p in net.parameters():
-        p.grad = None
+    net = fit_digits(digits_cnn(), x, y, epochs=12)
     c = cl.Classifier(net, classes=NAMES, device="cpu", value_range=(0.0, 1.0))
     acc = float((c.predict(xt) == yt).float().mean())
     assert acc >= 0.95, acc

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TinyCNN
+from conftest import TinyCNN, single_thread
 
 import counterlens as cl
 from counterlens.errors import CounterlensError, InputError
@@ -26,13 +26,7 @@ from counterlens.metrics.evaluate import (
     summary_table,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
 
 @pytest.fixture

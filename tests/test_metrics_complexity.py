@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import TinyCNN
+from conftest import TinyCNN, single_thread
 from torch import nn
 
 import counterlens as cl
@@ -12,13 +12,7 @@ from counterlens.attribution import integrated_gradients
 from counterlens.errors import InputError
 from counterlens.metrics.complexity import completeness_error, entropy, sparseness
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
 
 @pytest.mark.parametrize("shape", [(50,), (7, 9), (3, 4, 5)])

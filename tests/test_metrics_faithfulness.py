@@ -5,21 +5,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import TinyCNN
+from conftest import TinyCNN, single_thread
 from torch import nn
 
 import counterlens as cl
 from counterlens.errors import InputError
 from counterlens.metrics.faithfulness import cost, deletion, insertion, mufidelity, perturbation_curve, pixel_ranks
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny inputs: one thread is faster than two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
 
 def linear_clf(shape=(1, 6, 6), seed=0):

@@ -4,6 +4,7 @@ the original model is left exactly as found; the similarity measures against sci
 import numpy as np
 import pytest
 import torch
+from conftest import digits_cnn, fit_digits, single_thread
 from torch import nn
 
 import counterlens as cl
@@ -17,13 +18,7 @@ from counterlens.metrics.sanity import (
     ssim,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +26,7 @@ def trained(digits):
     """conv 16 - ReLU - conv 32 - ReLU - maxpool - dense, 6 epochs of Adam on 1437 digits (~2 s)."""
     x, y, xt, yt = digits
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 10))
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(6):
-        for idx in torch.randperm(len(x), generator=gen).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
-    net.eval()
-    for p in net.parameters():
-        p.grad = None
+    net = fit_digits(digits_cnn(), x, y, epochs=6)
     clf = cl.Classifier(net, device="cpu")
     assert float((clf.predict(xt) == yt).float().mean()) > 0.93
     return clf, xt[:16]
@@ -52,6 +36,7 @@ def test_gradcam_says_why_its_maps_are_empty_on_a_flatten_head(trained):
     # this CNN ends in flatten + dense: Grad-CAM's mean-gradient channel weights give a map that is
     # negative everywhere for most digits (Captum's LayerGradCam agrees), which the ReLU zeroes
     from captum.attr import LayerGradCam
+
     from counterlens.attribution.cam import find_target_layer, gradcam, layercam
     clf, x = trained
     name = find_target_layer(clf, x)

@@ -191,21 +191,12 @@ def test_fit_prior_help(capsys):
 
 @pytest.fixture(scope="module")
 def digits_clf(digits):
-    from torch import nn
+    from conftest import digits_cnn, fit_digits
 
     import counterlens as cl
     x, y, _, _ = digits
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 10))
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(10):
-        for idx in torch.randperm(len(x), generator=gen).split(64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
-    net.eval()
+    net = fit_digits(digits_cnn(), x, y, epochs=10)
     return cl.Classifier(net, device="cpu", value_range=(0.0, 1.0))
 
 

@@ -7,6 +7,7 @@ import sqlite3
 import numpy as np
 import pytest
 import torch
+from conftest import single_thread
 from torch import nn
 
 from counterlens.data.synthetic import generate, write_dataset
@@ -20,14 +21,7 @@ from counterlens.metrics.shortcut import (
 )
 from counterlens.model import Classifier, Normalize
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models run far faster on one thread when other processes share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(autouse=True)(single_thread)
 
 
 # -- inpainting -----------------------------------------------------------------------------------

@@ -9,19 +9,14 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import single_thread
 from torch import nn
 
 from counterlens.counterfactual.tabular_cli import load_tabular_model, tabular_counterfactual_cmd
 from counterlens.data.tabular import TabularSchema
 from counterlens.errors import InputError, UntrustedModelError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
 
 def table(n=400, seed=0):

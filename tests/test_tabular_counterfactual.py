@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import single_thread
 from torch import nn
 
 from counterlens.counterfactual.tabular import recourse_fairness, tabular_counterfactual
@@ -13,14 +14,7 @@ from counterlens.data.tabular import TabularSchema
 from counterlens.errors import InputError, MethodError, TargetError
 from counterlens.model import Classifier
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tables are tiny: one thread is faster than two (and immune to a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
 
 def train(schema, df, hidden=32, epochs=200, seed=0):

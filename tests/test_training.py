@@ -1,20 +1,13 @@
 import pytest
 import torch
+from conftest import single_thread
 
 from counterlens.errors import InputError
 from counterlens.model import Classifier, Normalize
 from counterlens.models import pneumonia_cnn, small_resnet
 from counterlens.training import evaluate_accuracy, random_flip_shift, train_classifier
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train faster on one thread, and far faster when other processes share the CPU
-    (two OpenMP threads on a busy 2-core box spin-wait: 20 s instead of 0.1 s here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(autouse=True)(single_thread)
 
 
 def easy_task(n, seed):

@@ -209,13 +209,13 @@ def tabular_counterfactual(model, X, target="other", *, schema: TabularSchema, k
         goal = Goal(_targets(target, names, x0.shape[0]).to(tm.device), probs0.argmax(dim=1), float(threshold))
         ref = x0 if reference is None else schema.encode(reference).to(tm.device, x0.dtype)
         ref_class = tm.probs(ref).argmax(dim=1) if ref.shape[0] >= n_neighbors else None
+        box = Box.build(used, x0)
         near = None
         if plausibility > 0:
             if reference is None or ref_class is None:
                 raise InputError(f"plausibility={plausibility} needs reference rows (the training table, at least "
                                  f"n_neighbors={n_neighbors} of them): pass reference=")
-            near = Neighbours(ref, ref_class, Box.build(used, x0[:1]).unit, n_neighbors, plausibility)
-        box = Box.build(used, x0)
+            near = Neighbours(ref, ref_class, box.unit, n_neighbors, plausibility)
         already = goal.check(probs0, eps=0.0)[0]
         todo = (~already & box.movable.any(dim=1)).nonzero().squeeze(1)
         m = k * oversample if method == "gradient" else min(population, k * oversample)
@@ -263,8 +263,8 @@ def tabular_counterfactual(model, X, target="other", *, schema: TabularSchema, k
         params = {"method": method, "k": k, "threshold": float(threshold), "oversample": oversample, "steps": steps,
                   "step": step, "growth": growth, "focus": focus, "population": population,
                   "generations": generations, "l0_weight": l0_weight, "sparse": bool(sparse),
-                  "n_neighbors": n_neighbors, "diversity": diversity,
-                  "plausibility": plausibility, "n_seeds": n_seeds, "seed": seed, "batch_size": batch_size, "model_input": tm.input}
+                  "n_neighbors": n_neighbors, "diversity": diversity, "plausibility": plausibility,
+                  "n_seeds": n_seeds, "seed": seed, "batch_size": batch_size, "model_input": tm.input}
         return assemble(used, tm, goal, x0, frame, out_x, present, probs0, probs_after, already, names, ref,
                         ref_class, params, time.perf_counter() - t_start)
 

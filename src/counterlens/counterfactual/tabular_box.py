@@ -126,13 +126,16 @@ class Box:
         return torch.where(self.integer & moved, rounded, out)
 
     # -- distances -------------------------------------------------------------------------------
+    def feature_gap(self, a: Tensor, b: Tensor) -> Tensor:
+        """``[..., F]`` distance per feature between rows ``a`` and ``b`` (broadcast; numeric:
+        |d| / scale; categorical: half the L1 of the block's difference, 1 for a hard switch)."""
+        per_col = (a - b).abs() * self.unit
+        out = torch.zeros(*per_col.shape[:-1], self.n_features, dtype=per_col.dtype, device=per_col.device)
+        return out.index_add_(-1, self.col_feat, per_col)
+
     def feature_delta(self, x: Tensor, idx: Tensor | None = None) -> Tensor:
-        """``[R, F]`` cost of each feature's change (numeric: |d| / scale; categorical: half the L1
-        of the block's change, 1 for a hard switch)."""
-        x0 = self.x0 if idx is None else self.x0[idx]
-        per_col = (x - x0).abs() * self.unit
-        out = torch.zeros(x.shape[0], self.n_features, dtype=x.dtype, device=x.device)
-        return out.index_add_(1, self.col_feat, per_col)
+        """``[R, F]`` cost of each feature's change from the original (see :meth:`feature_gap`)."""
+        return self.feature_gap(x, self.x0 if idx is None else self.x0[idx])
 
     def changed(self, x: Tensor, idx: Tensor | None = None) -> Tensor:
         """``[R, F]`` bool: features that differ from the original (hard rows)."""

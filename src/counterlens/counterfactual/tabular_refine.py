@@ -226,9 +226,7 @@ def _pair_cost(box: Box, x: Tensor) -> tuple[Tensor, Tensor]:
     n_diff = torch.empty_like(l1)
     step = max(1, 2 ** 24 // max(1, m * m * d))
     for a in range(0, b, step):
-        diff = (x[a:a + step, :, None, :] - x[a:a + step, None, :, :]).abs() * box.unit
-        per_feat = torch.zeros(*diff.shape[:3], box.n_features, dtype=x.dtype, device=x.device)
-        per_feat.index_add_(3, box.col_feat, diff)
+        per_feat = box.feature_gap(x[a:a + step, :, None, :], x[a:a + step, None, :, :])
         l1[a:a + step] = per_feat.sum(dim=3)
         n_diff[a:a + step] = (per_feat > 1e-6).sum(dim=3)
     return l1, n_diff

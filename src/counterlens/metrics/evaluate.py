@@ -110,12 +110,15 @@ def method_metrics(clf, x: torch.Tensor, maps: torch.Tensor, target: torch.Tenso
             curve = faithfulness.perturbation_curve(clf, x, maps, target, kind=kind, order=order, steps=opts.steps,
                                                     baseline=opts.baseline, **common)
             curves[key], values[name], evaluations[name] = curve, curve.auc, curve.evaluations
-        elif name == "insertion_room":
-            curve = curves.get("insertion") or faithfulness.perturbation_curve(
-                clf, x, maps, target, kind="insertion", order="morf", steps=opts.steps, baseline=opts.baseline,
-                **common)
-            values[name], evaluations[name] = curve.y[:, -1] - curve.y[:, 0], 0 if "insertion" in curves else \
-                curve.evaluations
+        elif name == "insertion_room":      # the insertion curve's two ends (no model call when it exists)
+            curve = curves.get("insertion")
+            if curve is None:
+                curve = faithfulness.perturbation_curve(clf, x, maps, target, kind="insertion", order="morf",
+                                                        steps=opts.steps, baseline=opts.baseline, **common)
+                evaluations[name] = curve.evaluations
+            else:
+                evaluations[name] = 0
+            values[name] = curve.y[:, -1] - curve.y[:, 0]
         elif name == "mufidelity":
             result = faithfulness.mufidelity(clf, x, maps, target, n_subsets=opts.n_subsets, baseline=opts.baseline,
                                              **common)

@@ -143,12 +143,6 @@ def build_case(store: RunStore, row: dict, *, classes, value_range, clip_percent
     case["outcome"] = {None: "unknown", True: "correct", False: "incorrect"}[correct]
     case["outcome_text"] = {None: "no label", True: "correct", False: "incorrect"}[correct]
     case["confidence"] = row["probability"]
-    rooms = [v["insertion_room"] for (i, _), v in metrics.items() if i == case["id"] and v.get("insertion_room")
-             is not None and not math.isnan(v["insertion_room"])]
-    if rooms and rooms[0] < ROOM_MIN:
-        case["note"] = ("Insertion cannot separate the maps of this image: the baseline insertion starts from "
-                        "already gives the target class nearly as much probability as the image, or more "
-                        f"(insertion_room {rooms[0]:.2f}); read deletion here.")
     probs = json.loads(row["probs"]) if row["probs"] else []
     names = class_names(classes, len(probs))
     case["probs"] = [{"name": c, "value": float(p)} for c, p in zip(names, probs)]
@@ -158,6 +152,11 @@ def build_case(store: RunStore, row: dict, *, classes, value_range, clip_percent
     for method, att in store.attributions(row["id"]).items():
         png, scale = map_png(store.load_array(att["array_file"]), clip_percentile)
         values = metrics.get((case["id"], method), {})
+        room = values.get("insertion_room")
+        if case["note"] is None and room is not None and not math.isnan(room) and room < ROOM_MIN:
+            case["note"] = ("Insertion cannot separate the maps of this image: the baseline insertion starts from "
+                            "already gives the target class nearly as much probability as the image, or more "
+                            f"(insertion_room {room:.2f}); read deletion here.")
         badges = [b for b in (sanity_badge(sanity.get(method)), faithfulness_badge(values)) if b]
         target = att["target"]
         case["overlays"].append({
