@@ -120,6 +120,11 @@ def test_threshold_and_plausibility_reach_the_search(files, tmp_path):
     cls = torch.full((len(csv),), schema.classes.index("yes"))
     mine = ynn(schema, csv[schema.names], cls, df[schema.names], ref_class)
     assert np.allclose(mine.numpy(), csv["ynn"].to_numpy()) and float(mine.mean()) >= 0.8 * 0.9
+    # threshold 0 (the goal class only has to lead) is kept, not replaced by the default
+    zero = tmp_path / "zero"
+    assert tabular_counterfactual_cmd(args(table=files["csv"], model=files["script"], out=zero, threshold=0.0,
+                                           limit=2)) == 0
+    assert yaml.safe_load((zero / "run.yaml").read_text())["counterfactual"]["threshold"] == 0.0
 
 
 @pytest.mark.slow

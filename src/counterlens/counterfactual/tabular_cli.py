@@ -122,7 +122,8 @@ def tabular_counterfactual_cmd(args) -> int:
     model, sha, description = load_tabular_model(args)
     k = int(getattr(args, "k", 4) or 4)
     seed = int(getattr(args, "seed", 0) or 0)
-    search = {"threshold": float(getattr(args, "threshold", 0.5) or 0.5),
+    threshold = getattr(args, "threshold", None)
+    search = {"threshold": 0.5 if threshold is None else float(threshold),
               "diversity": float(getattr(args, "diversity", 0.8)),
               "plausibility": float(getattr(args, "plausibility", 0.0) or 0.0)}
     batch_size = getattr(args, "batch_size", None)
