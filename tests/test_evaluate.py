@@ -12,19 +12,19 @@ import torch
 from conftest import TinyCNN, single_thread
 
 import counterlens as cl
+from counterlens.cli.evaluate import evaluate_cmd
 from counterlens.errors import CounterlensError, InputError
 from counterlens.metrics import complexity, faithfulness, localization
 from counterlens.metrics.evaluate import (
     METRICS,
     evaluate,
-    evaluate_cmd,
-    evaluate_run,
     per_class,
     per_correctness,
     per_method,
     summarize,
     summary_table,
 )
+from counterlens.metrics.run_metrics import evaluate_run
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
@@ -183,7 +183,7 @@ def run_dir(tmp_path_factory):
     """8 synthetic brain-MRI test slices (32 px, tumour masks), a small ResNet saved as a model card,
     and a run with saliency, Grad-CAM and integrated gradients."""
     from counterlens.cards import save_model_card
-    from counterlens.commands import run_explain
+    from counterlens.runs.application import run_explain
     from counterlens.data.images import ImageFolder
     from counterlens.data.synthetic import make_dataset, write_dataset
     from counterlens.loading import load_model

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from counterlens.cli.fit_prior import fit_prior_command
+from counterlens.cli.parser import add_fit_prior_parser
 from counterlens.counterfactual.prior import (
     AutoencoderPrior,
     class_prototypes,
@@ -13,7 +15,6 @@ from counterlens.counterfactual.prior import (
     instance_prototypes,
     reconstruction_mse,
 )
-from counterlens.counterfactual.prior_cli import add_fit_prior_parser, fit_prior_command
 from counterlens.errors import DataFileError, InputError, ModelLoadError
 
 

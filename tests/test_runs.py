@@ -9,7 +9,7 @@ from conftest import TinyCNN
 from PIL import Image
 
 import counterlens as cl
-from counterlens.commands import run_explain
+from counterlens.runs.application import run_explain
 from counterlens.data.images import ImageFolder
 from counterlens.errors import CounterlensError
 

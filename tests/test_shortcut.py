@@ -10,11 +10,11 @@ import torch
 from conftest import single_thread
 from torch import nn
 
+from counterlens.cli.audit import audit_cmd
 from counterlens.data.synthetic import generate, write_dataset
 from counterlens.errors import InputError
 from counterlens.metrics.shortcut import (
     audit,
-    audit_cmd,
     inpaint,
     random_regions,
     verdict,

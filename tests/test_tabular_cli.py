@@ -12,7 +12,7 @@ import yaml
 from conftest import single_thread
 from torch import nn
 
-from counterlens.counterfactual.tabular_cli import load_tabular_model, tabular_counterfactual_cmd
+from counterlens.cli.tabular import load_tabular_model, tabular_counterfactual_cmd
 from counterlens.data.tabular import TabularSchema
 from counterlens.errors import InputError, UntrustedModelError
 

@@ -1,4 +1,5 @@
-"""Deterministic training of a classifier on in-memory tensors (for the demos, tests and benchmarks).
+"""Deterministic training of a classifier on in-memory tensors (for the demos, tests and benchmarks), and
+:func:`train_model`: a reference CNN trained on an image folder and saved as a model directory.
 
 ``x`` is always in *data space* (pixel values as loaded); ``preprocess`` (e.g. ``Normalize``) is
 applied before the network during training exactly as :class:`~counterlens.model.Classifier`
@@ -10,9 +11,11 @@ On a GPU, cuDNN kernels may add run-to-run noise.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,9 +23,9 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .errors import InputError
-from .model import Classifier, preprocess_from_spec, resolve_device
+from .model import Classifier, Normalize, preprocess_from_spec, resolve_device
 
-__all__ = ["train_classifier", "evaluate_accuracy", "random_flip_shift"]
+__all__ = ["train_classifier", "evaluate_accuracy", "random_flip_shift", "train_model"]
 
 
 def _as_xy(x, y, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,3 +258,42 @@ def _check_fit(module: nn.Module, forward: Callable, x: torch.Tensor, y: torch.T
     if int(y.max()) >= out.shape[1]:
         raise InputError(f"train_classifier: y_train has label {int(y.max())} but the module has only "
                          f"{out.shape[1]} outputs; labels must be 0..{out.shape[1] - 1}")
+
+
+def train_model(data: Path, arch: str, out: Path, *, size: int, width: float, epochs: int, batch_size: int,
+                lr: float, seed: int, device: str, progress: bool, log=print) -> dict:
+    """Train ``arch`` on ``data`` and write a model directory; returns the model card."""
+    from .data.folders import load_arrays, split_folders
+    from .data.images import ImageFolder
+    from .loading import save_model_card
+    from .models import architecture_name, build_model
+
+    arch = architecture_name(arch)   # fail before loading any data
+    train_dir, test_dir = split_folders(Path(data))
+    train_set = ImageFolder(train_dir, channels=1, size=size)
+    classes = train_set.classes
+    x, y = load_arrays(train_set, progress)
+    x_test = y_test = None
+    if test_dir is not None:
+        x_test, y_test = load_arrays(ImageFolder(test_dir, channels=1, size=size, classes=classes), progress)
+    else:   # hold out 20%, seeded
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        n_test = max(1, len(x) // 5)
+        x_test, y_test, x, y = x[perm[:n_test]], y[perm[:n_test]], x[perm[n_test:]], y[perm[n_test:]]
+    kwargs = {"num_classes": len(classes), "in_channels": 1, "input_size": [size, size], "width": width}
+    torch.manual_seed(seed)
+    module = build_model(arch, **kwargs)
+    preprocess = Normalize([0.5], [0.25])
+    log(f"training {arch} on {len(x)} images of {size}x{size} ({', '.join(classes)}), {epochs} epochs")
+    result = train_classifier(module, x, y, x_val=x_test, y_val=y_test, epochs=epochs, batch_size=batch_size,
+                               lr=lr, seed=seed, preprocess=preprocess, progress=progress, device=device)
+    clf = Classifier(module, preprocess=preprocess, classes=classes, device=device)
+    accuracy = evaluate_accuracy(clf, x_test, y_test)
+    save_model_card(module.cpu(), out, architecture=arch, kwargs=kwargs, classes=classes, preprocess=preprocess,
+                    in_channels=1, input_size=[size, size], value_range=[0, 1],
+                    extra={"test_accuracy": accuracy, "n_test": len(x_test), "trained_on": str(Path(data).resolve()),
+                           "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+                                        "seconds": round(float(result["seconds"]), 1),
+                                        "val_acc_per_epoch": [round(a, 4) for a in result["history"]["val_acc"]]}})
+    log(f"test accuracy {100 * accuracy:.1f}% on {len(x_test)} images; model written to {out}")
+    return json.loads((Path(out) / "model.json").read_text())

@@ -1,9 +1,10 @@
 """Metrics that say whether to trust an explanation (and how good a counterfactual is)."""
 from .complexity import completeness_error, entropy, sparseness
 from .counterfactual import distances, diversity, im1, im2, nearest_training_distance, proximity, sparsity, validity
-from .evaluate import METRICS, evaluate, evaluate_run, per_class, per_correctness, per_method, summarize, summary_table
+from .evaluate import METRICS, evaluate, per_class, per_correctness, per_method, summarize, summary_table
 from .faithfulness import deletion, insertion, mufidelity
 from .localization import mass_lift, pointing_game, relevance_mass, relevance_rank
+from .run_metrics import evaluate_run
 from .sanity import model_randomisation, sanity_report
 from .shortcut import audit, inpaint, random_regions
 from . import tabular  # noqa: F401  (the module: its diversity is not the image one)

@@ -1,8 +1,8 @@
 """Score attribution maps: one table of metrics per image, method and metric.
 
-:func:`evaluate` works on tensors in memory; :func:`evaluate_run` on a run directory (it writes the
-``metrics`` table of ``results.sqlite`` and ``metrics.csv``, ``metrics_summary.csv``, ``curves.json``
-and ``sanity.json`` next to it); :func:`evaluate_cmd` is the ``counterlens evaluate`` command.
+:func:`evaluate` works on tensors in memory; :func:`evaluate_run` on a run directory (in :mod:`.run_metrics`;
+it writes the ``metrics`` table of ``results.sqlite`` and ``metrics.csv``, ``metrics_summary.csv``,
+``curves.json`` and ``sanity.json`` next to it).
 
 **Format: long.** One row per (image, method, metric) with columns ``image`` (the row of ``x``; the
 run's ``image_id`` in :func:`evaluate_run`), ``method``, ``metric``, ``value``, ``target`` /
@@ -274,7 +274,3 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
         parts.append(cor.drop(columns="correct").assign(group_by="correct"))
     out = pd.concat(parts, ignore_index=True)
     return out[["group_by", "group", "method", "metric", "mean", "std", "n", "n_nan"]]
-
-
-# the run-directory half lives in run_metrics.py (re-exported here)
-from .run_metrics import evaluate_cmd, evaluate_run  # noqa: E402,F401

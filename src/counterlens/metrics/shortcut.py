@@ -37,7 +37,7 @@ from ..attribution.base import Evaluator, explain, get_method
 from ..errors import InputError
 from .localization import expected_in_top, mass_lift, relevance_mass
 
-__all__ = ["INPAINT_METHODS", "audit", "audit_cmd", "inpaint", "random_regions", "verdict"]
+__all__ = ["INPAINT_METHODS", "audit", "inpaint", "random_regions", "verdict"]
 
 INPAINT_METHODS = ("normalized", "biharmonic")
 
@@ -314,10 +314,3 @@ def verdict(result: dict) -> str:
     if n < 20:
         text += f" Only {n} images had the region: treat the numbers as indicative."
     return text
-
-
-# -- the command ----------------------------------------------------------------------------------
-
-
-# the command (`counterlens audit`) lives in shortcut_cli.py (re-exported here)
-from .shortcut_cli import audit_cmd  # noqa: E402,F401

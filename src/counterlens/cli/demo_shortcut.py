@@ -21,10 +21,10 @@ ARCH, WIDTH, SIZE, EPOCHS, N_TRAIN, N_TEST = "pneumonia-cnn", 0.25, 64, 6, 800, 
 
 
 def run_shortcut_demo(args) -> Path:
-    from .commands import train_model
-    from .data.synthetic import make_dataset, write_dataset
-    from .metrics.shortcut import audit_cmd
-    from .viz.report import write_report
+    from ..data.synthetic import make_dataset, write_dataset
+    from ..training import train_model
+    from ..viz.report import write_report
+    from .audit import audit_cmd
 
     say = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     out = Path(args.out) if str(args.out) != "demo-run" else Path("demo-shortcut-run")

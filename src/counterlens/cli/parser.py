@@ -1,61 +1,15 @@
-"""The ``counterlens`` command: parses arguments, calls the library, writes files.
+"""The argument parser of the ``counterlens`` command: every subcommand, option, default and help text.
 
-Every subcommand has ``--help``. Errors the user can fix are printed as one line
-(``counterlens: error: ...``) with exit status 2; nothing here computes anything itself.
+Building it imports no library code, so ``--help`` and argument errors come before any model is loaded.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-import yaml
-
-from .errors import CounterlensError
+from .common import batch_size_arg, comma_list, positive_int, share
 
 DEFAULT_METHODS = "gradcam,integrated_gradients"
-
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def parse_params(items: list[str] | None) -> dict[str, dict]:
-    """``["integrated_gradients.steps=64"]`` -> ``{"integrated_gradients": {"steps": 64}}`` (values as YAML)."""
-    out: dict[str, dict] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        method, dot, name = key.partition(".")
-        if not sep or not dot or not method or not name:
-            raise CounterlensError(f"--param {item!r}: write METHOD.NAME=VALUE, e.g. integrated_gradients.steps=64")
-        out.setdefault(method.strip().replace("-", "_"), {})[name.strip()] = yaml.safe_load(value)
-    return out
-
-
-def share(text: str) -> float:
-    """argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
-
-
-def _batch_size(text: str):
-    return text if text == "auto" else positive_int(text)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -66,7 +20,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="function that builds the network for a state_dict file (its weights load with weights_only=True)")
     p.add_argument("--trust-model-file", action="store_true",
                    help="allow loading a fully pickled model; this runs code from the file, so only for files you trust")
-    p.add_argument("--classes", type=_csv, help="class names in output order, comma-separated (default: from the model card)")
+    p.add_argument("--classes", type=comma_list, help="class names in output order, comma-separated (default: from the model card)")
     p.add_argument("--device", default="auto", help="'auto' (a GPU when present), 'cpu' or 'cuda[:N]' (default: auto)")
 
 
@@ -118,14 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--data", required=True, type=Path,
                          help="an image file, a flat folder, or a folder in class-subfolder layout")
     explain.add_argument("--out", required=True, type=Path, help="run directory")
-    explain.add_argument("--methods", type=_csv, default=_csv(DEFAULT_METHODS),
+    explain.add_argument("--methods", type=comma_list, default=comma_list(DEFAULT_METHODS),
                          help=f"comma-separated methods, or 'all' (default: {DEFAULT_METHODS}); see `counterlens methods`")
     explain.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE",
                          help="method parameter, repeatable, e.g. --param integrated_gradients.steps=64")
     explain.add_argument("--target", default="predicted", help="'predicted' (default) or a class name or index")
     explain.add_argument("--masks", type=Path, help="folder of masks matched to images by file stem")
     explain.add_argument("--limit", type=int, help="explain at most this many images (spread over classes)")
-    explain.add_argument("--batch-size", type=_batch_size, default=64,
+    explain.add_argument("--batch-size", type=batch_size_arg, default=64,
                          help="rows per model call (default: 64); 'auto' measures the fastest chunk size")
     explain.add_argument("--images-per-batch", type=int, default=16, help="images explained together (default: 16)")
     explain.add_argument("--seed", type=int, default=0, help="seed of random methods (default: 0)")
@@ -143,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--data", type=Path, help="an image file or folder (class subfolders give labels); or use --table")
     cf.add_argument("--table", type=Path, help="a CSV table: counterfactuals of its rows (tabular search) instead of --data")
     cf.add_argument("--label", help="--table: the label column (not a feature)")
-    cf.add_argument("--immutable", type=_csv, help="--table: features that may not change, comma-separated (e.g. sex,age)")
-    cf.add_argument("--monotone", type=_csv, help="--table: FEATURE:increase or FEATURE:decrease, comma-separated")
+    cf.add_argument("--immutable", type=comma_list, help="--table: features that may not change, comma-separated (e.g. sex,age)")
+    cf.add_argument("--monotone", type=comma_list, help="--table: FEATURE:increase or FEATURE:decrease, comma-separated")
     cf.add_argument("--k", type=positive_int, default=4, help="--table: counterfactuals per row (default: 4)")
     cf.add_argument("--diversity", type=float, default=0.8,
                     help="--table: how much extra cost an alternative may take for being far from the ones already "
@@ -180,14 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "and --train-data)")
     cf.add_argument("--proto-weight", type=float, default=10.0, help="weight of the prototype term (default: 10)")
     cf.add_argument("--limit", type=int, help="at most this many images (spread over classes)")
-    cf.add_argument("--batch-size", type=_batch_size, default=None,
+    cf.add_argument("--batch-size", type=batch_size_arg, default=None,
                     help="rows searched together (default: sized by the image; 8192 for tables)")
     cf.add_argument("--images-per-batch", type=int, default=16, help="images searched together (default: 16)")
     cf.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     cf.add_argument("--no-report", action="store_true", help="do not write report.html")
     cf.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    from .counterfactual.prior_cli import add_fit_prior_parser
     add_fit_prior_parser(sub)
 
     audit = sub.add_parser("audit", help="does the model rely on a suspected region (e.g. a marker)? flip rates and a verdict",
@@ -201,12 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder of masks matched to images by file stem, or a box x0,y0,x1,y1 in pixels of the "
                             "model's input size (x1, y1 exclusive)")
     audit.add_argument("--out", required=True, type=Path, help="run directory")
-    audit.add_argument("--methods", type=_csv, default=_csv(DEFAULT_METHODS),
+    audit.add_argument("--methods", type=comma_list, default=comma_list(DEFAULT_METHODS),
                        help=f"attribution methods scored in the region (default: {DEFAULT_METHODS}); '' for none")
     audit.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE",
                        help="method parameter, repeatable, e.g. --param integrated_gradients.steps=32")
     audit.add_argument("--limit", type=positive_int, help="at most this many images (spread over classes)")
-    audit.add_argument("--batch-size", type=_batch_size, default=64, help="rows per model call (default: 64)")
+    audit.add_argument("--batch-size", type=batch_size_arg, default=64, help="rows per model call (default: 64)")
     audit.add_argument("--seed", type=int, default=0, help="seed of the random regions and methods (default: 0)")
     audit.add_argument("--n-random", type=positive_int, default=8, help="random regions per image (default: 8)")
     audit.add_argument("--inpaint", choices=["normalized", "biharmonic"], default="normalized",
@@ -228,15 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--factory", metavar="PKG.MODULE:FUNCTION", help="builds the module for a state-dict --model")
     ev.add_argument("--trust-model-file", action="store_true",
                     help="allow a fully pickled model (can run code when loaded)")
-    ev.add_argument("--classes", type=_csv, help="class names, comma-separated")
+    ev.add_argument("--classes", type=comma_list, help="class names, comma-separated")
     ev.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda[:N]")
-    ev.add_argument("--metrics", type=_csv, help="comma-separated metric names (default: all that apply)")
+    ev.add_argument("--metrics", type=comma_list, help="comma-separated metric names (default: all that apply)")
     ev.add_argument("--steps", type=positive_int, default=20, help="deletion/insertion steps (default: 20)")
     ev.add_argument("--baseline", choices=["blur", "zero", "mean"], default="blur",
                     help="what deleted pixels become (default: blur)")
-    ev.add_argument("--batch-size", type=_batch_size, default=64, help="rows per model call (default: 64)")
+    ev.add_argument("--batch-size", type=batch_size_arg, default=64, help="rows per model call (default: 64)")
     ev.add_argument("--sanity-images", type=int, default=8, help="images for the randomisation test; 0 skips it")
-    ev.add_argument("--sanity-methods", type=_csv,
+    ev.add_argument("--sanity-methods", type=comma_list,
                     help="methods for the randomisation test, comma-separated (default: every method of the run)")
     ev.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -266,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=64, help="image side (default: 64)")
     demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
     demo.add_argument("--cases", type=int, default=16, help="test images to explain (default: 16)")
-    demo.add_argument("--methods", type=_csv, default=["all"],
+    demo.add_argument("--methods", type=comma_list, default=["all"],
                       help="attribution methods, comma-separated, or 'all' (default: all)")
     demo.add_argument("--counterfactuals", type=int, default=8,
                       help="cases that also get a counterfactual (default: 8)")
@@ -280,39 +233,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
     return __version__
 
 
-def _counterfactual(args) -> int:
-    if getattr(args, "table", None) is not None:
-        from .counterfactual.tabular_cli import tabular_counterfactual_cmd
-        return tabular_counterfactual_cmd(args)
-    if args.data is None:
-        raise CounterlensError("counterfactual: pass --data (images) or --table (a CSV table)")
-    from .commands import counterfactual_cmd
-    return counterfactual_cmd(args)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from . import commands
-    from .counterfactual.prior_cli import fit_prior_command
-    from .metrics.evaluate import evaluate_cmd
-    from .metrics.shortcut import audit_cmd
-    handler = {"data": commands.data_synth, "train": commands.train, "explain": commands.explain,
-               "counterfactual": _counterfactual, "fit-prior": fit_prior_command,
-               "evaluate": evaluate_cmd, "audit": audit_cmd, "methods": commands.methods, "report": commands.report, "demo": commands.demo}[args.command]
-    try:
-        return handler(args) or 0
-    except CounterlensError as exc:
-        print(f"counterlens: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("counterlens: interrupted; results written so far are kept (re-run to resume)", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def add_fit_prior_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``fit-prior`` subcommand to ``subparsers`` (from ``parser.add_subparsers``) and return it."""
+    p = subparsers.add_parser(
+        "fit-prior", help="fit the autoencoder prior that keeps counterfactuals plausible",
+        description="Fit a small convolutional autoencoder on DATA/Training (or DATA itself) and save it to PRIOR "
+                    "(prior.json + weights.safetensors). `counterlens counterfactual --prior PRIOR` uses it for the "
+                    "reconstruction-error term, class prototypes and the latent search. Prints the reconstruction "
+                    "MSE on DATA/Testing when present, next to the mean-image baseline.")
+    p.add_argument("--data", required=True, type=Path, help="image folder (class subfolders or flat)")
+    p.add_argument("--out", required=True, type=Path, metavar="PRIOR", help="folder to write the prior to")
+    p.add_argument("--size", type=positive_int, default=64,
+                   help="image side the images are resized to; use the model's input size (default: 64)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=1, help="image channels (default: 1, grey)")
+    p.add_argument("--epochs", type=positive_int, default=30, help="training epochs (default: 30)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="training batch size (default: 64)")
+    p.add_argument("--latent-channels", type=positive_int, default=4,
+                   help="channels of the latent code, which is SIZE/4 per side (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]' (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    return p

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ..errors import InputError, UntrustedModelError
+from .common import load_classifier
 
 __all__ = ["TABLE_SCHEMA", "tabular_counterfactual_cmd"]
 
@@ -92,7 +93,6 @@ def load_tabular_model(args):
         if not callable(getattr(model, "predict_proba", None)):
             raise InputError(f"--model {path} holds a {type(model).__name__} without predict_proba; pass a classifier")
         return model, file_sha256(path), type(model).__name__
-    from ..commands import load_classifier
     if getattr(args, "model", None) is None:
         args.model = source
     for name, default in (("factory", None), ("trust_model_file", False), ("device", "auto"), ("classes", None)):
@@ -109,7 +109,7 @@ def tabular_counterfactual_cmd(args) -> int:
     from ..data.tabular import TabularSchema, read_table
     from ..runs.runner import package_versions
     from ..runs.store import RunStore
-    from .tabular import TabularModel, _targets, tabular_counterfactual
+    from ..counterfactual.tabular import TabularModel, _targets, tabular_counterfactual
 
     t0 = time.perf_counter()
     say = (lambda text: None) if getattr(args, "quiet", False) else (lambda text: print(text, flush=True))

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .attribution.base import Evaluator
-from .attribution.base import METHODS
-from .commands import load_arrays, run_explain, train_model
+from ..attribution.base import METHODS, Evaluator
+from ..data.folders import load_arrays
+from ..runs.application import run_explain
+from ..training import train_model
 
 DEMO_ARCH = "brain-tumor-cnn"
 DEMO_WIDTH = 0.5
@@ -54,17 +55,22 @@ def pick_cases(predictions: torch.Tensor, labels: torch.Tensor, n: int, max_inco
     return sorted(wrong + right)
 
 
+def demo(args) -> int:
+    run_demo(args)
+    return 0
+
+
 def run_demo(args) -> Path:
     if getattr(args, "shortcut", False):
         from .demo_shortcut import run_shortcut_demo
         return run_shortcut_demo(args)
-    from .data.images import ImageFolder
-    from .data.synthetic import make_dataset, write_dataset
-    from .loading import load_model
-    from .metrics.run_metrics import evaluate_run
-    from .runs.runner import counterfactual_dataset
-    from .runs.store import RunStore
-    from .viz.report import write_report
+    from ..data.images import ImageFolder
+    from ..data.synthetic import make_dataset, write_dataset
+    from ..loading import load_model
+    from ..metrics.run_metrics import evaluate_run
+    from ..runs.runner import counterfactual_dataset
+    from ..runs.store import RunStore
+    from ..viz.report import write_report
 
     progress = not args.quiet
     say = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))

@@ -13,7 +13,8 @@ import torch
 
 from ..attribution.base import get_method
 from ..errors import DataFileError, InputError
-from .shortcut import _num, audit
+from ..metrics.shortcut import _num, audit
+from .common import has_class_folders, load_classifier, parse_params
 
 
 def _parse_box(text: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -31,9 +32,8 @@ def _parse_box(text: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 def audit_cmd(args) -> int:
     """``counterlens audit``: load model and images, audit the region, write ``RUN/audit.json``/``audit.md``."""
-    from ..cli import parse_params
-    from ..commands import _has_class_folders, load_classifier, model_spec
     from ..data.images import ImageFolder
+    from ..runs.application import model_spec
     from ..runs.runner import package_versions, resolved_methods
     from ..runs.store import RunStore
 
@@ -44,7 +44,7 @@ def audit_cmd(args) -> int:
     clf = load_classifier(args)
     data = Path(args.data)
     dataset = ImageFolder(data, channels=1 if (clf.in_channels or 1) == 1 else clf.in_channels, size=clf.input_size,
-                          classes=clf.classes if _has_class_folders(data) else None,
+                          classes=clf.classes if has_class_folders(data) else None,
                           masks=None if is_box else Path(args.region), limit=getattr(args, "limit", None))
     images, masks, labels, rows, failed = [], [], [], [], []
     for i in range(len(dataset)):

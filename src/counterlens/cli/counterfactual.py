@@ -1,0 +1,75 @@
+"""``counterlens counterfactual``: counterfactuals of every image of a folder (or, with ``--table``, of
+every row of a table: :mod:`.tabular`) into a run directory."""
+from __future__ import annotations
+
+from ..errors import CounterlensError, InputError
+from .common import has_class_folders, load_classifier, target_arg
+from .tabular import tabular_counterfactual_cmd
+
+
+def counterfactual(args) -> int:
+    """``--table``: the tabular search; else the image search of ``--data``."""
+    if getattr(args, "table", None) is not None:
+        return tabular_counterfactual_cmd(args)
+    if args.data is None:
+        raise CounterlensError("counterfactual: pass --data (images) or --table (a CSV table)")
+    return counterfactual_cmd(args)
+
+
+def counterfactual_cmd(args) -> int:
+    from ..data.folders import load_arrays
+    from ..data.images import ImageFolder
+    from ..runs.application import model_spec
+    from ..runs.runner import counterfactual_dataset, package_versions
+    from ..runs.store import RunStore
+    from ..viz.report import write_report
+    clf = load_classifier(args)
+    channels = 1 if (clf.in_channels or 1) == 1 else clf.in_channels
+    dataset = ImageFolder(args.data, channels=channels,
+                          size=clf.input_size, classes=clf.classes if has_class_folders(args.data) else None,
+                          masks=args.editable_masks, limit=args.limit)
+    params = {"threshold": args.threshold, "steps": args.steps, "candidates": args.candidates,
+              "l1": args.l1, "l2": args.l2, "tv": args.tv, "schedule": args.schedule, "early_stop": args.early_stop,
+              "batch_size": args.batch_size, "seed": args.seed}
+    if (args.prototypes or args.latent) and args.prior is None:
+        raise InputError(f"{'--prototypes' if args.prototypes else '--latent'} needs --prior PRIOR "
+                         "(an autoencoder from `counterlens fit-prior`)")
+    if args.prototypes and args.train_data is None:
+        raise InputError("--prototypes needs --train-data DIR: the labelled training images the prototypes are "
+                         "the class means of")
+    train = None
+    if args.train_data is not None:
+        if not has_class_folders(args.train_data):
+            raise InputError(f"--train-data {args.train_data}: expected a folder with one subfolder per class")
+        train_set = ImageFolder(args.train_data, channels=channels, size=clf.input_size, classes=clf.classes)
+        train = load_arrays(train_set, progress=not args.quiet)
+    if args.prior is not None:
+        from ..counterfactual.prior import AutoencoderPrior, class_prototypes
+        prior = AutoencoderPrior.load(args.prior, device=clf.device)
+        prior_weight = 0.0 if args.prototypes else args.prior_weight
+        params.update(prior=prior, prior_weight=prior_weight if not args.latent else 0.0, latent=args.latent)
+        if args.prototypes:
+            n_classes = len(clf.classes) if clf.classes else int(train[1].max()) + 1
+            params.update(prototypes=class_prototypes(prior, train[0], train[1], n_classes),
+                          proto_weight=args.proto_weight)
+    target = target_arg(args.target)
+    with RunStore(args.out) as store:
+        spec = store.read_spec()
+        if spec and spec.get("model", {}).get("sha256") != getattr(clf, "source_hash", None):
+            raise CounterlensError(f"{args.out} holds a run of another model; pass a new --out directory")
+        spec.setdefault("model", model_spec(clf, args.model))
+        spec.setdefault("data", {"path": str(args.data), "images": len(dataset), "classes": dataset.classes})
+        spec.setdefault("device", str(clf.device))
+        spec.setdefault("versions", package_versions())
+        spec["counterfactual"] = {"target": target, "editable_masks": str(args.editable_masks or ""),
+                                  "prior": str(args.prior or ""), "train_data": str(args.train_data or ""),
+                                  **{k: v for k, v in params.items() if k not in ("prior", "prototypes")}}
+        store.write_spec(spec)
+        summary = counterfactual_dataset(clf, dataset, store, target=target, params=params,
+                                         images_per_batch=args.images_per_batch, progress=not args.quiet,
+                                         train=train)
+    print(f"counterfactuals for {summary.done} images ({summary.skipped} already done, {summary.failed} failed) "
+          f"in {summary.seconds:.1f} s; run directory: {args.out}")
+    if not args.no_report:
+        print(f"report: {write_report(args.out)}")
+    return 0

@@ -1,0 +1,51 @@
+"""``counterlens evaluate``: the trust metrics of a run directory (:func:`counterlens.metrics.run_metrics.evaluate_run`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import CounterlensError, InputError
+from ..metrics.evaluate import per_method
+from ..metrics.run_metrics import evaluate_run
+
+
+def evaluate_cmd(args) -> int:
+    """``counterlens evaluate RUN [--masks DIR] [--model PATH] ...``: metrics of a run directory.
+
+    Reads ``args.run``, ``args.masks``; optional ``model`` (default: the run's model source in
+    ``run.yaml``), ``factory``, ``trust_model_file``, ``device``, ``classes``, ``metrics`` (list),
+    ``batch_size``, ``seed``, ``steps``, ``baseline``, ``sanity_images`` (0 skips the sanity check),
+    ``quiet``. Refuses a model whose SHA-256 differs from the one the run was made with.
+    """
+    from ..loading import load_model
+    from ..runs.store import RunStore
+    run = Path(args.run)
+    with RunStore(run, create=False) as store:
+        spec = store.read_spec()
+    model = spec.get("model") or {}
+    source = getattr(args, "model", None) or model.get("source")
+    if not source or not Path(source).exists():
+        raise InputError(f"the model of {run} ({source or 'not recorded'}) is not found; pass --model PATH")
+    clf = load_model(source, factory=getattr(args, "factory", None),
+                     trust_model_file=getattr(args, "trust_model_file", False), device=getattr(args, "device", "auto"),
+                     classes=getattr(args, "classes", None) or model.get("classes"))
+    if model.get("sha256") and getattr(clf, "source_hash", None) and model["sha256"] != clf.source_hash:
+        raise CounterlensError(f"{source} is not the model {run} was made with (SHA-256 differs); pass the run's model")
+    sanity_images = int(getattr(args, "sanity_images", 8))
+    df = evaluate_run(run, clf, masks_dir=getattr(args, "masks", None), metrics=getattr(args, "metrics", None),
+                      batch_size=getattr(args, "batch_size", 64), seed=getattr(args, "seed", 0),
+                      steps=getattr(args, "steps", 20), baseline=getattr(args, "baseline", "blur"),
+                      sanity=sanity_images > 0, sanity_images=sanity_images,
+                      sanity_methods=getattr(args, "sanity_methods", None), progress=not getattr(args, "quiet", False))
+    table = per_method(df).pivot(index="method", columns="metric", values="mean")
+    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    for method, v in (df.attrs.get("sanity") or {}).items():
+        if "error" in v:
+            print(f"sanity {method}: not run ({v['error']})")
+            continue
+        final = v["similarity"][-1]
+        print(f"sanity {method}: {'passed' if v['passed'] else 'FAILED'} (similarity after randomising all "
+              f"{len(v['layers'])} layers: {'-' if final is None else f'{final:.3f}'}, threshold {v['threshold']})")
+    print(f"wrote {df['image_id'].nunique()} images x {df['method'].nunique()} methods x {df['metric'].nunique()} "
+          f"metrics to {run / 'results.sqlite'} (table metrics), metrics.csv, metrics_summary.csv, curves.json"
+          + (", sanity.json" if sanity_images > 0 else ""))
+    return 0
