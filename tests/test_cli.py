@@ -1,6 +1,5 @@
 """The command line as a user meets it: help everywhere, the whole path end to end, clear errors."""
 import json
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from counterlens import open_run
 from counterlens.cli import main
 
 SUBCOMMANDS = [["data"], ["data", "synth"], ["train"], ["explain"], ["counterfactual"], ["fit-prior"], ["evaluate"], ["audit"],
@@ -75,13 +75,11 @@ def test_synth_train_explain_report(trained, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "explained 8 images" in out and "report.html" in out
-    with sqlite3.connect(run / "results.sqlite") as db:
-        assert db.execute("SELECT COUNT(*) FROM images WHERE status = 'done'").fetchone()[0] == 8
-        assert db.execute("SELECT COUNT(*) FROM attributions").fetchone()[0] == 24
-        labels = {r[0] for r in db.execute("SELECT label_name FROM images")}
-        assert labels == {"glioma", "meningioma", "notumor", "pituitary"}   # --limit spreads over classes
-        assert db.execute("SELECT COUNT(mask_file) FROM images").fetchone()[0] == 8
-    assert len(list((run / "arrays" / "gradcam").glob("*.npy"))) == 8
+    result = open_run(run)
+    assert (result.cases.status == "done").sum() == 8 and len(result.attributions) == 24
+    assert set(result.cases.label) == {"glioma", "meningioma", "notumor", "pituitary"}   # --limit spreads over classes
+    assert all(result.mask(p) is not None for p in result.cases.path)
+    assert len(list((run / "arrays").rglob("*.npz"))) == 1          # 8 images x 3 methods: one batch file
     html = (run / "report.html").read_text()
     assert html.count("gradcam (target:") == 8
     # resuming the same command does nothing new
@@ -127,11 +125,11 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "[6/6]" in printed and f"report: {(out / 'report.html').resolve()}" in printed
     assert (tmp_path / "demo-run-work" / "model" / "model.json").exists()
-    with sqlite3.connect(out / "results.sqlite") as db:
-        assert db.execute("SELECT COUNT(*) FROM images WHERE status = 'done'").fetchone()[0] == 6
-        assert {r[0] for r in db.execute("SELECT method FROM attributions")} == {"gradcam", "integrated_gradients"}
-        assert db.execute("SELECT COUNT(*) FROM counterfactuals").fetchone()[0] == 2
-        metrics = {r[0] for r in db.execute("SELECT DISTINCT metric FROM metrics")}
+    result = open_run(out)
+    assert (result.cases.status == "done").sum() == 6
+    assert set(result.attributions.method) == {"gradcam", "integrated_gradients"}
+    assert len(result.counterfactuals) == 2
+    metrics = set(result.metrics.metric)
     assert {"deletion_auc", "insertion_auc", "mass_lift", "pointing_game"} <= metrics
     assert (out / "run.yaml").exists() and (out / "report.html").stat().st_size > 10_000
     assert (out / "sanity.json").exists() and (out / "curves.json").exists() and (out / "results.csv").exists()
@@ -173,9 +171,7 @@ def test_explain_every_method_from_the_cli(trained, tmp_path, capsys):
     for p in params:
         args += ["--param", p]
     assert main(args) == 0
-    with sqlite3.connect(run / "results.sqlite") as db:
-        methods = {r[0] for r in db.execute("SELECT DISTINCT method FROM attributions")}
-    assert methods == set(METHODS)
+    assert set(open_run(run).attributions.method) == set(METHODS)
     html = (run / "report.html").read_text()
     assert all(f"{m} (target:" in html for m in METHODS)
     spec = (run / "run.yaml").read_text()
@@ -193,24 +189,25 @@ def test_counterfactual_and_fit_prior_from_the_cli(trained, tmp_path, capsys):
                  "--editable-masks", str(data / "masks" / "brain")]) == 0
     out = capsys.readouterr().out
     assert "counterfactuals for 3 images" in out
-    with sqlite3.connect(run / "results.sqlite") as db:
-        rows = db.execute("SELECT c.valid, c.reason, c.l1, c.array_file, i.prediction, c.target, i.mask_file "
-                          "FROM counterfactuals c JOIN images i ON i.id = c.image_id").fetchall()
-        assert db.execute("SELECT COUNT(*) FROM attributions").fetchone()[0] == 3   # explain rows kept
-    assert len(rows) == 3
+    result = open_run(run)
+    rows = result.counterfactuals.merge(result.cases, on="path")
+    assert len(rows) == 3 and len(result.attributions) == 3          # explain rows kept
     import numpy as np
-    for valid, reason, l1, file, pred, target, mask_file in rows:
-        assert target != pred and (valid == 1) == (reason == "")
-        cf = np.load(run / file).astype(np.float32)
-        assert cf.min() >= 0 and cf.max() <= 1
-        mask = np.load(run / mask_file) > 0.5
-        orig_id = file.split("/")[-1].split("_")[0]
-        orig = np.load(run / "arrays" / "images" / f"{orig_id}.npy").astype(np.float32)
-        assert np.abs(cf - orig)[0][~mask].max() <= 1e-3      # nothing outside the editable mask moved
+    for r in rows.itertuples():
+        assert r.target != r.prediction_index and r.valid == (r.reason == "")
+        cf = result.counterfactual(r.path)
+        assert cf.dtype == np.float32 and cf.min() >= 0 and cf.max() <= 1
+        mask = result.mask(r.path)
+        assert np.abs(cf - result.image(r.path))[0][~mask].max() <= 1e-6   # nothing outside the editable mask moved
     html = (run / "report.html").read_text()
     assert html.count("<figure class=\"cf\">") == 3 and html.count("gradcam (target:") == 3
-    assert main(["counterfactual", *base, "--steps", "60"]) == 0
+    cf_args = ["counterfactual", *base, "--target", "other", "--steps", "60", "--editable-masks",
+               str(data / "masks" / "brain")]
+    assert main(cf_args) == 0
     assert "counterfactuals for 0 images (3 already done" in capsys.readouterr().out
+    assert main([*cf_args[:-2], "--no-report"]) == 2                  # other settings: refused, not mixed
+    err = capsys.readouterr().err
+    assert "counterfactual.editable_masks" in err and "--overwrite" in err
     prior = tmp_path / "prior"
     assert main(["fit-prior", "--data", str(data), "--out", str(prior), "--size", "32", "--epochs", "1", "--quiet"]) == 0
     assert (prior / "prior.json").exists()
@@ -223,8 +220,7 @@ def test_counterfactual_and_fit_prior_from_the_cli(trained, tmp_path, capsys):
     assert "--prototypes needs --train-data" in capsys.readouterr().err
     assert main(["counterfactual", *base2, "--prior", str(prior), "--prototypes", "--train-data",
                  str(data / "Training"), "--steps", "40", "--no-report"]) == 0
-    with sqlite3.connect(run2 / "results.sqlite") as db:
-        near = [r[0] for r in db.execute("SELECT nearest_train_distance FROM counterfactuals")]
+    near = list(open_run(run2).counterfactuals.nearest_train_distance)
     assert len(near) == 2 and all(v is not None and v > 0 for v in near)
     spec = (run2 / "run.yaml").read_text()
     assert "proto_weight: 10.0" in spec and "train_data:" in spec

@@ -3,7 +3,6 @@ functions, grouping; Quantus on the localisation metrics; evaluate_run / evaluat
 import argparse
 import json
 import math
-import sqlite3
 
 import numpy as np
 import pandas as pd
@@ -24,7 +23,7 @@ from counterlens.metrics.evaluate import (
     summarize,
     summary_table,
 )
-from counterlens.metrics.run_metrics import evaluate_run
+from counterlens.runs.evaluate import evaluate_run
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
@@ -183,7 +182,7 @@ def run_dir(tmp_path_factory):
     """8 synthetic brain-MRI test slices (32 px, tumour masks), a small ResNet saved as a model card,
     and a run with saliency, Grad-CAM and integrated gradients."""
     from counterlens.cards import save_model_card
-    from counterlens.runs.application import run_explain
+    from counterlens.runs.dataset import explain_folder
     from counterlens.data.images import ImageFolder
     from counterlens.data.synthetic import make_dataset, write_dataset
     from counterlens.loading import load_model
@@ -197,9 +196,9 @@ def run_dir(tmp_path_factory):
                     classes=sets["test"].classes, preprocess=cl.Normalize([0.5], [0.25]))
     clf = load_model(root / "model", device="cpu")
     data = ImageFolder(root / "data" / "Testing", channels=1, size=32, classes=clf.classes)
-    run_explain(clf, data, root / "run", methods=["saliency", "gradcam", "integrated_gradients"],
-                params={"integrated_gradients": {"steps": 8}}, progress=False, model_source=str(root / "model"),
-                data_source=str(root / "data" / "Testing"), report=False)
+    explain_folder(clf, data, root / "run", methods=["saliency", "gradcam", "integrated_gradients"],
+                   params={"integrated_gradients": {"steps": 8}}, progress=False, model_source=str(root / "model"),
+                   data_source=str(root / "data" / "Testing"))
     return root, clf
 
 
@@ -210,23 +209,20 @@ def test_evaluate_run_writes_table_csvs_curves_and_sanity(run_dir):
     df = evaluate_run(run, clf, masks_dir=root / "data" / "masks" / "tumor", steps=8, n_subsets=8, sanity_images=3)
     n_metrics = len(METRICS)
     assert len(df) == 8 * (3 * n_metrics - 2)          # completeness only for IG
-    with sqlite3.connect(run / "results.sqlite") as db:
-        cols = [r[1] for r in db.execute("PRAGMA table_info(metrics)")]
-        pk = [r[1] for r in sorted(db.execute("PRAGMA table_info(metrics)"), key=lambda r: r[5]) if r[5]]
-        stored = db.execute("SELECT image_id, method, metric, value FROM metrics").fetchall()
-        labels = dict(db.execute("SELECT id, label FROM images").fetchall())
-    assert cols == ["image_id", "method", "metric", "value"] and pk == ["image_id", "method", "metric"]
-    assert len(stored) == len(df)
-    got = {(i, m, k): v for i, m, k, v in stored}
+    result = cl.open_run(run)
+    stored = result.metrics
+    assert list(stored.columns) == ["path", "method", "metric", "value"]
+    assert len(stored) == len(df) and not stored.duplicated(["path", "method", "metric"]).any()
+    got = {(p, m, k): v for p, m, k, v in stored.itertuples(index=False)}
     for r in df.itertuples():
-        v = got[(r.image_id, r.method, r.metric)]
-        assert (v is None and math.isnan(r.value)) or v == pytest.approx(r.value)
-    notumor = [i for i, lab in labels.items() if lab == clf.classes.index("notumor")]
+        v = got[(r.path, r.method, r.metric)]
+        assert (math.isnan(v) and math.isnan(r.value)) or v == pytest.approx(r.value)
+    notumor = set(result.cases.path[result.cases.label == "notumor"])
     loc = df[df.metric == "relevance_mass"]
-    assert loc[loc.image_id.isin(notumor)]["value"].isna().all()              # empty masks
-    assert loc[~loc.image_id.isin(notumor)]["value"].notna().all()
+    assert loc[loc.path.isin(notumor)]["value"].isna().all()              # empty masks
+    assert loc[~loc.path.isin(notumor)]["value"].notna().all()
     csv = pd.read_csv(run / "metrics.csv")
-    assert {"image_id", "name", "method", "metric", "value", "label_name", "predicted_name", "correct"} <= set(csv.columns)
+    assert {"path", "method", "metric", "value", "label_name", "predicted_name", "correct"} <= set(csv.columns)
     summary = pd.read_csv(run / "metrics_summary.csv")
     assert list(summary.columns) == ["group_by", "group", "method", "metric", "mean", "std", "n", "n_nan"]
     curves = json.loads((run / "curves.json").read_text())
@@ -241,8 +237,7 @@ def test_evaluate_run_writes_table_csvs_curves_and_sanity(run_dir):
         assert v["threshold"] == 0.5 and "random_logit" in v and v["layers"][0] == "fc"
     # a second evaluation of fewer metrics replaces only those rows
     evaluate_run(run, clf, metrics=["entropy"], sanity=False)
-    with sqlite3.connect(run / "results.sqlite") as db:
-        assert db.execute("SELECT COUNT(*) FROM metrics").fetchone()[0] == len(df)
+    assert len(cl.open_run(run).metrics) == len(df)
 
 
 @pytest.mark.slow

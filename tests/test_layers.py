@@ -35,14 +35,7 @@ LAYERS = [
 
 # Known edges against the layer order, each with why it is here; one that disappears must be
 # removed from this list (the test says so), one that is not here fails the test.
-KNOWN_LAYER_EXCEPTIONS = {
-    ("counterlens.metrics.run_metrics", "counterlens.runs.store"):
-        "evaluate_run reads and writes a run directory (RunStore, the metrics table); it is run-layer "
-        "code that stays in metrics/ until the run layer takes it over",
-    ("counterlens.runs.application", "counterlens.viz.report"):
-        "run_explain (moved unchanged from commands.py) writes report.html after the run; the caller "
-        "(cli) should write the report instead",
-}
+KNOWN_LAYER_EXCEPTIONS: dict = {}
 
 
 # -- the checker --------------------------------------------------------------------------------

@@ -1,17 +1,24 @@
-"""The run directory: rows written as work completes, resumable, failures recorded, report escaped."""
-import sqlite3
+"""The pipeline stages: plain data in and out (picklable), failures recorded per file, results equal
+to the library's; the local engine's parallelism plan and claims."""
+import os
+import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from conftest import TinyCNN
 from PIL import Image
 
 import counterlens as cl
-from counterlens.runs.application import run_explain
 from counterlens.data.images import ImageFolder
-from counterlens.errors import CounterlensError
+from counterlens.errors import InputError
+from counterlens.runs import pipeline
+from counterlens.runs.dataset import explain_folder
+from counterlens.runs.engines.local import Job, plan_parallelism
+from counterlens.runs.records import CaseResult
+from counterlens.runs.store import Claims
 
 EVIL = "<img src=x onerror=alert(1)>"
 
@@ -31,65 +38,95 @@ def make_folder(root, n_per_class=3, size=32, classes=("healthy", "<script>")):
 def clf():
     torch.manual_seed(0)
     return cl.Classifier(TinyCNN(n_classes=2), preprocess=cl.Normalize([0.5], [0.25]),
-                         classes=["healthy", "<script>"], device="cpu", input_size=(32, 32),
-                         value_range=(0, 1))
+                         classes=["healthy", "<script>"], device="cpu", input_size=(32, 32), value_range=(0, 1))
 
 
-def rows(run, sql):
-    with sqlite3.connect(run / "results.sqlite") as db:
-        return db.execute(sql).fetchall()
-
-
-def test_explain_writes_run_directory_and_resumes(tmp_path, clf):
+def test_stages_take_and_give_plain_picklable_data(tmp_path, clf):
     data = make_folder(tmp_path / "data")
     ds = ImageFolder(data, channels=1, size=32, classes=clf.classes)
-    run = tmp_path / "run"
-    summary, report = run_explain(clf, ds, run, methods=["gradcam", "integrated_gradients"],
-                                  params={"integrated_gradients": {"steps": 8}}, images_per_batch=3,
-                                  progress=False, model_source="tiny", data_source=str(data))
-    assert (summary.done, summary.failed, summary.skipped) == (7, 1, 0)
-    spec = yaml.safe_load((run / "run.yaml").read_text())
-    assert spec["methods"]["integrated_gradients"]["steps"] == 8
-    assert spec["methods"]["integrated_gradients"]["rule"] == "gausslegendre"
-    assert spec["versions"]["torch"] == torch.__version__.split("+")[0] or spec["versions"]["torch"]
-    status = dict(rows(run, "SELECT name, status FROM images"))
-    assert status["<script>/broken.png"] == "failed" and list(status.values()).count("done") == 7
-    err = rows(run, "SELECT error FROM images WHERE name LIKE '%broken.png'")[0][0]
-    assert "broken.png" in err
-    n_attr = rows(run, "SELECT COUNT(*) FROM attributions")[0][0]
-    assert n_attr == 14
-    # maps stored equal the library's maps for the same image
-    image_id, file = rows(run, "SELECT i.id, a.array_file FROM images i JOIN attributions a ON a.image_id = i.id "
-                               "WHERE a.method = 'gradcam' ORDER BY i.id LIMIT 1")[0]
-    stored = np.load(run / file).astype(np.float32)
-    img = np.load(run / f"arrays/images/{image_id}.npy").astype(np.float32)
-    direct = cl.explain(clf, torch.from_numpy(img)[None], methods=["gradcam"])["gradcam"][0].numpy()
-    np.testing.assert_allclose(stored, direct, rtol=2e-3, atol=2e-3 * np.abs(direct).max())
-    # resume: nothing left to do
-    summary2, _ = run_explain(clf, ds, run, methods=["gradcam", "integrated_gradients"],
-                              params={"integrated_gradients": {"steps": 8}}, progress=False,
-                              model_source="tiny", data_source=str(data))
-    assert summary2.done == 0 and summary2.skipped == 7
-    # a run killed after some images: delete two rows, re-run does exactly those
-    with sqlite3.connect(run / "results.sqlite") as db:
-        db.execute("DELETE FROM attributions WHERE image_id IN (SELECT id FROM images WHERE status='done' LIMIT 2)")
-    summary3, _ = run_explain(clf, ds, run, methods=["gradcam", "integrated_gradients"],
-                              params={"integrated_gradients": {"steps": 8}}, progress=False,
-                              model_source="tiny", data_source=str(data))
-    assert summary3.done == 2 and rows(run, "SELECT COUNT(*) FROM attributions")[0][0] == 14
-    # other settings into the same directory are refused
-    with pytest.raises(CounterlensError, match="new --out"):
-        run_explain(clf, ds, run, methods=["gradcam"], params={}, progress=False)
+    cases = pipeline.cases_of(ds)
+    assert [c.id for c in cases][:2] == ["<script>/broken.png", "<script>/img0.png"]
+    assert cases[0].label_name == "<script>" and cases[0].label == 1
+    batch = pipeline.read_batch(cases, ds.read_options)
+    assert len(batch.cases) == 7 and [c.id for c, _ in batch.failed] == ["<script>/broken.png"]
+    assert "broken.png" in batch.failed[0][1]
+    batch = pickle.loads(pickle.dumps(batch))                       # crosses a process boundary intact
+    methods = {"gradcam": {}, "integrated_gradients": {"steps": 8, "batch_size": 64}}
+    results = pipeline.explain_batch(clf, batch, methods)
+    results = pickle.loads(pickle.dumps(results))
+    assert all(isinstance(r, CaseResult) for r in results)
+    failed = [r for r in results if r.status == "failed"]
+    assert len(failed) == 1 and failed[0].image is None and "broken.png" in failed[0].error
+    done = [r for r in results if r.status == "done"]
+    x = torch.from_numpy(np.stack([r.image for r in done]))
+    direct = cl.explain(clf, x, methods=["gradcam", "integrated_gradients"], integrated_gradients__steps=8)
+    for j, r in enumerate(done):
+        assert set(r.maps) == set(methods) and r.maps["gradcam"].dtype == np.float32
+        np.testing.assert_allclose(r.maps["integrated_gradients"], direct["integrated_gradients"][j], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(r.probs, clf.probs(x[j:j + 1])[0].numpy(), rtol=1e-5)
+        assert r.prediction == int(np.argmax(r.probs)) and r.prediction_name == clf.classes[r.prediction]
+        assert r.targets["gradcam"] == r.prediction and r.seconds["gradcam"] > 0
 
 
-def test_report_is_self_contained_and_escapes_user_data(tmp_path, clf):
+def test_explain_arrays_is_one_call_for_any_engine(clf):
+    x = np.random.default_rng(1).random((3, 1, 32, 32)).astype(np.float32)
+    out = pipeline.explain_arrays(clf, x, {"saliency": {"batch_size": 64}}, target=1)
+    assert out.probs.shape == (3, 2) and list(out.targets) == [1, 1, 1]
+    assert out.maps["saliency"].shape == (3, 32, 32) and out.class_names == clf.classes
+    direct = cl.explain(clf, torch.from_numpy(x), target=1, methods=["saliency"])["saliency"].numpy()
+    np.testing.assert_array_equal(out.maps["saliency"], direct)
+
+
+def test_mixed_image_sizes_are_explained_in_groups(tmp_path, clf):
+    rng = np.random.default_rng(0)
+    (tmp_path / "d").mkdir()
+    for i, s in enumerate((32, 32, 40, 40, 32)):
+        Image.fromarray((rng.random((s, s)) * 255).astype(np.uint8)).save(tmp_path / "d" / f"{i}.png")
+    ds = ImageFolder(tmp_path / "d", channels=1)
+    summary = explain_folder(cl.Classifier(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(),
+                                                               torch.nn.Linear(16, 2)), device="cpu"),
+                             ds, tmp_path / "run", methods=["saliency"], images_per_batch=5, progress=False)
+    assert (summary.done, summary.failed) == (5, 0)
+    run = cl.open_run(tmp_path / "run")
+    assert run.map("2.png", "saliency").shape == (40, 40) and run.map("4.png", "saliency").shape == (32, 32)
+
+
+def test_plan_parallelism():
+    cores = len(os.sched_getaffinity(0))
+    assert plan_parallelism("cpu", 100) == (cores, 1)                # one single-thread worker per core
+    assert plan_parallelism("cpu", 1) == (1, cores)                  # one batch: one worker, every core
+    assert plan_parallelism("cpu", 100, workers=1) == (1, cores)
+    assert plan_parallelism("cpu", 100, threads=cores) == (1, cores)
+    assert plan_parallelism("cuda", 100)[0] == 1
+    with pytest.raises(InputError, match="workers=0"):
+        plan_parallelism("cpu", 10, workers=0)
+    with pytest.raises(InputError, match="stage="):
+        Job("train", read={})
+
+
+def test_claims_split_work_and_are_taken_over_from_dead_processes(tmp_path):
+    a = Claims(tmp_path, "explain")
+    assert a.claim("k1") and not a.claim("k1")                      # held by a live process (this one)
+    a.mark_done("k1")
+    later = Claims(tmp_path, "explain", since=0.0)
+    assert later.is_done("k1") and not later.claim("k1")
+    newer = Claims(tmp_path, "explain", since=1e12)                  # listed its work after the mark: ignores it
+    assert not newer.is_done("k1") and newer.claim("k1")
+    # a claim of a process that died (kill -9) is stale and taken over
+    code = ("import sys; from counterlens.runs.store import Claims; "
+            "assert Claims(sys.argv[1], 'explain').claim('k2')")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+    assert Claims(tmp_path, "explain").stale("k2") and Claims(tmp_path, "explain").claim("k2")
+
+
+def test_report_of_a_run_escapes_user_data(tmp_path, clf):
     data = make_folder(tmp_path / "data")
     ds = ImageFolder(data, channels=1, size=32, classes=clf.classes)
-    _, report = run_explain(clf, ds, tmp_path / "run", methods=["gradcam"], params={}, progress=False,
-                            model_source="tiny", data_source=str(data))
-    html = report.read_text()
+    explain_folder(clf, ds, tmp_path / "run", methods=["gradcam"], progress=False)
+    from counterlens.viz.report import write_report
+    html = write_report(tmp_path / "run").read_text()
     assert EVIL not in html and "&lt;img src=x onerror=alert(1)&gt;.png" in html
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert html.count("data:image/png;base64,") >= 7 * 2
     assert "http://" not in html and "https://" not in html   # nothing to fetch
-    assert "failed to load" in html and "broken.png" in html
+    assert "broken.png" in html

@@ -2,7 +2,6 @@
 validation on chest-xray (marker shortcut vs clean training) and the command handler."""
 import argparse
 import json
-import sqlite3
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import torch
 from conftest import single_thread
 from torch import nn
 
+from counterlens import open_run
 from counterlens.cli.audit import audit_cmd
 from counterlens.data.synthetic import generate, write_dataset
 from counterlens.errors import InputError
@@ -264,9 +264,11 @@ def test_audit_command_writes_the_run_and_fails_on_shortcut(models, marked_test_
     assert {"mass_lift", "confounder_sensitivity"} <= set(result["methods"]["gradcam"])
     assert len(result["per_image"]) == result["n_images"]
     assert "| relies on region | yes |" in (run / "audit.md").read_text()
-    with sqlite3.connect(run / "results.sqlite") as db:
-        assert db.execute("SELECT COUNT(*) FROM images WHERE status = 'done'").fetchone()[0] == result["n_images"]
-        assert db.execute("SELECT COUNT(*) FROM attributions").fetchone()[0] == result["n_images"]
+    stored = open_run(run)
+    assert (stored.cases.status == "done").sum() == result["n_images"]
+    assert len(stored.attributions) == result["n_images"]
+    case = stored.cases.path[stored.cases.status == "done"].iloc[0]
+    assert stored.mask(case).any() and stored.map(case, "gradcam").shape == (SIZE, SIZE)   # the region is the mask
     from counterlens.viz.report import write_report
     assert write_report(run).read_text().count("gradcam (target:") == result["n_images"]    # the run renders
     # without --fail-on-shortcut the same finding exits 0; the clean model passes either way
@@ -279,5 +281,5 @@ def test_audit_command_writes_the_run_and_fails_on_shortcut(models, marked_test_
         audit_cmd(args(dirs["clean"], tmp_path / "missing", tmp_path / "x"))
     with pytest.raises(InputError, match="0 <= x0 < x1"):
         audit_cmd(args(dirs["clean"], "0,0,99,12", tmp_path / "y"))
-    with pytest.raises(InputError, match="another model"):
+    with pytest.raises(InputError, match="model.sha256.*--overwrite"):
         audit_cmd(args(dirs["clean"], tmp_path / "data" / "masks" / "marker", run))

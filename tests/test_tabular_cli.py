@@ -2,7 +2,6 @@
 import argparse
 import json
 import pickle
-import sqlite3
 
 import numpy as np
 import pandas as pd
@@ -12,6 +11,7 @@ import yaml
 from conftest import single_thread
 from torch import nn
 
+from counterlens import open_run
 from counterlens.cli.tabular import load_tabular_model, tabular_counterfactual_cmd
 from counterlens.data.tabular import TabularSchema
 from counterlens.errors import InputError, UntrustedModelError
@@ -77,9 +77,8 @@ def test_torch_model_writes_a_resumable_run_directory(files, tmp_path, capsys):
     assert spec["counterfactual"]["kind"] == "tabular" and spec["data"]["label"] == "ok"
     assert [f["name"] for f in spec["schema"]["features"]] == ["age", "sex", "income", "plan"]
     assert spec["model"]["sha256"]
-    db = sqlite3.connect(out / "results.sqlite")
-    rows = db.execute("SELECT row_index, rank, status, valid, violations, changes, row FROM tabular_counterfactuals "
-                      "ORDER BY row_index, rank").fetchall()
+    table = open_run(out).tabular_counterfactuals
+    rows = list(table[["row_index", "rank", "status", "valid", "violations", "changes", "row"]].itertuples(index=False))
     assert len({r[0] for r in rows}) == 6
     df = files["df"]
     for row_index, rank, status, valid, violations, changes, row in rows:
@@ -97,9 +96,8 @@ def test_torch_model_writes_a_resumable_run_directory(files, tmp_path, capsys):
     # resuming: nothing is searched again, nothing duplicated
     assert tabular_counterfactual_cmd(args(table=files["csv"], model=files["script"], out=out, limit=8)) == 0
     assert "2 rows (6 already done" in capsys.readouterr().out
-    again = sqlite3.connect(out / "results.sqlite").execute("SELECT COUNT(DISTINCT row_index) FROM "
-                                                            "tabular_counterfactuals").fetchone()[0]
-    assert again == 8
+    again = open_run(out).tabular_counterfactuals
+    assert again.row_index.nunique() == 8 and not again.duplicated(["row_index", "rank"]).any()
 
 
 def test_threshold_and_plausibility_reach_the_search(files, tmp_path):

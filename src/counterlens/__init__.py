@@ -10,8 +10,9 @@ from .data.tabular import TabularSchema
 from .errors import CounterlensError
 from .metrics.evaluate import evaluate
 from .metrics.shortcut import audit
+from .runs.store import open_run
 from .model import Classifier, Normalize, RepeatChannels
 
 __version__ = "0.1.0"
 __all__ = ["audit", "Classifier", "CounterfactualResult", "CounterlensError", "Normalize", "RepeatChannels", "TabularSchema", "counterfactual",
-           "evaluate", "explain", "recourse_fairness", "tabular_counterfactual", "__version__"]
+           "evaluate", "explain", "open_run", "recourse_fairness", "tabular_counterfactual", "__version__"]

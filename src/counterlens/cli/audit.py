@@ -33,9 +33,11 @@ def _parse_box(text: str, shape: tuple[int, ...]) -> torch.Tensor:
 def audit_cmd(args) -> int:
     """``counterlens audit``: load model and images, audit the region, write ``RUN/audit.json``/``audit.md``."""
     from ..data.images import ImageFolder
-    from ..runs.application import model_spec
-    from ..runs.runner import package_versions, resolved_methods
-    from ..runs.store import RunStore
+    from ..runs.dataset import MODEL_KEYS, data_info, data_spec
+    from ..runs.pipeline import cases_of
+    from ..runs.records import CaseResult
+    from ..runs.spec import model_spec, package_versions, resolved_methods
+    from ..runs.store import ShardWriter, prepare_run, read_spec, write_spec
 
     is_box = re.fullmatch(r"\s*\d+\s*,\s*\d+\s*,\s*\d+\s*,\s*\d+\s*", str(args.region)) is not None
     if not is_box and not Path(args.region).is_dir():
@@ -70,31 +72,29 @@ def audit_cmd(args) -> int:
     batch_size, seed = getattr(args, "batch_size", 64), getattr(args, "seed", 0)
     resolved = resolved_methods(methods, params, batch_size, seed)     # fails early on a bad parameter
     out = Path(args.out)
-    with RunStore(out) as store:
-        previous = store.read_spec().get("model", {}).get("sha256")
-        if previous and previous != getattr(clf, "source_hash", None):
-            raise InputError(f"--out {out} holds a run of another model; pass a new --out directory")
-        result, extras = audit(clf, x, region, methods, y, batch_size=batch_size, seed=seed,
-                               n_random=getattr(args, "n_random", 8), inpaint=getattr(args, "inpaint", "normalized"),
-                               min_flip_rate=getattr(args, "min_flip_rate", 0.1), params=params, return_details=True)
-        result.update(model=str(args.model), data=str(data), region=str(args.region), n_failed=len(failed))
-        store.write_spec({"model": model_spec(clf, str(args.model)), "target": "predicted", "seed": seed,
-                          "data": {"path": str(data), "images": len(rows), "classes": clf.classes},
-                          "methods": resolved, "device": str(clf.device), "versions": package_versions(),
-                          "audit": {k: result[k] for k in ("region", "inpaint", "n_random", "decision_rule")}})
-        for record, error in failed:
-            store.record_image(path=str(record.path), name=record.path.stem, label=record.label, label_name=None,
-                               status="failed", error=error)
-        names = clf.class_names(clf.n_classes)
-        for j, i in enumerate(extras["index"].tolist()):
-            rec, p = rows[i], int(extras["pred"][j])
-            store.record_image(
-                path=str(rec.path), name=rec.path.stem, label=rec.label,
-                label_name=names[rec.label] if rec.label is not None else None, prediction=p,
-                prediction_name=names[p], probs=extras["probs"][j].tolist(), image=images[i],
-                mask=extras["region"][j].numpy(),
-                attributions={m: (extras["maps"][m][j].numpy(), p, extras["seconds"][m] / len(extras["index"]))
-                              for m in methods})
+    spec = {"model": model_spec(clf, str(args.model)), "target": "predicted", "seed": seed,
+            "data": data_spec(dataset, data), "data_info": data_info(dataset), "methods": resolved, "device": str(clf.device),
+            "versions": package_versions()}
+    prepare_run(out, spec, compare=(*MODEL_KEYS, "data", "methods"), overwrite=getattr(args, "overwrite", False))
+    result, extras = audit(clf, x, region, methods, y, batch_size=batch_size, seed=seed,
+                           n_random=getattr(args, "n_random", 8), inpaint=getattr(args, "inpaint", "normalized"),
+                           min_flip_rate=getattr(args, "min_flip_rate", 0.1), params=params, return_details=True)
+    result.update(model=str(args.model), data=str(data), region=str(args.region), n_failed=len(failed))
+    write_spec(out, {**read_spec(out), "audit": {k: result[k] for k in ("region", "inpaint", "n_random", "decision_rule")}})
+    names = clf.class_names(clf.n_classes)
+    by_file = {c.file: c for c in cases_of(dataset)}
+    records = [CaseResult.failure(by_file[str(rec.path)], error) for rec, error in failed]
+    n = len(extras["index"])
+    for j, i in enumerate(extras["index"].tolist()):
+        p = int(extras["pred"][j])
+        records.append(CaseResult(
+            case=by_file[str(rows[i].path)], prediction=p, prediction_name=names[p], probs=extras["probs"][j].tolist(),
+            image=images[i], mask=extras["region"][j].numpy(),
+            maps={m: extras["maps"][m][j].numpy() for m in methods}, targets={m: p for m in methods},
+            seconds={m: extras["seconds"][m] / n for m in methods}))
+    with ShardWriter(out) as writer:
+        for start in range(0, len(records), 64):          # one array file per 64 cases
+            writer.write(records[start:start + 64])
     result["per_image"] = [{"path": str(rows[i].path), "prediction": names[int(extras["pred"][j])],
                             "prediction_region_removed": names[int(extras["pred_region"][j])],
                             "flipped": bool(extras["flipped"][j]), "random_flip_rate": _num(extras["random_flips"][j])}

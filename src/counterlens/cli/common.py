@@ -69,3 +69,14 @@ def load_classifier(args):
     from ..loading import load_model
     return load_model(args.model, factory=args.factory, trust_model_file=args.trust_model_file,
                       device=args.device, classes=args.classes)
+
+
+def print_summary(verb: str, summary, out) -> None:
+    """The console lines after a dataset run: counts, time, workers, and the failed files with their reasons."""
+    print(f"{verb} {summary.done} images ({summary.skipped} already done, {summary.failed} failed) in "
+          f"{summary.seconds:.1f} s with {summary.workers} worker(s) x {summary.threads} thread(s); "
+          f"run directory: {out}")
+    for case, reason in summary.failures[:10]:
+        print(f"  failed: {case}: {reason}")
+    if summary.failed > 10:
+        print(f"  ... and {summary.failed - 10} more failed files (column error of counterlens.open_run(RUN).cases)")

@@ -3,7 +3,7 @@ every row of a table: :mod:`.tabular`) into a run directory."""
 from __future__ import annotations
 
 from ..errors import CounterlensError, InputError
-from .common import has_class_folders, load_classifier, target_arg
+from .common import has_class_folders, load_classifier, print_summary, target_arg
 from .tabular import tabular_counterfactual_cmd
 
 
@@ -19,9 +19,7 @@ def counterfactual(args) -> int:
 def counterfactual_cmd(args) -> int:
     from ..data.folders import load_arrays
     from ..data.images import ImageFolder
-    from ..runs.application import model_spec
-    from ..runs.runner import counterfactual_dataset, package_versions
-    from ..runs.store import RunStore
+    from ..runs.dataset import counterfactual_folder
     from ..viz.report import write_report
     clf = load_classifier(args)
     channels = 1 if (clf.in_channels or 1) == 1 else clf.in_channels
@@ -53,23 +51,14 @@ def counterfactual_cmd(args) -> int:
             params.update(prototypes=class_prototypes(prior, train[0], train[1], n_classes),
                           proto_weight=args.proto_weight)
     target = target_arg(args.target)
-    with RunStore(args.out) as store:
-        spec = store.read_spec()
-        if spec and spec.get("model", {}).get("sha256") != getattr(clf, "source_hash", None):
-            raise CounterlensError(f"{args.out} holds a run of another model; pass a new --out directory")
-        spec.setdefault("model", model_spec(clf, args.model))
-        spec.setdefault("data", {"path": str(args.data), "images": len(dataset), "classes": dataset.classes})
-        spec.setdefault("device", str(clf.device))
-        spec.setdefault("versions", package_versions())
-        spec["counterfactual"] = {"target": target, "editable_masks": str(args.editable_masks or ""),
-                                  "prior": str(args.prior or ""), "train_data": str(args.train_data or ""),
-                                  **{k: v for k, v in params.items() if k not in ("prior", "prototypes")}}
-        store.write_spec(spec)
-        summary = counterfactual_dataset(clf, dataset, store, target=target, params=params,
-                                         images_per_batch=args.images_per_batch, progress=not args.quiet,
-                                         train=train)
-    print(f"counterfactuals for {summary.done} images ({summary.skipped} already done, {summary.failed} failed) "
-          f"in {summary.seconds:.1f} s; run directory: {args.out}")
+    settings = {"editable_masks": str(args.editable_masks or ""), "prior": str(args.prior or ""),
+                "train_data": str(args.train_data or ""), "prototypes": bool(args.prototypes),
+                "proto_weight": args.proto_weight if args.prototypes else None}
+    summary = counterfactual_folder(clf, dataset, args.out, target=target, params=params, settings=settings,
+                                    train=train, images_per_batch=args.images_per_batch, workers=args.workers,
+                                    threads=args.threads, progress=not args.quiet, model_source=str(args.model),
+                                    data_source=str(args.data), overwrite=args.overwrite)
+    print_summary("counterfactuals for", summary, args.out)
     if not args.no_report:
         print(f"report: {write_report(args.out)}")
     return 0

@@ -21,7 +21,6 @@ import torch
 
 from ..attribution.base import METHODS, Evaluator
 from ..data.folders import load_arrays
-from ..runs.application import run_explain
 from ..training import train_model
 
 DEMO_ARCH = "brain-tumor-cnn"
@@ -67,9 +66,9 @@ def run_demo(args) -> Path:
     from ..data.images import ImageFolder
     from ..data.synthetic import make_dataset, write_dataset
     from ..loading import load_model
-    from ..metrics.run_metrics import evaluate_run
-    from ..runs.runner import counterfactual_dataset
-    from ..runs.store import RunStore
+    from ..runs.evaluate import evaluate_run
+    from ..runs.dataset import counterfactual_folder, explain_folder
+    from ..runs.store import open_run
     from ..viz.report import write_report
 
     progress = not args.quiet
@@ -114,8 +113,8 @@ def run_demo(args) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     params = {m: p for m, p in DEMO_PARAMS.items() if m in methods}
-    summary, _ = run_explain(clf, test, out, methods=methods, params=params, seed=args.seed, progress=progress,
-                             model_source=str(model_dir), data_source=str(data_dir / "Testing"), report=False)
+    summary = explain_folder(clf, test, out, methods=methods, params=params, seed=args.seed, progress=progress,
+                             model_source=str(model_dir), data_source=str(data_dir / "Testing"))
     say(f"      {summary.done} cases in {time.perf_counter() - t0:.0f} s")
 
     n_cf = min(getattr(args, "counterfactuals", DEMO_COUNTERFACTUALS), len(test.records))
@@ -124,14 +123,11 @@ def run_demo(args) -> Path:
                          masks=data_dir / "masks" / "brain")
     cf_set.records = [r for r in cf_set.records if r.path in {t.path for t in test.records}][:n_cf]
     train = load_arrays(ImageFolder(data_dir / "Training", channels=1, size=args.size, classes=clf.classes))
-    with RunStore(out) as store:
-        spec = store.read_spec()
-        spec["counterfactual"] = {"target": "other", "editable_masks": str(data_dir / "masks" / "brain"),
-                                  "train_data": str(data_dir / "Training"), "seed": args.seed}
-        store.write_spec(spec)
-        cf = counterfactual_dataset(clf, cf_set, store, target="other", params={"seed": args.seed},
-                                    progress=progress, train=train)
-        n_valid = store.db.execute("SELECT SUM(valid) FROM counterfactuals").fetchone()[0] or 0
+    cf = counterfactual_folder(clf, cf_set, out, target="other", params={"seed": args.seed}, progress=progress,
+                               train=train, settings={"editable_masks": str(data_dir / "masks" / "brain"),
+                                                      "train_data": str(data_dir / "Training")},
+                               model_source=str(model_dir), data_source=str(data_dir / "Testing"))
+    n_valid = int(open_run(out).counterfactuals["valid"].sum())
     say(f"      {n_valid} of {cf.done} valid in {cf.seconds:.0f} s")
 
     say(f"[6/{STEPS}] scoring the maps (faithfulness, localisation in the tumour, sanity check) and writing the report ...")

@@ -1,11 +1,11 @@
-"""``counterlens evaluate``: the trust metrics of a run directory (:func:`counterlens.metrics.run_metrics.evaluate_run`)."""
+"""``counterlens evaluate``: the trust metrics of a run directory (:func:`counterlens.runs.evaluate.evaluate_run`)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import CounterlensError, InputError
 from ..metrics.evaluate import per_method
-from ..metrics.run_metrics import evaluate_run
+from ..runs.evaluate import evaluate_run
 
 
 def evaluate_cmd(args) -> int:
@@ -17,10 +17,9 @@ def evaluate_cmd(args) -> int:
     ``quiet``. Refuses a model whose SHA-256 differs from the one the run was made with.
     """
     from ..loading import load_model
-    from ..runs.store import RunStore
+    from ..runs.store import open_run
     run = Path(args.run)
-    with RunStore(run, create=False) as store:
-        spec = store.read_spec()
+    spec = open_run(run).spec
     model = spec.get("model") or {}
     source = getattr(args, "model", None) or model.get("source")
     if not source or not Path(source).exists():
@@ -45,7 +44,7 @@ def evaluate_cmd(args) -> int:
         final = v["similarity"][-1]
         print(f"sanity {method}: {'passed' if v['passed'] else 'FAILED'} (similarity after randomising all "
               f"{len(v['layers'])} layers: {'-' if final is None else f'{final:.3f}'}, threshold {v['threshold']})")
-    print(f"wrote {df['image_id'].nunique()} images x {df['method'].nunique()} methods x {df['metric'].nunique()} "
-          f"metrics to {run / 'results.sqlite'} (table metrics), metrics.csv, metrics_summary.csv, curves.json"
+    print(f"wrote {df['path'].nunique()} images x {df['method'].nunique()} methods x {df['metric'].nunique()} "
+          f"metrics to {run} (counterlens.open_run(RUN).metrics), metrics.csv, metrics_summary.csv, curves.json"
           + (", sanity.json" if sanity_images > 0 else ""))
     return 0

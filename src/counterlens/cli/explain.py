@@ -3,26 +3,24 @@ from __future__ import annotations
 
 from ..attribution.base import METHODS, get_method
 from ..data.images import ImageFolder
-from ..runs.application import run_explain
-from .common import has_class_folders, load_classifier, parse_params, target_arg
+from ..runs.dataset import explain_folder
+from .common import has_class_folders, load_classifier, parse_params, print_summary, target_arg
 
 
 def explain(args) -> int:
     methods = list(METHODS) if args.methods == ["all"] else [get_method(m).name for m in args.methods]
     params = parse_params(args.param)
     clf = load_classifier(args)
-    size = clf.input_size
     dataset = ImageFolder(args.data, channels=1 if (clf.in_channels or 1) == 1 else clf.in_channels,
-                          size=size, classes=clf.classes if has_class_folders(args.data) else None,
+                          size=clf.input_size, classes=clf.classes if has_class_folders(args.data) else None,
                           masks=args.masks, limit=args.limit)
-    target = target_arg(args.target)
-    summary, report = run_explain(clf, dataset, args.out, methods=methods, params=params, target=target,
-                                  batch_size=args.batch_size, seed=args.seed,
-                                  images_per_batch=args.images_per_batch, progress=not args.quiet,
-                                  model_source=str(args.model), data_source=str(args.data),
-                                  report=not args.no_report, clip_percentile=args.clip_percentile)
-    print(f"explained {summary.done} images ({summary.skipped} already done, {summary.failed} failed) "
-          f"in {summary.seconds:.1f} s; run directory: {args.out}")
-    if report:
-        print(f"report: {report}")
+    summary = explain_folder(clf, dataset, args.out, methods=methods, params=params, target=target_arg(args.target),
+                             batch_size=args.batch_size, seed=args.seed, images_per_batch=args.images_per_batch,
+                             workers=args.workers, threads=args.threads, progress=not args.quiet,
+                             model_source=str(args.model), data_source=str(args.data), overwrite=args.overwrite,
+                             map_dtype=args.map_dtype)
+    print_summary("explained", summary, args.out)
+    if not args.no_report:
+        from ..viz.report import write_report
+        print(f"report: {write_report(args.out, clip_percentile=args.clip_percentile)}")
     return 1 if summary.failed and not summary.done and not summary.skipped else 0

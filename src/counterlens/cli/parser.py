@@ -24,6 +24,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="'auto' (a GPU when present), 'cpu' or 'cuda[:N]' (default: auto)")
 
 
+def _add_run_args(p: argparse.ArgumentParser, what: str) -> None:
+    """How a dataset run is spread over this machine and what happens to an existing run directory."""
+    p.add_argument("--images-per-batch", type=positive_int, default=16,
+                   help=f"images {what} together and written as one batch (default: 16)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="processes that work on batches at once (default: one per CPU core on the CPU, 1 on a GPU)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads per worker (default: the cores divided among the workers)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the results already in --out and start over (needed when settings differ; "
+                        "without it a re-run resumes)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="counterlens",
@@ -65,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     explain = sub.add_parser("explain", help="explain every image of a folder into a run directory",
-                             description="Compute attribution maps for each image and write RUN/run.yaml, "
-                                         "RUN/results.sqlite, RUN/arrays/ and RUN/report.html. "
-                                         "Re-running into the same RUN resumes where it stopped.")
+                             description="Compute attribution maps for each image and write the run directory "
+                                         "(RUN/run.yaml, RUN/index/, RUN/arrays/) and RUN/report.html. Re-running "
+                                         "the same command resumes where it stopped; other settings are refused "
+                                         "unless --overwrite. Read it back with counterlens.open_run(RUN).")
     _add_model_args(explain)
     explain.add_argument("--data", required=True, type=Path,
                          help="an image file, a flat folder, or a folder in class-subfolder layout")
@@ -81,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--limit", type=int, help="explain at most this many images (spread over classes)")
     explain.add_argument("--batch-size", type=batch_size_arg, default=64,
                          help="rows per model call (default: 64); 'auto' measures the fastest chunk size")
-    explain.add_argument("--images-per-batch", type=int, default=16, help="images explained together (default: 16)")
+    _add_run_args(explain, "explained")
+    explain.add_argument("--map-dtype", choices=["float32", "float16"], default="float32",
+                         help="how maps are stored (default: float32; float16 halves the disk and refuses maps whose "
+                              "values it cannot hold)")
     explain.add_argument("--seed", type=int, default=0, help="seed of random methods (default: 0)")
     explain.add_argument("--clip-percentile", type=float, default=0.5,
                          help="clip the colour scale of maps at 100 minus this percentile of |map| (default: 0.5)")
@@ -90,9 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cf = sub.add_parser("counterfactual", help="smallest edits that change the model's decision, into a run directory",
                         description="Search a counterfactual for every image (batched gradient search in data space, "
-                                    "each image's distance weight adapted step by step) and write RUN/results.sqlite, "
-                                    "RUN/arrays/counterfactuals/ and RUN/report.html. Re-running into the same RUN "
-                                    "resumes.")
+                                    "each image's distance weight adapted step by step) into the run directory "
+                                    "and RUN/report.html. Re-running into the same RUN resumes.")
     _add_model_args(cf)
     cf.add_argument("--data", type=Path, help="an image file or folder (class subfolders give labels); or use --table")
     cf.add_argument("--table", type=Path, help="a CSV table: counterfactuals of its rows (tabular search) instead of --data")
@@ -136,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--limit", type=int, help="at most this many images (spread over classes)")
     cf.add_argument("--batch-size", type=batch_size_arg, default=None,
                     help="rows searched together (default: sized by the image; 8192 for tables)")
-    cf.add_argument("--images-per-batch", type=int, default=16, help="images searched together (default: 16)")
+    _add_run_args(cf, "searched")
     cf.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     cf.add_argument("--no-report", action="store_true", help="do not write report.html")
     cf.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -168,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="share of decisions that must change for an alarm (default: 0.1); see docs/trust.md")
     audit.add_argument("--fail-on-shortcut", action="store_true",
                        help="exit with status 3 when the model relies on the region (for CI)")
+    audit.add_argument("--overwrite", action="store_true",
+                       help="replace the results already in --out (needed when they were made with other settings)")
 
     ev = sub.add_parser("evaluate", help="trust metrics of a run directory (faithfulness, localisation, sanity)",
                         description="Score the maps of a run: deletion/insertion AUC, MuFidelity, sparseness, entropy, "

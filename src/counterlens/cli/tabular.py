@@ -2,9 +2,9 @@
 of a table's rows into a run directory.
 
 Written to ``RUN/``: ``run.yaml`` (model and its SHA-256, table, schema, settings, versions),
-``results.sqlite`` table ``tabular_counterfactuals`` (one row per counterfactual, or one row with
-``rank = -1`` for a query without one; written per chunk of queries in one transaction, so a
-re-run resumes after the rows done) and ``counterfactuals.csv`` (every counterfactual with its
+the run's index (``counterlens.open_run(RUN).tabular_counterfactuals``: one row per counterfactual,
+or one row with ``rank = -1`` for a query without one; written per chunk of queries in one
+transaction, so a re-run resumes after the rows done) and ``counterfactuals.csv`` (every counterfactual with its
 raw features and metrics, rewritten at the end of each run).
 
 The model: a torch model that ``counterlens.loading.load_model`` reads (a model directory, a
@@ -24,28 +24,8 @@ from pathlib import Path
 from ..errors import InputError, UntrustedModelError
 from .common import load_classifier
 
-__all__ = ["TABLE_SCHEMA", "tabular_counterfactual_cmd"]
+__all__ = ["tabular_counterfactual_cmd"]
 
-TABLE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tabular_counterfactuals (
-    row_index INTEGER NOT NULL,
-    rank INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    target INTEGER,
-    target_name TEXT,
-    pred_before INTEGER,
-    pred_before_name TEXT,
-    prob_target REAL,
-    valid INTEGER,
-    l0 REAL, l1_mad REAL, violations INTEGER, ynn REAL, redundancy REAL,
-    diversity REAL,
-    changes TEXT,
-    row TEXT,
-    reason TEXT,
-    seconds REAL,
-    PRIMARY KEY (row_index, rank)
-);
-"""
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib")
 CHUNK = 256   # queries per search call and per transaction
 
@@ -107,8 +87,8 @@ def load_tabular_model(args):
 def tabular_counterfactual_cmd(args) -> int:
     """Run the search for the rows of ``args.table`` and write the run directory; returns 0."""
     from ..data.tabular import TabularSchema, read_table
-    from ..runs.runner import package_versions
-    from ..runs.store import RunStore
+    from ..runs.spec import package_versions
+    from ..runs.store import ShardWriter, open_run, prepare_run
     from ..counterfactual.tabular import TabularModel, _targets, tabular_counterfactual
 
     t0 = time.perf_counter()
@@ -147,19 +127,15 @@ def tabular_counterfactual_cmd(args) -> int:
                                "immutable": _names(getattr(args, "immutable", None)),
                                "monotone": _monotone(getattr(args, "monotone", None))},
             "device": str(tm.device), "versions": package_versions()}
-    with RunStore(args.out) as store:
-        previous = store.read_spec()
-        if previous and (previous.get("model", {}).get("sha256") != sha
-                         or previous.get("counterfactual") != spec["counterfactual"]
-                         or previous.get("data", {}).get("table") != spec["data"]["table"]):
-            raise InputError(f"{args.out} holds a run of another model, table or settings; pass a new --out directory")
-        store.write_spec(spec)
-        store.db.executescript(TABLE_SCHEMA)
-        done = {r[0] for r in store.db.execute("SELECT DISTINCT row_index FROM tabular_counterfactuals")}
-        rest = [i for i in todo if i not in done]
-        say(f"{len(todo)} queries ({len(todo) - len(rest)} already done), k={k}, target={target!r}, "
-            f"{'gradient' if tm.clf is not None else 'genetic'} search")
-        found = 0
+    prepare_run(args.out, spec, compare=("model.sha256", "data.table", "schema", "counterfactual"),
+                section="counterfactual", overwrite=bool(getattr(args, "overwrite", False)))
+    previous = open_run(args.out).tabular_counterfactuals
+    done = set() if previous is None else set(previous["row_index"].astype(int))
+    rest = [i for i in todo if i not in done]
+    say(f"{len(todo)} queries ({len(todo) - len(rest)} already done), k={k}, target={target!r}, "
+        f"{'gradient' if tm.clf is not None else 'genetic'} search")
+    found = 0
+    with ShardWriter(args.out) as writer:
         for a in range(0, len(rest), CHUNK):
             idx = rest[a:a + CHUNK]
             start = time.perf_counter()
@@ -167,16 +143,16 @@ def tabular_counterfactual_cmd(args) -> int:
                                          batch_size=batch_size, reference=df, **search)
             seconds = (time.perf_counter() - start) / len(idx)
             found += int(res.found.sum())
-            _write(store, res, idx, seconds)
+            writer.write_tabular(_records(res, idx, seconds))
             say(f"  {min(a + CHUNK, len(rest))}/{len(rest)} queries searched")
-        csv = _write_csv(store, schema, Path(args.out) / "counterfactuals.csv")
+    csv = _write_csv(open_run(args.out).tabular_counterfactuals, schema, Path(args.out) / "counterfactuals.csv")
     print(f"tabular counterfactuals for {len(rest)} rows ({len(done)} already done; {found} of {len(rest)} with a "
           f"counterfactual) in {time.perf_counter() - t0:.1f} s; run directory: {args.out}; table: {csv}")
     return 0
 
 
-def _write(store, res, idx: list[int], seconds: float) -> None:
-    """One transaction per chunk: every counterfactual of every query (or one 'none' row)."""
+def _records(res, idx: list[int], seconds: float) -> list[dict]:
+    """Every counterfactual of every query of a chunk (or one 'none' row with rank -1)."""
     rows = []
     for i, row_index in enumerate(idx):
         pred = int(res.pred_before[i])
@@ -197,24 +173,20 @@ def _write(store, res, idx: list[int], seconds: float) -> None:
                          **{m: _num(getattr(res, m)[i, r]) for m in ("l0", "l1_mad", "violations", "ynn",
                                                                      "redundancy")},
                          "changes": json.dumps(changes), "row": json.dumps(cf), "reason": ""})
-    cols = ["row_index", "rank", "status", "target", "target_name", "pred_before", "pred_before_name",
-            "prob_target", "valid", "l0", "l1_mad", "violations", "ynn", "redundancy", "diversity", "changes", "row",
-            "reason", "seconds"]
-    with store.db:
-        store.db.executemany(f"INSERT OR REPLACE INTO tabular_counterfactuals ({', '.join(cols)}) "
-                             f"VALUES ({', '.join('?' * len(cols))})", [[r.get(c) for c in cols] for r in rows])
+    return rows
 
 
-def _write_csv(store, schema, path: Path) -> Path:
+def _write_csv(table, schema, path: Path) -> Path:
+    """``counterfactuals.csv``: one row per counterfactual found (the query's row index, its rank, the
+    counterfactual's features and its metrics)."""
     import pandas as pd
     records = []
-    for r in store.db.execute("SELECT * FROM tabular_counterfactuals WHERE rank >= 0 ORDER BY row_index, rank"):
-        r = dict(r)
-        row = json.loads(r.pop("row"))
-        r.pop("changes")
-        records.append({"row_index": r["row_index"], "rank": r["rank"], **row,
-                        **{c: r[c] for c in ("target_name", "prob_target", "valid", "l0", "l1_mad", "violations",
-                                             "ynn", "redundancy")}})
+    for r in ([] if table is None else table.to_dict("records")):
+        if r["rank"] < 0:
+            continue
+        records.append({"row_index": r["row_index"], "rank": r["rank"], **json.loads(r["row"]),
+                        **{c: r.get(c) for c in ("target_name", "prob_target", "valid", "l0", "l1_mad", "violations",
+                                                 "ynn", "redundancy")}})
     frame = pd.DataFrame(records, columns=["row_index", "rank", *schema.names, "target_name", "prob_target", "valid",
                                            "l0", "l1_mad", "violations", "ynn", "redundancy"])
     tmp = path.with_name(path.name + ".tmp")

@@ -177,6 +177,25 @@ def _images_under(folder: Path, recursive: bool) -> list[Path]:
     return sorted(found, key=lambda q: q.relative_to(folder).as_posix())
 
 
+def load_case(path, mask_path=None, *, channels=None, size=None, slice_index="middle",
+              window="auto") -> tuple[np.ndarray, np.ndarray | None]:
+    """One image and its mask as a dataset run reads them: ``(image [C, *S] float32, mask bool
+    [*S] or None)``. The mask must cover the image's field of view and is resized (nearest) to
+    the image's final shape. Errors are :class:`DataFileError` naming the file."""
+    img = _read(path, slice_index, window)
+    native = img.shape[1:]
+    img = _finish(img, path, channels, size)
+    mask = None
+    if mask_path is not None:
+        mask = _mask_from(_read(mask_path, slice_index, "none"))
+        if mask.ndim != len(native) or not np.allclose(np.divide(mask.shape, native), mask.shape[0] / native[0],
+                                                       rtol=0.02):
+            raise DataFileError(mask_path, f"mask shape {mask.shape} does not fit image {path} of "
+                                           f"shape {native}; masks must cover the same field of view")
+        mask = _resize_mask(mask, img.shape[1:])
+    return img, mask
+
+
 @dataclass
 class ImageRecord:
     """One image of an :class:`ImageFolder`."""
@@ -301,18 +320,14 @@ class ImageFolder:
     def load(self, i: int) -> tuple[np.ndarray, int | None, np.ndarray | None]:
         """``(image [C, *S] float32, label, mask bool [*S] or None)``; errors name the file."""
         rec = self.records[i]
-        img = _read(rec.path, self.slice_index, self.window)
-        native = img.shape[1:]
-        img = _finish(img, rec.path, self.channels, self.size)
-        mask = None
-        if rec.mask_path is not None:
-            mask = _mask_from(_read(rec.mask_path, self.slice_index, "none"))
-            if mask.ndim != len(native) or not np.allclose(np.divide(mask.shape, native), mask.shape[0] / native[0],
-                                                           rtol=0.02):
-                raise DataFileError(rec.mask_path, f"mask shape {mask.shape} does not fit image {rec.path} of "
-                                                   f"shape {native}; masks must cover the same field of view")
-            mask = _resize_mask(mask, img.shape[1:])
+        img, mask = load_case(rec.path, rec.mask_path, channels=self.channels, size=self.size,
+                              slice_index=self.slice_index, window=self.window)
         return img, rec.label, mask
+
+    @property
+    def read_options(self) -> dict:
+        """The keyword arguments of :func:`load_case` this folder reads with."""
+        return {"channels": self.channels, "size": self.size, "slice_index": self.slice_index, "window": self.window}
 
     def iter_batches(self, batch_size: int):
         """Yield ``(indices, images [b, C, *S], labels, masks, failures)`` per batch.

@@ -1,11 +1,11 @@
 """Score attribution maps: one table of metrics per image, method and metric.
 
-:func:`evaluate` works on tensors in memory; :func:`evaluate_run` on a run directory (in :mod:`.run_metrics`;
-it writes the ``metrics`` table of ``results.sqlite`` and ``metrics.csv``, ``metrics_summary.csv``,
+:func:`evaluate` works on tensors in memory; :func:`counterlens.runs.evaluate.evaluate_run` on a run
+directory (it writes the metric rows into the run's index and ``metrics.csv``, ``metrics_summary.csv``,
 ``curves.json`` and ``sanity.json`` next to it).
 
 **Format: long.** One row per (image, method, metric) with columns ``image`` (the row of ``x``; the
-run's ``image_id`` in :func:`evaluate_run`), ``method``, ``metric``, ``value``, ``target`` /
+case's ``path`` in ``evaluate_run``), ``method``, ``metric``, ``value``, ``target`` /
 ``target_name`` (the class the map explains), ``predicted`` / ``predicted_name``, ``label`` /
 ``label_name`` and ``correct`` (NA without labels). Long rows keep NaN scores (an empty mask, a
 constant map) apart from missing ones and group with one ``groupby``; ``df.pivot_table(index=["image",

@@ -1,0 +1,65 @@
+"""Dataset-scale runs: explain or search counterfactuals for every image of a folder, into a run
+directory, resumably. The command line and notebooks call these; both are thin wrappers over
+:func:`~counterlens.runs.store.prepare_run` and an engine.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .engines.local import Job, RunSummary, run_local
+from .pipeline import cases_of
+from .spec import model_spec, package_versions, resolved_methods
+from .store import prepare_run
+
+MODEL_KEYS = ("model.sha256", "model.weights_sha256", "model.classes", "model.in_channels", "model.input_size",
+              "model.value_range", "model.preprocess")
+EXPLAIN_KEYS = (*MODEL_KEYS, "data", "target", "methods")
+COUNTERFACTUAL_KEYS = (*MODEL_KEYS, "data", "counterfactual")
+
+
+def data_spec(dataset, source) -> dict:
+    """What identifies the data of a run (compared on re-runs): the folder, its classes and how files are read."""
+    return {"path": str(Path(source or dataset.root).resolve()), "classes": dataset.classes,
+            "read": {k: list(v) if isinstance(v, tuple) else v for k, v in dataset.read_options.items()}}
+
+
+def data_info(dataset) -> dict:
+    return {"images": len(dataset), "with_masks": sum(r.mask_path is not None for r in dataset.records)}
+
+
+def explain_folder(clf, dataset, out, *, methods: list[str], params: dict | None = None, target="predicted",
+                   batch_size=64, seed: int = 0, images_per_batch: int = 16, workers: int | None = None,
+                   threads: int | None = None, progress: bool = True, model_source: str = "",
+                   data_source: str = "", overwrite: bool = False, map_dtype: str = "float32") -> RunSummary:
+    """Explain every image of ``dataset`` (an ImageFolder) with ``methods`` into the run directory ``out``.
+
+    Re-running the same call resumes (only batches not complete are done); a call with another
+    model, data, target, methods or method parameters is refused unless ``overwrite``.
+    """
+    resolved = resolved_methods(methods, params, batch_size, seed)
+    spec = {"model": model_spec(clf, model_source), "data": data_spec(dataset, data_source),
+            "data_info": data_info(dataset), "target": target, "seed": seed, "batch_size": batch_size, "methods": resolved,
+            "images_per_batch": images_per_batch, "map_dtype": map_dtype, "device": str(clf.device),
+            "versions": package_versions()}
+    prepare_run(out, spec, compare=EXPLAIN_KEYS, overwrite=overwrite)
+    job = Job("explain", read=dataset.read_options, methods=resolved, target=target)
+    return run_local(clf, cases_of(dataset), out, job, images_per_batch=images_per_batch, workers=workers,
+                     threads=threads, progress=progress, map_dtype=map_dtype)
+
+
+def counterfactual_folder(clf, dataset, out, *, target="other", params: dict | None = None, settings: dict | None = None,
+                          train=None, images_per_batch: int = 16, workers: int | None = None,
+                          threads: int | None = None, progress: bool = True, model_source: str = "",
+                          data_source: str = "", overwrite: bool = False) -> RunSummary:
+    """Counterfactuals for every image of ``dataset`` into ``out`` (which may hold an explain run
+    of the same model and data). ``params`` go to :func:`counterlens.counterfactual.counterfactual`;
+    ``settings``: how ``run.yaml`` describes what is not a plain value in ``params`` (prior,
+    training data, ...). Resumes like :func:`explain_folder`."""
+    plain = {k: v for k, v in (params or {}).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    spec = {"model": model_spec(clf, model_source), "data": data_spec(dataset, data_source),
+            "data_info": data_info(dataset), "counterfactual": {"target": target, **plain, **(settings or {})},
+            "device": str(clf.device), "versions": package_versions()}
+    prepare_run(out, spec, compare=COUNTERFACTUAL_KEYS, section="counterfactual", overwrite=overwrite)
+    job = Job("counterfactual", read=dataset.read_options, target=target, params=params, train=train)
+    return run_local(clf, cases_of(dataset), out, job, images_per_batch=images_per_batch, workers=workers,
+                     threads=threads, progress=progress)

@@ -1,0 +1,149 @@
+"""Score the maps of a run directory: :func:`evaluate_run` (``counterlens evaluate`` calls it).
+
+See :mod:`counterlens.metrics.evaluate` for the metrics; this module reads a run batch by batch
+through :func:`~counterlens.runs.store.open_run`, scores each method's maps with the pipeline's
+:func:`~counterlens.runs.pipeline.score_arrays`, and writes the metric rows into the run's index
+(``open_run(RUN).metrics``), plus ``metrics.csv``, ``metrics_summary.csv``, ``curves.json`` and
+``sanity.json``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import InputError
+from ..metrics.evaluate import METRICS, Options, add_class_columns, curve_means, resolve_metrics, summary_table
+from .pipeline import score_arrays
+from .store import ShardWriter, open_run, write_export
+
+
+def _mask_files(masks_dir, run) -> dict[str, Path] | None:
+    """``{case: mask file}`` matched by file stem, as ``counterlens explain --masks`` does."""
+    if masks_dir is None:
+        return None
+    from ..data.images import ImageFolder
+    folder = Path(masks_dir)
+    if not folder.is_dir():
+        raise InputError(f"masks_dir={str(folder)!r} is not a folder; pass the folder of masks (matched by file stem)")
+    cases = run.cases[run.cases.status == "done"]
+    base = Path((run.spec.get("data") or {}).get("path") or Path(cases.file.iloc[0]).parent)
+    found = ImageFolder._match_masks(folder, [Path(f) for f in cases.file], base)
+    if not found:
+        raise InputError(f"no mask in {folder} matches an image of the run by file stem (e.g. "
+                         f"{Path(cases.file.iloc[0]).stem}.png); pass the folder that holds them")
+    return {path: found[Path(f)] for path, f in zip(cases.path, cases.file) if Path(f) in found}
+
+
+def _case_arrays(run, paths: list[str], mask_files: dict | None):
+    """``[(path, image [C, *S], mask [*S] | None)]`` for ``paths``."""
+    from ..data.images import load_mask
+    out = []
+    for p in paths:
+        image = run.image(p)
+        if mask_files is not None:
+            mask = load_mask(mask_files[p], size=tuple(image.shape[1:])) if p in mask_files else None
+        else:
+            mask = run.mask(p)
+        out.append((p, image, mask))
+    return out
+
+
+def evaluate_run(run_dir, clf, masks_dir=None, metrics=None, *, batch_size: int = 64, seed: int = 0,
+                 steps: int = 20, baseline="blur", n_subsets: int = 32, images_per_batch: int = 32,
+                 sanity: bool = True, sanity_images: int = 8, sanity_methods=None,
+                 progress: bool = False) -> pd.DataFrame:
+    """Score the maps stored in a run directory and write the results next to them.
+
+    ``clf`` is the run's model (faithfulness and sanity evaluate it). Masks come from ``masks_dir``
+    (matched to the images by file stem) or else the run's own masks. Every stored map is scored
+    for the target it was made for. Writes the metric rows into the run's index (newer rows of
+    the same case, method and metric replace older ones), ``metrics.csv`` (the long table:
+    ``path``, ``method``, ``metric``, ``value``, target, predicted, label and their names,
+    ``correct``), ``metrics_summary.csv``, ``curves.json`` (mean deletion/insertion curves per
+    method) and, with ``sanity``, ``sanity.json`` (cascading randomisation on the first
+    ``sanity_images`` images for the methods in ``sanity_methods``, None: all).
+
+    Returns the long DataFrame (``attrs["curves"]``, ``attrs["sanity"]``).
+    """
+    from tqdm.auto import tqdm
+
+    run = open_run(run_dir)
+    params = run.spec.get("methods") or {}
+    done = run.cases[run.cases.status == "done"]
+    if not len(done):
+        raise InputError(f"{run_dir} holds no explained images; run `counterlens explain ... --out {run_dir}` first")
+    att = run.attributions
+    if not len(att):
+        raise InputError(f"{run_dir} holds no attribution maps to score; run `counterlens explain ... --out {run_dir}`")
+    mask_files = _mask_files(masks_dir, run)
+    has_masks = mask_files is not None or bool(run.table("cases")["has_mask"].any())
+    names = resolve_metrics(metrics, has_masks)
+    needs_masks = any(METRICS[n].needs_masks for n in names)
+    opts = Options(steps, baseline, n_subsets, batch_size, seed)
+    targets = {(p, m): int(t) for p, m, t in zip(att.path, att.method, att.target)}
+    by_case: dict[str, list[str]] = {}
+    for p, m in zip(att.path, att.method):
+        by_case.setdefault(p, []).append(m)
+    paths = [p for p in done.path if p in by_case]
+    records, parts = [], {}
+    with ShardWriter(run_dir) as writer:
+        for start in tqdm(range(0, len(paths), images_per_batch), desc="evaluating", disable=not progress):
+            cases = _case_arrays(run, paths[start:start + images_per_batch], mask_files)
+            rows = []
+            for shape in dict.fromkeys(c[1].shape for c in cases):
+                group = [c for c in cases if c[1].shape == shape]
+                for method in dict.fromkeys(m for c in group for m in by_case[c[0]]):
+                    have = [c for c in group if method in by_case[c[0]]]
+                    masks = (np.stack([c[2] if c[2] is not None else np.zeros(shape[1:], bool) for c in have])
+                             if needs_masks else None)
+                    values, curves = score_arrays(
+                        clf, np.stack([c[1] for c in have]), np.stack([run.map(c[0], method) for c in have]),
+                        np.array([targets[(c[0], method)] for c in have]), masks, names, opts, method,
+                        params.get(method))
+                    for kind, curve in curves.items():
+                        parts.setdefault(method, {}).setdefault(kind, []).append(curve)
+                    rows += [(c[0], method, metric, float(v[j])) for metric, v in values.items()
+                             for j, c in enumerate(have)]
+            writer.write_metrics(rows)
+            records += rows
+    sanity_out = _run_sanity(run, paths, clf, params, batch_size, seed, sanity_images,
+                             sanity_methods) if sanity else None
+    df = _run_table(records, targets, run, clf.classes or run.classes)
+    write_export(run_dir, "metrics.csv", df.to_csv(index=False))
+    write_export(run_dir, "metrics_summary.csv", summary_table(df).to_csv(index=False))
+    curves = {method: curve_means(kinds) for method, kinds in parts.items()}
+    write_export(run_dir, "curves.json", curves)
+    if sanity_out is not None:
+        write_export(run_dir, "sanity.json", sanity_out)
+    df.attrs["curves"], df.attrs["sanity"] = curves, sanity_out
+    return df
+
+
+def _run_table(records, targets, run, classes) -> pd.DataFrame:
+    df = pd.DataFrame(records, columns=["path", "method", "metric", "value"])
+    cases = run.cases
+    info = pd.DataFrame({"path": cases.path, "predicted": cases.prediction_index, "label": cases.label_index})
+    df = df.merge(info, on="path", how="left")
+    df.insert(4, "target", [targets[(p, m)] for p, m in zip(df["path"], df["method"])])
+    return add_class_columns(df, classes)
+
+
+def _run_sanity(run, paths: list[str], clf, params: dict, batch_size: int, seed: int, n_images: int,
+                only=None) -> dict:
+    """Cascading randomisation of every method of the run on its first ``n_images`` images."""
+    from ..metrics.sanity import sanity_report
+    cases = _case_arrays(run, paths[:n_images * 4], None) if n_images > 0 else []
+    cases = [c for c in cases if c[1].shape == cases[0][1].shape][:n_images]
+    att = run.attributions.set_index(["path", "method"])
+    inputs = {}
+    for method in run.methods:
+        if only is not None and method not in only:
+            continue
+        have = [c for c in cases if (c[0], method) in att.index]
+        if have:
+            inputs[method] = (torch.from_numpy(np.stack([c[1] for c in have])),
+                              torch.tensor([int(att.loc[(c[0], method), "target"]) for c in have]))
+    return sanity_report(clf, inputs, params, batch_size=batch_size, seed=seed)

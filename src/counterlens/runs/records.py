@@ -1,0 +1,54 @@
+"""The plain data that flows between the pipeline stages, the engines and the store.
+
+Everything here is a small dataclass of numbers, strings and numpy arrays, so a stage can run in
+another process (or on another machine) and hand its result back by pickling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Case:
+    """One item of work: a file, and what is known about it before reading it."""
+
+    id: str                      #: path relative to the data root, e.g. ``glioma/x.png``: the case's identity
+    file: str                    #: the file to read
+    label: int | None = None
+    label_name: str | None = None
+    mask_file: str | None = None
+
+
+@dataclass
+class ReadBatch:
+    """What :func:`~counterlens.runs.pipeline.read_batch` gives: the cases that loaded (one image
+    each, data space ``[C, *S]`` float32) and those that did not, with the reason."""
+
+    cases: list[Case]
+    images: list[np.ndarray]
+    masks: list[np.ndarray | None]
+    failed: list[tuple[Case, str]] = field(default_factory=list)
+
+
+@dataclass
+class CaseResult:
+    """Everything a run records for one case: prediction, maps, counterfactual, or the failure."""
+
+    case: Case
+    status: str = "done"                          #: "done" or "failed"
+    error: str | None = None
+    prediction: int | None = None
+    prediction_name: str | None = None
+    probs: list[float] | None = None
+    image: np.ndarray | None = None               #: ``[C, *S]`` float32, data space
+    mask: np.ndarray | None = None                #: ``[*S]`` bool
+    maps: dict[str, np.ndarray] = field(default_factory=dict)       #: ``{method: [*S] float32}``
+    targets: dict[str, int] = field(default_factory=dict)           #: class each map explains
+    seconds: dict[str, float] = field(default_factory=dict)         #: method time per image
+    counterfactual: dict | None = None            #: row fields and ``x`` (``[C, *S]``)
+
+    @classmethod
+    def failure(cls, case: Case, error: str) -> "CaseResult":
+        return cls(case=case, status="failed", error=str(error))

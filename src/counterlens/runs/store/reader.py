@@ -1,0 +1,334 @@
+"""Reading a run directory back: :func:`open_run` and :class:`Run`.
+
+Every index shard is read and merged; where shards hold the same key (a batch redone after a
+crash, two processes that did the same case), a ``done`` row wins over a ``failed`` one and then
+the newest row wins. The result is a snapshot taken when first asked; :meth:`Run.refresh` takes
+a new one.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections import OrderedDict
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ...errors import InputError
+from .layout import INDEX_DIR, KEYS, SCHEMA, is_run_dir, read_spec
+
+
+def open_run(path) -> "Run":
+    """Open a run directory for reading (``counterlens explain ... --out RUN``).
+
+    >>> run = counterlens.open_run("runs/mri")
+    >>> run.cases.head()                       # one row per case
+    >>> run.map("glioma/x.png", "gradcam")     # float32 array in the image's shape
+    """
+    return Run(path)
+
+
+class Run:
+    """A run directory, read-only. See :func:`open_run`.
+
+    Attributes
+    ----------
+    cases : DataFrame
+        One row per case: ``path`` (relative to the data root: the case's identity), ``file``,
+        ``label``, ``prediction`` (class names), ``label_index``, ``prediction_index``,
+        ``probability`` (of the prediction), ``prob_<class>`` per class, ``status``
+        (``done``/``failed``), ``error``.
+    methods : list of str
+    spec : dict (``run.yaml``)
+    attributions : DataFrame ``path, method, target, target_name, seconds``
+    metrics : DataFrame ``path, method, metric, value`` or None
+    counterfactuals : DataFrame or None
+    """
+
+    def __init__(self, path):
+        self.root = Path(path)
+        if not self.root.is_dir() or not is_run_dir(self.root):
+            raise InputError(f"{self.root} is not a counterlens run directory (no run.yaml or index/); "
+                             "create one with `counterlens explain ... --out DIR`")
+        self._arrays: OrderedDict[str, dict] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.root)!r}, {len(self.cases)} cases, methods={self.methods})"
+
+    def refresh(self) -> "Run":
+        for name in ("_tables", "cases", "spec", "attributions", "metrics", "counterfactuals"):
+            self.__dict__.pop(name, None)
+        self._arrays.clear()
+        return self
+
+    # -- tables -----------------------------------------------------------------------------------
+    @cached_property
+    def spec(self) -> dict:
+        return read_spec(self.root)
+
+    @cached_property
+    def _tables(self) -> dict[str, pd.DataFrame]:
+        return {name: _merged(self.root, name) for name in KEYS}
+
+    def table(self, name: str) -> pd.DataFrame:
+        """A merged index table as stored (``cases``, ``maps``, ``counterfactuals``, ``metrics``,
+        ``tabular_counterfactuals``): for the run layer's own readers."""
+        return self._tables[name]
+
+    @property
+    def classes(self) -> list[str]:
+        model = self.spec.get("model") or {}
+        return [str(c) for c in (model.get("classes") or (self.spec.get("data") or {}).get("classes") or [])]
+
+    @cached_property
+    def cases(self) -> pd.DataFrame:
+        raw = self._tables["cases"]
+        classes = self.classes
+        probs = [json.loads(p) if isinstance(p, str) else None for p in raw["probs"]]
+        n = max((len(p) for p in probs if p), default=len(classes))
+        names = classes if len(classes) == n else [classes[i] if i < len(classes) else str(i) for i in range(n)]
+        df = pd.DataFrame({
+            "path": raw["case_id"].astype(str), "file": raw["file"].astype(str),
+            "label": raw["label_name"], "prediction": raw["prediction_name"],
+            "label_index": pd.array(raw["label"], dtype="Int64"),
+            "prediction_index": pd.array(raw["prediction"], dtype="Int64"),
+            "probability": raw["probability"].astype(float)})
+        for i, name in enumerate(names):
+            df[f"prob_{name}"] = [p[i] if p and i < len(p) else np.nan for p in probs]
+        df["status"] = raw["status"].astype(str)
+        df["error"] = raw["error"]
+        return df.reset_index(drop=True)
+
+    @property
+    def methods(self) -> list[str]:
+        declared = list((self.spec.get("methods") or {}))
+        stored = list(dict.fromkeys(self._tables["maps"]["method"]))
+        return declared + [m for m in stored if m not in declared]
+
+    @cached_property
+    def attributions(self) -> pd.DataFrame:
+        maps = self._tables["maps"]
+        names = self.classes
+        return pd.DataFrame({"path": maps["case_id"].astype(str), "method": maps["method"].astype(str),
+                             "target": maps["target"].astype(int),
+                             "target_name": [names[t] if 0 <= t < len(names) else str(t) for t in maps["target"]],
+                             "seconds": maps["seconds"].astype(float)})
+
+    def method_seconds(self) -> dict[str, float]:
+        """Mean seconds per image of each method."""
+        att = self.attributions
+        means = att.groupby("method", sort=False)["seconds"].mean() if len(att) else {}
+        return {m: float(means[m]) for m in self.methods if m in means}
+
+    @cached_property
+    def metrics(self) -> pd.DataFrame | None:
+        m = self._tables["metrics"]
+        if not len(m):
+            return None
+        return pd.DataFrame({"path": m["case_id"].astype(str), "method": m["method"].astype(str),
+                             "metric": m["metric"].astype(str), "value": m["value"].astype(float)})
+
+    @cached_property
+    def counterfactuals(self) -> pd.DataFrame | None:
+        cf = self._tables["counterfactuals"]
+        if not len(cf):
+            return None
+        out = cf.drop(columns=["array_file", "array_group", "array_row", "written", "shard"]).rename(
+            columns={"case_id": "path"})
+        out["valid"] = out["valid"].astype(bool)
+        for col in ("probs_before", "probs_after"):
+            out[col] = [json.loads(v) if isinstance(v, str) else None for v in out[col]]
+        return out.reset_index(drop=True)
+
+    @property
+    def tabular_counterfactuals(self) -> pd.DataFrame | None:
+        t = self._tables["tabular_counterfactuals"]
+        if not len(t):
+            return None
+        return pd.DataFrame([json.loads(r) for r in t.sort_values(["row_index", "rank"])["record"]])
+
+    def json_file(self, name: str):
+        """``RUN/<name>`` parsed (``audit.json``, ``curves.json``, ``sanity.json``), or None when absent."""
+        path = self.root / name
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+    # -- arrays -----------------------------------------------------------------------------------
+    def _row(self, table: str, path: str, **where) -> pd.Series:
+        df = self._tables[table]
+        sel = df["case_id"] == str(path)
+        for k, v in where.items():
+            sel &= df[k] == v
+        rows = df[sel]
+        if not len(rows):
+            known = self._tables["cases"]["case_id"]
+            if not (known == str(path)).any():
+                by_file = self._tables["cases"][self._tables["cases"]["file"] == str(path)]
+                if len(by_file):
+                    return self._row(table, by_file["case_id"].iloc[0], **where)
+                raise InputError(f"{path!r} is not a case of {self.root}; cases are named by their path relative "
+                                 f"to the data root, e.g. {known.iloc[0]!r}" if len(known) else
+                                 f"{self.root} holds no cases yet")
+            raise InputError(f"case {path!r} has no {table} entry {where or ''} in {self.root}")
+        return rows.iloc[0]
+
+    def _array(self, file: str, key: str) -> np.ndarray:
+        arrays = self._arrays.get(file)
+        if arrays is None:
+            with np.load(self.root / file) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+            self._arrays[file] = arrays
+            while len(self._arrays) > 8:          # a few batches in memory, for sequential readers
+                self._arrays.popitem(last=False)
+        else:
+            self._arrays.move_to_end(file)
+        return arrays[key]
+
+    def map(self, path: str, method: str) -> np.ndarray:
+        """The ``method`` map of case ``path``: float32 ``[*S]`` in the image's own shape."""
+        r = self._row("maps", path, method=method)
+        return self._array(r["array_file"], f"{r['array_group']}/map/{method}")[int(r["array_row"])].astype(np.float32)
+
+    def image(self, path: str) -> np.ndarray:
+        """The image as explained (data space): float32 ``[C, *S]``."""
+        r = self._row("cases", path)
+        if not isinstance(r["array_file"], str):
+            raise InputError(f"case {path!r} has no stored image (status {r['status']}: {r['error']})")
+        return self._array(r["array_file"], f"{r['array_group']}/image")[int(r["array_row"])]
+
+    def mask(self, path: str) -> np.ndarray | None:
+        """The case's mask (bool ``[*S]``), or None when it had none."""
+        r = self._row("cases", path)
+        if not r["has_mask"] or not isinstance(r["array_file"], str):
+            return None
+        return self._array(r["array_file"], f"{r['array_group']}/mask")[int(r["array_row"])]
+
+    def counterfactual(self, path: str, target: int | None = None) -> np.ndarray:
+        """The counterfactual image of case ``path`` (float32 ``[C, *S]``; the first target when None)."""
+        where = {} if target is None else {"target": int(target)}
+        r = self._row("counterfactuals", path, **where)
+        return self._array(r["array_file"], f"{r['array_group']}/counterfactual")[int(r["array_row"])]
+
+    # -- bookkeeping for resuming -----------------------------------------------------------------
+    def done_cases(self, methods) -> set[str]:
+        """Cases with status done and a map of every one of ``methods``."""
+        cases = self._tables["cases"]
+        done = set(cases.loc[cases["status"] == "done", "case_id"].astype(str))
+        maps = self._tables["maps"]
+        for m in methods:
+            done &= set(maps.loc[maps["method"] == m, "case_id"].astype(str))
+        return done
+
+    def counterfactual_cases(self) -> set[str]:
+        cf = self._tables["counterfactuals"]
+        return set(cf["case_id"].astype(str))
+
+    def written_rows(self, table: str = "cases") -> int:
+        """Rows of ``table`` over all shards, duplicates included (work done twice shows here)."""
+        if table not in KEYS:
+            raise InputError(f"table={table!r}: one of {sorted(KEYS)}")
+        total = 0
+        for shard in shards(self.root):
+            con = sqlite3.connect(f"file:{shard}?mode=ro", uri=True, timeout=60)
+            try:
+                total += con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+            except sqlite3.OperationalError:
+                pass
+            finally:
+                con.close()
+        return total
+
+    # -- for the report ----------------------------------------------------------------------------
+    def case_arrays(self, path: str) -> dict:
+        """Every stored array of case ``path`` in one call: ``{"image": [C, *S] float32 or None,
+        "mask": [*S] bool or None, "maps": {method: [*S] float32}, "counterfactuals": {target:
+        [C, *S] float32}}`` (None and empty for a case that failed to load).
+
+        The same arrays as :meth:`image`, :meth:`mask`, :meth:`map` and :meth:`counterfactual`,
+        found through dictionaries built once per snapshot instead of a scan of the index per
+        array, so reading every case of a run is linear in its size (a report of 100,000 cases).
+        Read in :attr:`cases` order, each array file is read once.
+        """
+        where = self._case_locations()
+        path = str(path)
+        if path not in where["known"]:
+            return {"image": self.image(path), "mask": None, "maps": {}, "counterfactuals": {}}   # raises
+        case = where["cases"].get(path)
+        out = {"image": None, "mask": None, "maps": {}, "counterfactuals": {}}
+        if case is not None:
+            file, group, row, has_mask = case
+            out["image"] = self._array(file, f"{group}/image")[row]
+            out["mask"] = self._array(file, f"{group}/mask")[row] if has_mask else None
+        for method, file, group, row in where["maps"].get(path, ()):
+            out["maps"][method] = self._array(file, f"{group}/map/{method}")[row].astype(np.float32)
+        for target, file, group, row in where["counterfactuals"].get(path, ()):
+            out["counterfactuals"][target] = self._array(file, f"{group}/counterfactual")[row]
+        return out
+
+    def _case_locations(self) -> dict:
+        """``{table: {case: where its arrays are}}`` of the current snapshot (rebuilt after :meth:`refresh`)."""
+        tables = self._tables
+        cached = self.__dict__.get("_locations")
+        if cached is not None and cached[0] is tables:
+            return cached[1]
+        c, m, cf = tables["cases"], tables["maps"], tables["counterfactuals"]
+        where = {"known": set(c["case_id"].astype(str)), "cases": {}, "maps": {}, "counterfactuals": {}}
+        for cid, file, group, row, has_mask in zip(c["case_id"].astype(str), c["array_file"], c["array_group"],
+                                                   c["array_row"], c["has_mask"]):
+            if isinstance(file, str):
+                where["cases"][cid] = (file, group, int(row), bool(has_mask))
+        for cid, method, file, group, row in zip(m["case_id"].astype(str), m["method"].astype(str), m["array_file"],
+                                                 m["array_group"], m["array_row"]):
+            where["maps"].setdefault(cid, []).append((method, file, group, int(row)))
+        for cid, target, file, group, row in zip(cf["case_id"].astype(str), cf["target"], cf["array_file"],
+                                                 cf["array_group"], cf["array_row"]):
+            where["counterfactuals"].setdefault(cid, []).append((int(target), file, group, int(row)))
+        self.__dict__["_locations"] = (tables, where)
+        return where
+
+
+def shards(root: Path) -> list[Path]:
+    return sorted((Path(root) / INDEX_DIR).glob("*.sqlite"))
+
+
+_EMPTY: dict[str, pd.DataFrame] = {}
+
+
+def _empty(table: str) -> pd.DataFrame:
+    if table not in _EMPTY:
+        con = sqlite3.connect(":memory:")
+        con.executescript(SCHEMA)
+        _EMPTY[table] = pd.read_sql_query(f"SELECT * FROM {table}", con)
+        con.close()
+    return _EMPTY[table].assign(shard=pd.Series(dtype=str))
+
+
+def _merged(root: Path, table: str) -> pd.DataFrame:
+    frames = []
+    for shard in shards(root):
+        try:
+            con = sqlite3.connect(f"file:{shard}?mode=ro", uri=True, timeout=60)
+            try:
+                df = pd.read_sql_query(f"SELECT * FROM {table}", con)
+            finally:
+                con.close()
+        except (sqlite3.DatabaseError, pd.errors.DatabaseError) as exc:
+            if "no such table" in str(exc):
+                continue
+            raise InputError(f"{shard} cannot be read ({exc}); move it aside to read the rest of the run") from exc
+        if len(df):
+            frames.append(df.assign(shard=shard.stem))
+    if not frames:
+        return _empty(table)
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    if len(frames) > 1:
+        order = ["written"]
+        if table == "cases":
+            df["_done"] = (df["status"] == "done").astype(int)
+            order = ["_done", "written"]
+        df = df.sort_values(order, kind="stable").drop_duplicates(KEYS[table], keep="last")
+        df = df.drop(columns=[c for c in ("_done",) if c in df]).sort_values(KEYS[table], kind="stable")
+    elif table != "tabular_counterfactuals":
+        df = df.sort_values(KEYS[table], kind="stable")
+    return df.reset_index(drop=True)
