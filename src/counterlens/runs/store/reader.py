@@ -53,13 +53,15 @@ class Run:
             raise InputError(f"{self.root} is not a counterlens run directory (no run.yaml or index/); "
                              "create one with `counterlens explain ... --out DIR`")
         self._arrays: OrderedDict[str, dict] = OrderedDict()
+        self._loaded: dict[str, pd.DataFrame] = {}
 
     def __repr__(self) -> str:
         return f"Run({str(self.root)!r}, {len(self.cases)} cases, methods={self.methods})"
 
     def refresh(self) -> "Run":
-        for name in ("_tables", "cases", "spec", "attributions", "metrics", "counterfactuals"):
+        for name in ("cases", "spec", "attributions", "metrics", "counterfactuals"):
             self.__dict__.pop(name, None)
+        self._loaded.clear()
         self._arrays.clear()
         return self
 
@@ -68,14 +70,14 @@ class Run:
     def spec(self) -> dict:
         return read_spec(self.root)
 
-    @cached_property
-    def _tables(self) -> dict[str, pd.DataFrame]:
-        return {name: _merged(self.root, name) for name in KEYS}
-
     def table(self, name: str) -> pd.DataFrame:
         """A merged index table as stored (``cases``, ``maps``, ``counterfactuals``, ``metrics``,
-        ``tabular_counterfactuals``): for the run layer's own readers."""
-        return self._tables[name]
+        ``tabular_counterfactuals``), read on first use: for the run layer's own readers."""
+        if name not in KEYS:
+            raise InputError(f"table={name!r}: one of {sorted(KEYS)}")
+        if name not in self._loaded:
+            self._loaded[name] = _merged(self.root, name)
+        return self._loaded[name]
 
     @property
     def classes(self) -> list[str]:
@@ -84,7 +86,7 @@ class Run:
 
     @cached_property
     def cases(self) -> pd.DataFrame:
-        raw = self._tables["cases"]
+        raw = self.table("cases")
         classes = self.classes
         probs = [json.loads(p) if isinstance(p, str) else None for p in raw["probs"]]
         n = max((len(p) for p in probs if p), default=len(classes))
@@ -104,12 +106,12 @@ class Run:
     @property
     def methods(self) -> list[str]:
         declared = list((self.spec.get("methods") or {}))
-        stored = list(dict.fromkeys(self._tables["maps"]["method"]))
+        stored = list(dict.fromkeys(self.table("maps")["method"]))
         return declared + [m for m in stored if m not in declared]
 
     @cached_property
     def attributions(self) -> pd.DataFrame:
-        maps = self._tables["maps"]
+        maps = self.table("maps")
         names = self.classes
         return pd.DataFrame({"path": maps["case_id"].astype(str), "method": maps["method"].astype(str),
                              "target": maps["target"].astype(int),
@@ -124,7 +126,7 @@ class Run:
 
     @cached_property
     def metrics(self) -> pd.DataFrame | None:
-        m = self._tables["metrics"]
+        m = self.table("metrics")
         if not len(m):
             return None
         return pd.DataFrame({"path": m["case_id"].astype(str), "method": m["method"].astype(str),
@@ -132,7 +134,7 @@ class Run:
 
     @cached_property
     def counterfactuals(self) -> pd.DataFrame | None:
-        cf = self._tables["counterfactuals"]
+        cf = self.table("counterfactuals")
         if not len(cf):
             return None
         out = cf.drop(columns=["array_file", "array_group", "array_row", "written", "shard"]).rename(
@@ -144,7 +146,7 @@ class Run:
 
     @property
     def tabular_counterfactuals(self) -> pd.DataFrame | None:
-        t = self._tables["tabular_counterfactuals"]
+        t = self.table("tabular_counterfactuals")
         if not len(t):
             return None
         return pd.DataFrame([json.loads(r) for r in t.sort_values(["row_index", "rank"])["record"]])
@@ -156,15 +158,15 @@ class Run:
 
     # -- arrays -----------------------------------------------------------------------------------
     def _row(self, table: str, path: str, **where) -> pd.Series:
-        df = self._tables[table]
+        df = self.table(table)
         sel = df["case_id"] == str(path)
         for k, v in where.items():
             sel &= df[k] == v
         rows = df[sel]
         if not len(rows):
-            known = self._tables["cases"]["case_id"]
+            known = self.table("cases")["case_id"]
             if not (known == str(path)).any():
-                by_file = self._tables["cases"][self._tables["cases"]["file"] == str(path)]
+                by_file = self.table("cases")[self.table("cases")["file"] == str(path)]
                 if len(by_file):
                     return self._row(table, by_file["case_id"].iloc[0], **where)
                 raise InputError(f"{path!r} is not a case of {self.root}; cases are named by their path relative "
@@ -213,15 +215,15 @@ class Run:
     # -- bookkeeping for resuming -----------------------------------------------------------------
     def done_cases(self, methods) -> set[str]:
         """Cases with status done and a map of every one of ``methods``."""
-        cases = self._tables["cases"]
+        cases = self.table("cases")
         done = set(cases.loc[cases["status"] == "done", "case_id"].astype(str))
-        maps = self._tables["maps"]
+        maps = self.table("maps")
         for m in methods:
             done &= set(maps.loc[maps["method"] == m, "case_id"].astype(str))
         return done
 
     def counterfactual_cases(self) -> set[str]:
-        cf = self._tables["counterfactuals"]
+        cf = self.table("counterfactuals")
         return set(cf["case_id"].astype(str))
 
     def written_rows(self, table: str = "cases") -> int:
@@ -268,11 +270,11 @@ class Run:
 
     def _case_locations(self) -> dict:
         """``{table: {case: where its arrays are}}`` of the current snapshot (rebuilt after :meth:`refresh`)."""
-        tables = self._tables
+        c, m, cf = self.table("cases"), self.table("maps"), self.table("counterfactuals")
+        key = (id(c), id(m), id(cf))
         cached = self.__dict__.get("_locations")
-        if cached is not None and cached[0] is tables:
+        if cached is not None and cached[0] == key:
             return cached[1]
-        c, m, cf = tables["cases"], tables["maps"], tables["counterfactuals"]
         where = {"known": set(c["case_id"].astype(str)), "cases": {}, "maps": {}, "counterfactuals": {}}
         for cid, file, group, row, has_mask in zip(c["case_id"].astype(str), c["array_file"], c["array_group"],
                                                    c["array_row"], c["has_mask"]):
@@ -284,7 +286,7 @@ class Run:
         for cid, target, file, group, row in zip(cf["case_id"].astype(str), cf["target"], cf["array_file"],
                                                  cf["array_group"], cf["array_row"]):
             where["counterfactuals"].setdefault(cid, []).append((int(target), file, group, int(row)))
-        self.__dict__["_locations"] = (tables, where)
+        self.__dict__["_locations"] = (key, where)
         return where
 
 
