@@ -5,7 +5,8 @@ and the work redone after a kill -9 (issue 12).
 
 Synthetic brain-MRI slices of 64x64 as PNG files, the demo's brain-tumour CNN (width 0.5, trained
 briefly here: timing does not depend on how well), Grad-CAM + integrated gradients (16 steps).
-For each N, each measurement runs in a fresh process (so peak memory is that of the measurement):
+For each N, each measurement runs in a fresh process (so peak memory is that of the measurement);
+the timings are medians of ``--repeats`` runs for N up to 2,000 and single runs above:
 
 * methods alone: the same methods on the same images already in memory (one process, one torch
   thread, 16 images per call: the floor the pipeline is compared with);
@@ -137,16 +138,25 @@ def report(out: Path) -> dict:
     return {"seconds": seconds, "bytes": sum(f.stat().st_size for f in files), "files": len(files)}
 
 
-def run_n(data: Path, model: Path, n: int) -> dict:
+def _median_of(runs: list[dict]) -> dict:
+    """The run with the median wall time, with every run's seconds listed."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    return {**ordered[len(ordered) // 2], "all_seconds": [r["seconds"] for r in runs]}
+
+
+def run_n(data: Path, model: Path, n: int, repeats: int) -> dict:
     import shutil
-    row = {"n": n}
-    row["methods"] = _in_process("methods", data, model, n)
-    print(f"N={n}: methods alone {row['methods']['seconds']:.1f} s", flush=True)
+    row = {"n": n, "repeats": repeats}
+    row["methods"] = _median_of([_in_process("methods", data, model, n) for _ in range(repeats)])
+    print(f"N={n}: methods alone {row['methods']['all_seconds']} s", flush=True)
     for name, (w, t) in {"pipeline_1x1": (1, 1), "pipeline_auto": (0, 0)}.items():
-        out = WORK / f"run-{n}-{name}"
-        shutil.rmtree(out, ignore_errors=True)
-        row[name] = _in_process("pipeline", data, model, n, out, w, t)
-        print(f"N={n}: {name} {row[name]['seconds']:.1f} s", flush=True)
+        runs = []
+        for _ in range(repeats):
+            out = WORK / f"run-{n}-{name}"
+            shutil.rmtree(out, ignore_errors=True)
+            runs.append(_in_process("pipeline", data, model, n, out, w, t))
+        row[name] = _median_of(runs)
+        print(f"N={n}: {name} {row[name]['all_seconds']} s", flush=True)
     row["report"] = report(WORK / f"run-{n}-pipeline_auto")
     print(f"N={n}: report {row['report']['seconds']:.1f} s", flush=True)
     row["kill"] = kill_and_resume(data, model, n, WORK / f"run-{n}-kill")
@@ -156,14 +166,14 @@ def run_n(data: Path, model: Path, n: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| N | methods alone s | pipeline 1x1 s | overhead | pipeline auto s (workers x threads) | speed-up auto "
+    lines = ["| N | runs | methods alone s | pipeline 1x1 s | overhead | pipeline auto s (workers x threads) | speed-up auto "
              "vs methods alone | peak MiB 1x1 | peak MiB auto (parent / largest worker) | files / image | "
              "report s | report MB (files) | kill -9 at | cases redone | resume s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, p1, pa, rep, k = r["methods"], r["pipeline_1x1"], r["pipeline_auto"], r["report"], r["kill"]
         lines.append(
-            f"| {r['n']:,} | {m['seconds']:.1f} | {p1['seconds']:.1f} | {100 * r['overhead_1x1']:+.1f}% | "
+            f"| {r['n']:,} | {r['repeats']} | {m['seconds']:.1f} | {p1['seconds']:.1f} | {100 * r['overhead_1x1']:+.1f}% | "
             f"{pa['seconds']:.1f} ({pa['workers']}x{pa['threads']}) | {m['seconds'] / pa['seconds']:.2f}x | "
             f"{p1['peak_mib']:.0f} | {pa['peak_mib']:.0f} / {pa['peak_child_mib']:.0f} | {pa['files_per_image']:.3f} | "
             f"{rep['seconds']:.1f} | {rep['bytes'] / 1e6:.1f} ({rep['files']}) | {k['killed_at_cases']:,} | "
@@ -174,6 +184,8 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs per measurement for N up to 2,000 (medians); larger N run once (default: 3)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--_measure", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -187,7 +199,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     data, model = prepare(max(args.n))
-    rows = [run_n(data, model, n) for n in args.n]
+    rows = [run_n(data, model, n, args.repeats if n <= 2000 else 1) for n in args.n]
     print(table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

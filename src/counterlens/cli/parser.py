@@ -216,12 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
                    description="List every attribution method, a one-line description and its parameters.")
 
     report = sub.add_parser("report", help="(re)write RUN/report.html from a run directory",
-                            description="Render the self-contained HTML report of a run directory.")
+                            description="Render the HTML report of a run directory: one self-contained file, or for "
+                                        "large runs RUN/report/index.html with a paged gallery (opens offline).")
     report.add_argument("run", type=Path, help="run directory")
     report.add_argument("--clip-percentile", type=float, default=0.5, help="colour-scale clip (default: 0.5)")
     report.add_argument("--figures", action="store_true",
                         help="also write RUN/figures/<id>_<name>.png, one figure per case (about 0.5-1 s per case)")
     report.add_argument("--page-size", type=positive_int, default=24, help="cases per page of the gallery (default: 24)")
+    report.add_argument("--single-file-max", type=positive_int, default=2000,
+                        help="up to this many cases the report is one self-contained file; beyond, RUN/report/index.html "
+                             "with the dataset views and a paged gallery of separate files (default: 2000)")
 
     demo = sub.add_parser("demo", help="the whole path on synthetic data: data, training, explanations, counterfactuals, "
                                        "metrics, report",
