@@ -147,6 +147,15 @@ def test_other_settings_are_refused_not_mixed(tmp_path, data, reference):
     assert set(open_run(out).attributions.method) == {"gradcam"}
 
 
+def test_out_inside_the_data_folder_is_refused(tmp_path):
+    data = make_images(tmp_path / "data", n_per_class=1, size=48)
+    clf = run_driver.classifier()
+    ds = ImageFolder(data, channels=1, size=48, classes=clf.classes)
+    with pytest.raises(InputError, match="inside the data folder"):
+        explain_folder(clf, ds, data / "a" / "run", methods=["gradcam"], progress=False)
+    assert not (data / "a" / "run").exists()
+
+
 def test_out_that_is_not_a_run_is_refused(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "report.html").write_text("my own report")

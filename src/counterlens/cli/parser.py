@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="method parameter, repeatable, e.g. --param integrated_gradients.steps=64")
     explain.add_argument("--target", default="predicted", help="'predicted' (default) or a class name or index")
     explain.add_argument("--masks", type=Path, help="folder of masks matched to images by file stem")
-    explain.add_argument("--limit", type=int, help="explain at most this many images (spread over classes)")
+    explain.add_argument("--limit", type=positive_int, help="explain at most this many images (spread over classes)")
     explain.add_argument("--batch-size", type=batch_size_arg, default=64,
                          help="rows per model call (default: 64); 'auto' measures the fastest chunk size")
     _add_run_args(explain, "explained")
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="guide the search to the target class's prototype in the prior's code space (needs --prior "
                          "and --train-data)")
     cf.add_argument("--proto-weight", type=float, default=10.0, help="weight of the prototype term (default: 10)")
-    cf.add_argument("--limit", type=int, help="at most this many images (spread over classes)")
+    cf.add_argument("--limit", type=positive_int, help="at most this many images (spread over classes)")
     cf.add_argument("--batch-size", type=batch_size_arg, default=None,
                     help="rows searched together (default: sized by the image; 8192 for tables)")
     _add_run_args(cf, "searched")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import InputError
 from .engines.local import Job, RunSummary, run_local
 from .pipeline import cases_of
 from .spec import model_spec, package_versions, resolved_methods
@@ -15,6 +16,15 @@ MODEL_KEYS = ("model.sha256", "model.weights_sha256", "model.classes", "model.in
               "model.value_range", "model.preprocess")
 EXPLAIN_KEYS = (*MODEL_KEYS, "data", "target", "methods")
 COUNTERFACTUAL_KEYS = (*MODEL_KEYS, "data", "counterfactual")
+
+
+def check_out(dataset, out) -> None:
+    """``out`` must not lie inside the data folder (a later run would read the run's own files)."""
+    root = Path(dataset.root if dataset.root.is_dir() else dataset.root.parent).resolve()
+    where = Path(out).resolve()
+    if where == root or root in where.parents:
+        raise InputError(f"--out {out} is inside the data folder {dataset.root}; a later run would read the run's own "
+                         "files as images: put the run directory elsewhere")
 
 
 def data_spec(dataset, source) -> dict:
@@ -36,6 +46,7 @@ def explain_folder(clf, dataset, out, *, methods: list[str], params: dict | None
     Re-running the same call resumes (only batches not complete are done); a call with another
     model, data, target, methods or method parameters is refused unless ``overwrite``.
     """
+    check_out(dataset, out)
     resolved = resolved_methods(methods, params, batch_size, seed)
     spec = {"model": model_spec(clf, model_source), "data": data_spec(dataset, data_source),
             "data_info": data_info(dataset), "target": target, "seed": seed, "batch_size": batch_size, "methods": resolved,
@@ -55,6 +66,7 @@ def counterfactual_folder(clf, dataset, out, *, target="other", params: dict | N
     of the same model and data). ``params`` go to :func:`counterlens.counterfactual.counterfactual`;
     ``settings``: how ``run.yaml`` describes what is not a plain value in ``params`` (prior,
     training data, ...). Resumes like :func:`explain_folder`."""
+    check_out(dataset, out)
     plain = {k: v for k, v in (params or {}).items() if isinstance(v, (int, float, str, bool, type(None)))}
     spec = {"model": model_spec(clf, model_source), "data": data_spec(dataset, data_source),
             "data_info": data_info(dataset), "counterfactual": {"target": target, **plain, **(settings or {})},
