@@ -7,7 +7,6 @@ package ``playwright`` or ``/usr/bin/chromium`` is missing; with ``COUNTERLENS_R
 """
 import json
 import os
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -76,51 +75,59 @@ def watched(browser):
     context.close()
 
 
-def add_counterfactuals(run: Path, model_dir: Path, n: int = 3) -> None:
-    """Real counterfactuals (a short search) for the first ``n`` cases of a run, stored as
-    ``counterlens counterfactual`` stores them."""
-    from counterlens.counterfactual import counterfactual
-    from counterlens.loading import load_model
-    from counterlens.runs.store import RunStore
-    clf = load_model(model_dir, device="cpu")
-    with RunStore(run, create=False) as store:
-        rows = [r for r in store.images() if r["status"] == "done"][:n]
-        x = torch.from_numpy(np.stack([store.load_array(r["image_file"]) for r in rows]))
-        result = counterfactual(clf, x, "other", steps=10, lam_steps=1, seed=0)   # short: the search is not under test
-        names = clf.class_names(result.probs_before.shape[1])
-        for j, r in enumerate(rows):
-            store.record_counterfactuals(r["id"], [{
-                "target": int(result.target[j]), "target_name": names[int(result.target[j])],
-                "valid": bool(result.valid[j]), "reason": result.reason[j], "lam": float(result.lam[j]),
-                "iterations": int(result.iterations[j]),
-                "distance": {k: float(v[j]) for k, v in result.distance.items()},
-                "probs_before": result.probs_before[j].tolist(), "probs_after": result.probs_after[j].tolist(),
-                "seconds": 0.1, "x": result.x[j].numpy()}])
+def tiny_classifier(classes, size: int = 32):
+    """A small seeded CNN (untrained: the report, not the model, is under test)."""
+    import counterlens as cl
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(16, len(classes))).eval()
+    return cl.Classifier(net, classes=list(classes), device="cpu", input_size=(size, size), value_range=(0, 1))
+
+
+def synthetic_folder(root: Path, n: int, size: int = 32) -> Path:
+    """``n`` synthetic brain-MRI slices as PNG files in class folders, their tumour masks in ``root/masks``."""
+    from PIL import Image
+
+    from counterlens.data.synthetic import generate
+    gen = generate("brain-mri", n, size=size, seed=0, split="test")
+    classes = ["glioma", "meningioma", "notumor", "pituitary"]
+    for i in range(n):
+        folder = root / "data" / classes[int(gen.labels[i])]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((gen.images[i, 0] * 255).round().astype(np.uint8)).save(folder / f"{gen.names[i]}.png")
+        (root / "masks").mkdir(exist_ok=True)
+        Image.fromarray(gen.masks["tumor"][i].astype(np.uint8) * 255).save(root / "masks" / f"{gen.names[i]}.png")
+    return root / "data"
 
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """The demo (small: 32 px, one epoch, 8 cases) with three real counterfactuals and the metric
-    files of the metrics step (fixtures with plausible values), and its report."""
+    """A real dataset run (8 synthetic MRI slices, a tiny CNN, Grad-CAM and integrated gradients),
+    three real counterfactuals (a short search), the metric files of the metrics step (fixtures with
+    plausible values), and its report."""
     from test_report import add_metric_files
 
-    from counterlens.cli import main
+    from counterlens.data.images import ImageFolder
+    from counterlens.runs.dataset import counterfactual_folder, explain_folder
+    from counterlens.runs.store import open_run
     from counterlens.viz.report import write_report
     root = tmp_path_factory.mktemp("browser-demo")
+    data = synthetic_folder(root, 8)
     out = root / "demo-run"
-    assert main(["demo", "--out", str(out), "--work", str(root / "work"), "--n-train", "96", "--n-test", "32",
-                 "--size", "32", "--epochs", "1", "--cases", "8", "--methods", "gradcam,integrated_gradients",
-                 "--counterfactuals", "0", "--quiet"]) == 0
-    add_counterfactuals(out, root / "work" / "model", n=3)
+    clf = tiny_classifier(["glioma", "meningioma", "notumor", "pituitary"])
+    read = {"channels": 1, "size": 32, "classes": clf.classes, "masks": root / "masks"}
+    explain_folder(clf, ImageFolder(data, **read), out, methods=["gradcam", "integrated_gradients"],
+                   params={"integrated_gradients": {"steps": 8}}, workers=1, threads=1, progress=False)
+    counterfactual_folder(clf, ImageFolder(data, limit=3, **read), out, target="other",
+                          params={"steps": 10, "lam_steps": 1, "seed": 0}, workers=1, threads=1, progress=False)
     add_metric_files(out)
     write_report(out)
-    with sqlite3.connect(out / "results.sqlite") as db:
-        facts = {"outcomes": dict(db.execute(
-            "SELECT CASE WHEN label = prediction THEN 'correct' ELSE 'incorrect' END, COUNT(*) FROM images "
-            "WHERE status = 'done' GROUP BY 1").fetchall()),
-            "labels": dict(db.execute("SELECT label_name, COUNT(*) FROM images GROUP BY 1").fetchall()),
-            "methods": [r[0] for r in db.execute("SELECT DISTINCT method FROM attributions ORDER BY method")],
-            "confidences": [r[0] for r in db.execute("SELECT probability FROM images ORDER BY id")]}
+    cases = open_run(out).cases
+    facts = {"outcomes": {"correct": int((cases["label"] == cases["prediction"]).sum()),
+                          "incorrect": int((cases["label"] != cases["prediction"]).sum())},
+             "labels": {k: int(v) for k, v in cases["label"].value_counts().items()},
+             "methods": sorted(open_run(out).methods), "confidences": [float(p) for p in cases["probability"]]}
     (out / "facts.json").write_text(json.dumps(facts))
     return out, facts
 

@@ -1,6 +1,7 @@
 """The report in a real browser (Chromium through Playwright): it opens offline without errors,
-the filters, toggles, slider and pages change what is shown, user data stays text, and 1,000
-cases render one page at a time."""
+the filters, toggles, slider and pages change what is shown, user data stays text, 1,000 cases
+render one page at a time, and a run above ``single_file_max`` opens as an index whose links
+lead to gallery pages (files of their own, opened from file:// without a server)."""
 import json
 import math
 import time
@@ -39,6 +40,13 @@ def test_demo_report_opens_offline_without_errors(demo_run, watched, artifacts):
     assert page.locator("#gallery figure.cf").count() == 3
     assert page.locator("#gallery .cbar").count() == 8 * len(facts["methods"]) + 3
     assert "cases 1\u20138 of 8" in page.locator("[data-pager] .count").first.text_content()
+    # a "look first" link shows its case, on whichever page of the gallery it is
+    link = page.locator("#look-first a").first
+    anchor = link.get_attribute("href")[1:]
+    link.click()
+    page.wait_for_function(ALL_IMAGES_DECODED)
+    assert page.locator(f"#gallery article#{anchor}").count() == 1
+    assert page.locator(f"#gallery article#{anchor} h3").text_content() == link.text_content()
     shot = artifacts / "report-demo.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 50_000
@@ -171,4 +179,70 @@ def test_thousand_cases_render_one_page_at_a_time(tmp_path, watched, artifacts):
     n_wrong = len(page.locator("#case-store > template[data-outcome='incorrect']").evaluate_all("l => l"))
     assert shown(page).count() == min(24, n_wrong)
     assert f"of {n_wrong} matching (1000 in the run)" in page.locator("[data-pager] .count").first.text_content()
+    assert watched.problems == [] and watched.dialogs == []
+
+
+def decoded(page) -> bool:
+    return page.evaluate("""() => Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)""")
+
+
+def test_paged_report_index_look_first_and_gallery_pages(tmp_path, watched, artifacts):
+    """121 cases, at most 50 in one file: an index and 6 gallery pages of 24, joined by links."""
+    run = make_run(tmp_path / "run", n=120, size=32, n_cf=2, failed=1, evil=True)
+    index = write_report(run, single_file_max=50, page_size=24)
+    assert index == run / "report" / "index.html"
+    page = watched.open(run / "report.html")                       # the usual path forwards to the index
+    page.wait_for_url("**/report/index.html")
+    page.wait_for_load_state("load")
+    assert decoded(page) and page.locator("#look-first").count() == 1
+    assert page.locator("#confusion th").filter(has_text=EVIL_CLASS).count() == 2
+    page.screenshot(path=str(artifacts / "report-paged-index.png"), full_page=True)
+    # a "look first" link: the gallery page that holds the case, scrolled to it
+    link = page.locator("#lf-misclassified a").first
+    href, name = link.get_attribute("href"), link.text_content()
+    link.click()
+    page.wait_for_load_state("load")
+    assert page.url.endswith(href) and "/report/gallery/page-" in page.url
+    anchor = href.split("#")[1]
+    article = page.locator(f"article#{anchor}")
+    assert article.locator("h3").text_content() == name and article.is_visible()
+    assert page.evaluate("a => { const r = document.getElementById(a).getBoundingClientRect(); "
+                         "return r.top < window.innerHeight && r.bottom > 0; }", anchor)
+    assert decoded(page)
+    # its overlays have their image underneath; opacity slider and method toggle work on the page
+    assert page.locator("#gallery img.base").evaluate_all("l => l.every(i => i.src.startsWith('data:image/png'))")
+    page.locator("#f-opacity").fill("30")
+    assert set(page.locator("#gallery img.map").evaluate_all("l => l.map(i => getComputedStyle(i).opacity)")) == {"0.3"}
+    page.uncheck("input.method-toggle[value='gradcam']")
+    assert visible_count(page, "figure.ov[data-method='gradcam']") == 0
+    # pager links: the next page, then page 1 (the hostile file name shows as text) and the last one
+    current = int(page.url.split("page-")[1][:5])
+    page.locator("nav.pages a[rel='next']").first.click() if current < 6 else \
+        page.locator("nav.pages a[rel='prev']").first.click()
+    page.wait_for_load_state("load")
+    expected = current + 1 if current < 6 else current - 1
+    assert page.url.endswith(f"page-{expected:05d}.html") and decoded(page)
+    assert shown(page).count() == (24 if expected < 6 else 1)
+    page.locator("input.goto-page").first.fill("1")
+    page.locator("input.goto-page").first.press("Enter")
+    page.wait_for_url("**/page-00001.html")
+    page.wait_for_load_state("load")
+    assert decoded(page) and shown(page).count() == 24
+    assert page.locator("#gallery article h3").first.text_content() == EVIL_NAME
+    assert page.evaluate("() => Array.from(document.images).filter(i => i.getAttribute('src') === 'x').length") == 0
+    page.select_option("#f-outcome", "incorrect")
+    assert all("incorrect" in c for c in shown(page).evaluate_all(
+        "l => l.filter(a => !a.hidden).map(a => a.className)"))
+    page.screenshot(path=str(artifacts / "report-paged-gallery.png"), full_page=True)
+    page.locator("nav.toc a", has_text="Report index").click()
+    page.wait_for_load_state("load")
+    assert page.url.endswith("/report/index.html")
+    # a confusion-matrix cell lists its cases; each row links into the gallery
+    page.locator("#confusion td.off a").first.click()
+    page.wait_for_load_state("load")
+    assert "/report/lists/cell-" in page.url and page.locator("#list td.path a").count() >= 1
+    page.locator("#list td.path a").first.click()
+    page.wait_for_load_state("load")
+    assert "/report/gallery/page-" in page.url and decoded(page)
+    page.wait_for_timeout(200)                # an onerror handler would have fired by now
     assert watched.problems == [] and watched.dialogs == []

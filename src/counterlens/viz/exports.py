@@ -1,94 +1,96 @@
-"""Exports next to the report, ready for a paper.
+"""Exports next to the report, ready for a paper, read through :func:`~counterlens.runs.store.open_run`.
 
-* ``RUN/results.csv``: one row per image x method (prediction, time, every metric from the
-  ``metrics`` table) and one row per counterfactual (target, validity, distances, plausibility),
-  plus one row per image that failed to load. ``metrics.csv`` and ``metrics_summary.csv`` belong
-  to the metrics step and are never written here. Text cells that a spreadsheet would run as a
-  formula (starting with ``= + - @``, tab or carriage return) get a leading ``'``.
-* ``RUN/figures/<id>_<name>.png``: one figure per case: the image and one overlay per method with
-  its colour bar (:func:`counterlens.viz.plots.case_figure`), and below it each counterfactual
-  (:func:`counterlens.viz.counterfactual_plots.counterfactual_figure`). Matplotlib draws them,
-  about 0.3 s per case here, so the report writes them only when asked (or for small runs).
+* ``RUN/results.csv``: one row per case x method (prediction, time, every metric) and one row
+  per counterfactual (target, validity, distances, plausibility), plus one row per case with
+  neither (e.g. a file that failed to load). The case is named by ``path`` (relative to the data
+  root: its identity in the run) and ``file`` (as read). Text cells that a spreadsheet would run
+  as a formula (starting with ``= + - @``, tab or carriage return) get a leading ``'``.
+* ``RUN/figures/<name>_<hash>.png``: one figure per case: the image and one overlay per method
+  with its colour bar (:func:`counterlens.viz.plots.case_figure`), and below it each
+  counterfactual (:func:`counterlens.viz.counterfactual_plots.counterfactual_figure`).
+  Matplotlib draws them, about 0.3 s per case here, so the report writes them only when asked.
 """
 from __future__ import annotations
 
-import csv
+import hashlib
 import io
-import json
 import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
-from ..runs.store import RunStore
-from .report_data import class_names, counterfactual_columns, metric_names
+from .report_data import class_names
 
-BASE_COLUMNS = ["row_type", "image_id", "name", "path", "label", "prediction", "probability", "correct", "status",
-                "error", "method", "target", "seconds"]
+BASE_COLUMNS = ["row_type", "path", "file", "label", "prediction", "probability", "correct", "status", "error",
+                "method", "target", "seconds"]
 CF_COLUMNS = ["cf_target", "cf_valid", "cf_reason", "cf_p_target_before", "cf_p_target_after", "l0", "l1", "l2",
-              "linf", "lam", "iterations", "cf_seconds"]
+              "linf", "lam", "iterations", "cf_seconds", "nearest_train_distance", "im1"]
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-def _cell(value):
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
-        return "'" + value
-    if isinstance(value, float):
-        return repr(value)
-    return "" if value is None else value
+def _defused(column: pd.Series) -> pd.Series:
+    """Text cells a spreadsheet would run as a formula, with a leading ``'``."""
+    if pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+        return column
+    text = column.map(lambda v: isinstance(v, str)).astype(bool)
+    risky = text & column.where(text, "").astype(str).str.startswith(_FORMULA_START)
+    return column.astype(object).where(~risky, "'" + column.where(risky, "").astype(str))
 
 
-def write_results_csv(store: RunStore, metrics: dict, path: Path) -> Path:
-    """``results.csv`` (see the module docstring); written through a temporary file."""
-    metric_cols = metric_names(metrics, case_metrics=True)
+def write_results_csv(cases: pd.DataFrame, pairs: pd.DataFrame, metric_cols: list[str],
+                      cf: pd.DataFrame | None, path: Path) -> Path:
+    """``results.csv`` (see the module docstring) from the report's case, case x method and
+    counterfactual tables (:mod:`.report_data`); written through a temporary file."""
     renamed = {m: (f"metric_{m}" if m in BASE_COLUMNS + CF_COLUMNS else m) for m in metric_cols}
-    extra_cf = counterfactual_columns(store)
-    header = BASE_COLUMNS + [renamed[m] for m in metric_cols] + CF_COLUMNS + extra_cf
-    metric_methods: dict[int, list[str]] = {}
-    for image_id, method in metrics:
-        metric_methods.setdefault(image_id, []).append(method)
+    header = BASE_COLUMNS + [renamed[m] for m in metric_cols] + CF_COLUMNS
+    correct = cases["outcome"].map({"correct": 1, "incorrect": 0}).astype("Int64")
+    base = pd.DataFrame({"pos": cases["pos"], "path": cases["path"], "file": cases["file"], "label": cases["label"],
+                         "prediction": cases["prediction"], "probability": cases["probability"], "correct": correct,
+                         "status": cases["status"], "error": cases["error"]})
+    parts = []
+    if len(pairs):
+        att = pairs[["pos", "method", "target", "seconds", *metric_cols]].rename(columns=renamed)
+        parts.append(base.merge(att, on="pos").assign(row_type="attribution", _kind=0))
+    if cf is not None and len(cf):
+        before = [list(v or []) for v in cf["probs_before"]]
+        after = [list(v or []) for v in cf["probs_after"]]
+        t = cf["target"].astype(int).tolist()
+        rows = pd.DataFrame({
+            "pos": cf["pos"], "cf_target": [n if isinstance(n, str) and n else str(i) for n, i in zip(cf["target_name"], t)],
+            "cf_valid": cf["valid"].astype(int), "cf_reason": cf["reason"],
+            "cf_p_target_before": [b[i] if 0 <= i < len(b) else np.nan for b, i in zip(before, t)],
+            "cf_p_target_after": [a[i] if 0 <= i < len(a) else np.nan for a, i in zip(after, t)],
+            "cf_seconds": cf["seconds"],
+            **{k: cf[k] for k in ("l0", "l1", "l2", "linf", "lam", "iterations", "nearest_train_distance", "im1")
+               if k in cf}})
+        parts.append(base.merge(rows, on="pos").assign(row_type="counterfactual", _kind=1))
+    covered = set().union(*(set(p["pos"]) for p in parts)) if parts else set()
+    alone = base[~base["pos"].isin(covered)]
+    parts.append(alone.assign(row_type="image", _kind=-1))
+    table = pd.concat(parts, ignore_index=True, sort=False)
+    table = table.sort_values(["pos", "_kind"], kind="stable")
+    table = table.reindex(columns=header)
+    for col in ("correct", "target", "cf_valid", "iterations"):     # integers, blank where not applicable
+        table[col] = pd.to_numeric(table[col]).round().astype("Int64")
+    for col in table.columns:
+        table[col] = _defused(table[col])
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=header)
-        writer.writeheader()
-        for img in store.images():
-            correct = None if img["label"] is None or img["prediction"] is None else int(img["label"] == img["prediction"])
-            base = {"image_id": img["id"], "name": img["name"], "path": img["path"], "label": img["label_name"],
-                    "prediction": img["prediction_name"], "probability": img["probability"], "correct": correct,
-                    "status": img["status"], "error": img["error"]}
-            atts = store.attributions(img["id"])
-            methods = list(atts) + sorted(set(metric_methods.get(img["id"], [])) - set(atts))
-            cfs = store.counterfactuals(img["id"])
-            if not methods and not cfs:
-                writer.writerow({k: _cell(v) for k, v in {"row_type": "image", **base}.items()})
-            for method in methods:
-                att = atts.get(method, {})
-                row = {"row_type": "attribution", **base, "method": method, "target": att.get("target"),
-                       "seconds": att.get("seconds")}
-                row.update({renamed[m]: v for m, v in metrics.get((img["id"], method), {}).items()})
-                writer.writerow({k: _cell(v) for k, v in row.items()})
-            for cf in cfs:
-                before = json.loads(cf["probs_before"]) if cf["probs_before"] else []
-                after = json.loads(cf["probs_after"]) if cf["probs_after"] else []
-                t = int(cf["target"])
-                row = {"row_type": "counterfactual", **base, "cf_target": cf["target_name"] or t,
-                       "cf_valid": int(bool(cf["valid"])), "cf_reason": cf["reason"],
-                       "cf_p_target_before": before[t] if 0 <= t < len(before) else None,
-                       "cf_p_target_after": after[t] if 0 <= t < len(after) else None,
-                       "cf_seconds": cf["seconds"], **{k: cf[k] for k in ("l0", "l1", "l2", "linf", "lam", "iterations")},
-                       **{k: cf[k] for k in extra_cf}}
-                writer.writerow({k: _cell(v) for k, v in row.items()})
+    table.to_csv(tmp, index=False, lineterminator="\r\n")
     os.replace(tmp, path)
     return path
 
 
-def figure_name(image_id: int, name: str) -> str:
-    """``00012_glioma_x.png``: the id keeps it unique, the name (made filename-safe) readable."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(name)).with_suffix("").as_posix()).strip("._")[:80]
-    return f"{int(image_id):05d}_{stem or 'case'}.png"
+def figure_name(path: str) -> str:
+    """``glioma_x_1a2b3c4d.png`` for the case ``glioma/x.png``: readable (the path made
+    filename-safe, at most 80 characters) and unique (a hash of the whole path)."""
+    without_suffix = re.sub(r"\.[^./]*$", "", str(path))
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", without_suffix).strip("._-")[:80]
+    digest = hashlib.sha1(str(path).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{stem or 'case'}_{digest}.png"
 
 
 def mpl_text(text) -> str:
@@ -106,85 +108,90 @@ def _stack_png(pngs: list[bytes]) -> Image.Image:
     return out
 
 
-def write_case_figures(store: RunStore, spec: dict, out_dir: Path, *, clip_percentile: float = 0.5,
-                       dpi: int = 110) -> dict[int, str]:
-    """One PNG per explained case under ``out_dir``; returns ``{image_id: file name}``."""
+def _cf_result(xs, origs, cfs: list[dict]) -> SimpleNamespace:
     import torch
+    return SimpleNamespace(
+        x=torch.from_numpy(np.stack(xs)), x_orig=torch.from_numpy(np.stack(origs)),
+        target=torch.tensor([int(c["target"]) for c in cfs]), valid=torch.tensor([bool(c["valid"]) for c in cfs]),
+        probs_before=torch.tensor([list(c["probs_before"]) for c in cfs]),
+        probs_after=torch.tensor([list(c["probs_after"]) for c in cfs]),
+        reason=[mpl_text(c["reason"] or "") for c in cfs],
+        distance={k: torch.tensor([float(c[k]) for c in cfs]) for k in ("l0", "l1", "l2", "linf")
+                  if all(c.get(k) is not None and not pd.isna(c.get(k)) for c in cfs)})
 
+
+def write_case_figures(run, cases: pd.DataFrame, cf: pd.DataFrame | None, out_dir: Path, *,
+                       clip_percentile: float = 0.5, dpi: int = 110) -> dict[str, str]:
+    """One PNG per explained case under ``out_dir``; returns ``{case path: file name}``."""
     from .counterfactual_plots import counterfactual_figure
     from .plots import case_figure, figure_png
 
-    classes = spec.get("model", {}).get("classes") or []
-    value_range = spec.get("model", {}).get("value_range")
+    classes = run.classes
+    value_range = (run.spec.get("model") or {}).get("value_range")
+    cf_rows: dict[str, list[dict]] = {}
+    for r in (cf.to_dict("records") if cf is not None else []):
+        cf_rows.setdefault(r["path"], []).append(r)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
-    for img in store.images():
-        if img["status"] != "done" or img["image_file"] is None:
+    for row in cases.to_dict("records"):
+        if row["status"] != "done":
             continue
-        image = store.load_array(img["image_file"])
-        maps = {m: store.load_array(a["array_file"]) for m, a in store.attributions(img["id"]).items()}
-        cfs = store.counterfactuals(img["id"])
-        if not maps and not cfs:
+        arrays = run.case_arrays(row["path"])
+        image, maps = arrays["image"], {m: arrays["maps"][m] for m in run.methods if m in arrays["maps"]}
+        cfs = [c for c in cf_rows.get(row["path"], []) if int(c["target"]) in arrays["counterfactuals"]]
+        if image is None or (not maps and not cfs):
             continue
         pngs = []
-        case = mpl_text(img["name"])
+        case = mpl_text(row["path"])
         if maps:
             fig = case_figure(image, maps, title="image", clip_percentile=clip_percentile, value_range=value_range)
-            fig.suptitle(f"{case}: label {mpl_text(img['label_name'] or 'unknown')}, prediction "
-                         f"{mpl_text(img['prediction_name'])} ({img['probability']:.2f})\n"
-                         f"colour scales clipped at the {100 - clip_percentile:g}th percentile of |map|", fontsize=9)
+            p = row["probability"]
+            fig.suptitle(f"{case}: label {mpl_text(row['label'] if isinstance(row['label'], str) else 'unknown')}, "
+                         f"prediction {mpl_text(row['prediction'])}" + ("" if pd.isna(p) else f" ({p:.2f})") +
+                         f"\ncolour scales clipped at the {100 - clip_percentile:g}th percentile of |map|", fontsize=9)
             fig.tight_layout(rect=(0, 0, 1, 0.93))
             pngs.append(figure_png(fig, dpi=dpi))
-        for cf in cfs:
-            before = json.loads(cf["probs_before"])
-            row = SimpleNamespace(
-                x=torch.from_numpy(store.load_array(cf["array_file"]))[None], x_orig=torch.from_numpy(image)[None],
-                target=torch.tensor([cf["target"]]), valid=torch.tensor([bool(cf["valid"])]),
-                probs_before=torch.tensor([before]), probs_after=torch.tensor([json.loads(cf["probs_after"])]),
-                reason=[mpl_text(cf["reason"] or "")],
-                distance={k: torch.tensor([cf[k]]) for k in ("l0", "l1", "l2", "linf") if cf[k] is not None})
-            names = [mpl_text(n) for n in class_names(classes, len(before))]
-            fig = counterfactual_figure(row, 0, names, value_range)
+        for c in cfs:
+            result = _cf_result([arrays["counterfactuals"][int(c["target"])]], [image], [c])
+            names = [mpl_text(n) for n in class_names(classes, len(c["probs_before"]))]
+            fig = counterfactual_figure(result, 0, names, value_range)
             title = fig.get_suptitle()
             if title.startswith("case 0:"):           # name the case instead of its row in a batch of one
                 fig.suptitle(f"{case}:" + title[len("case 0:"):], fontsize=9)
             pngs.append(figure_png(fig, dpi=dpi))
-        name = figure_name(img["id"], img["name"])
+        name = figure_name(row["path"])
         tmp = out_dir / (name + ".tmp")
         _stack_png(pngs).save(tmp, format="PNG")
         os.replace(tmp, out_dir / name)
-        written[int(img["id"])] = name
+        written[row["path"]] = name
     return written
 
 
-def counterfactual_grid_png(store: RunStore, spec: dict, max_rows: int = 8) -> tuple[bytes, list[str]] | None:
+def counterfactual_grid_png(run, cf: pd.DataFrame | None, max_rows: int = 8) -> tuple[bytes, list[str]] | None:
     """The first ``max_rows`` counterfactuals of the run in one grid figure (original,
-    counterfactual, signed difference per row) and the case name of each row; None when the run
+    counterfactual, signed difference per row) and the case path of each row; None when the run
     has none."""
-    import torch
-
     from .counterfactual_plots import counterfactual_grid
     from .plots import figure_png
 
-    rows = [dict(r) for r in store.db.execute(
-        "SELECT c.*, i.name AS case_name, i.image_file FROM counterfactuals c JOIN images i ON i.id = c.image_id "
-        "WHERE i.image_file IS NOT NULL ORDER BY c.image_id, c.target LIMIT ?", (int(max_rows),))]
+    if cf is None:
+        return None
+    rows, xs, origs = [], [], []
+    for c in cf.to_dict("records"):
+        arrays = run.case_arrays(c["path"])
+        x = arrays["counterfactuals"].get(int(c["target"]))
+        if x is None or arrays["image"] is None:
+            continue
+        if xs and (x.shape != xs[0].shape or arrays["image"].shape != xs[0].shape):
+            continue                                   # mixed sizes cannot share a grid: keep the first size
+        rows.append(c)
+        xs.append(x)
+        origs.append(arrays["image"])
+        if len(rows) == max_rows:
+            break
     if not rows:
         return None
-    xs, origs = [], []
-    for r in rows:
-        xs.append(store.load_array(r["array_file"]))
-        origs.append(store.load_array(r["image_file"]))
-    if len({x.shape for x in xs + origs}) != 1:      # mixed sizes cannot share a batch: keep the first size
-        keep = [i for i in range(len(rows)) if xs[i].shape == xs[0].shape and origs[i].shape == xs[0].shape]
-        rows, xs, origs = [rows[i] for i in keep], [xs[i] for i in keep], [origs[i] for i in keep]
-    before = [json.loads(r["probs_before"]) for r in rows]
-    result = SimpleNamespace(
-        x=torch.from_numpy(np.stack(xs)), x_orig=torch.from_numpy(np.stack(origs)),
-        target=torch.tensor([r["target"] for r in rows]), valid=torch.tensor([bool(r["valid"]) for r in rows]),
-        probs_before=torch.tensor(before), probs_after=torch.tensor([json.loads(r["probs_after"]) for r in rows]),
-        reason=[mpl_text(r["reason"] or "") for r in rows])
-    names = [mpl_text(n) for n in class_names(spec.get("model", {}).get("classes"), len(before[0]))]
-    png = figure_png(counterfactual_grid(result, names, max_rows=max_rows,
-                                         value_range=spec.get("model", {}).get("value_range")))
-    return png, [r["case_name"] for r in rows]
+    names = [mpl_text(n) for n in class_names(run.classes, len(rows[0]["probs_before"]))]
+    png = figure_png(counterfactual_grid(_cf_result(xs, origs, rows), names, max_rows=max_rows,
+                                         value_range=(run.spec.get("model") or {}).get("value_range")))
+    return png, [r["path"] for r in rows]

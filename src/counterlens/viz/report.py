@@ -1,56 +1,44 @@
-"""The HTML report: one self-contained file that opens offline in any browser.
+"""The HTML report of a run directory, read through :func:`counterlens.runs.store.open_run`.
 
-``write_report(RUN)`` reads the run directory (:mod:`.report_data`) and renders
-``templates/report.html``. Images are inlined as PNG data URIs; the page allows nothing else
-(Content-Security-Policy: no network, inline style, data: images, and only the one inline script
-whose SHA-256 it names). The gallery keeps each case in an inert ``<template>``: its images are
-decoded only when the page that shows it is opened (24 cases a page), so a run of 1,000 cases
-stays responsive.
+``write_report(RUN)`` writes, for a run of up to ``single_file_max`` cases (default 2,000), one
+self-contained ``RUN/report.html``; beyond that a folder ``RUN/report/`` (:mod:`.report_pages`):
+``index.html`` with the run-level views and the cases to look at first, and a gallery of
+``page_size`` cases per file (``gallery/page-00001.html`` ...) that a reader opens page by page,
+offline, by plain links (``RUN/report.html`` then forwards to the index). Building costs the
+same per case at any size and holds one page of images in memory at a time.
+
+Every page allows nothing but itself: images are inlined as PNG data URIs and the
+Content-Security-Policy allows no network, inline style, data: images and only the one inline
+script whose SHA-256 it names. In the one-file report the gallery keeps each case in an inert
+``<template>``: its images are decoded only when the page that shows it is opened (24 cases a page).
 
 Everything that comes from user data (file names, class names, error messages, metric names, the
 audit's verdict) goes through Jinja2's autoescaping, and the script only compares strings and sets
 ``textContent``, so a file named ``<script>.png`` shows as text and runs nothing.
 
-Next to the report, ``RUN/results.csv`` (all metrics, one row per image x method and per
+Next to the report, ``RUN/results.csv`` (all metrics, one row per case x method and per
 counterfactual) and, when asked, ``RUN/figures/*.png`` (one figure per case): see :mod:`.exports`.
 """
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import hashlib
-import os
+from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2
-from markupsafe import Markup
+import pandas as pd
 
 from ..errors import InputError
-from ..runs.store import RunStore
+from ..runs.store import open_run
 from . import report_data as rd
-from .exports import (
-    counterfactual_grid_png,
-    figure_name,
-    write_case_figures,
-    write_results_csv,
-)
+from .exports import counterfactual_grid_png, figure_name, write_case_figures, write_results_csv
 from .plots import curves_figure, figure_png, randomisation_figure
-from .report_images import css_gradient, data_uri
-
-_ENV = jinja2.Environment(loader=jinja2.PackageLoader("counterlens.viz", "templates"),
-                          autoescape=True, undefined=jinja2.StrictUndefined)
-_ENV.filters["fmt"] = rd.fmt
+from .report_cases import LOOK_FIRST, CaseContext, anchor, case_pages, look_first
+from .report_images import data_uri
+from .report_pages import remove_paged, write_paged
+from .report_render import page_assets, render_to
 
 PAGE_SIZE = 24
-
-
-def _static(name: str) -> str:
-    return (Path(__file__).parent / "templates" / name).read_text(encoding="utf-8")
-
-
-def csp_hash(script: str) -> str:
-    """The CSP source that allows exactly this inline script."""
-    return "'sha256-" + base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii") + "'"
+SINGLE_FILE_MAX = 2000
 
 
 def _plot_uri(make, data, notes: list[str], what: str):
@@ -61,93 +49,121 @@ def _plot_uri(make, data, notes: list[str], what: str):
         return None
 
 
-def build_context(run_dir: Path, store: RunStore, *, clip_percentile: float, page_size: int) -> dict:
-    """Everything the template shows, as plain values."""
-    notes: list[str] = []
-    spec = store.read_spec()
+@dataclass
+class Tables:
+    """The run as the report reads it: cases, case x method rows, counterfactuals (see :mod:`.report_data`)."""
+
+    cases: pd.DataFrame
+    pairs: pd.DataFrame
+    metric_cols: list[str]          # every metric present (case-level ones last)
+    metric_order: list[str]         # the per-method ones, in display order
+    cf: pd.DataFrame | None
+    cf_extra: list[str]
+
+
+def read_tables(run) -> Tables:
+    cases = rd.case_table(run)
+    pairs, metric_cols = rd.pair_table(run, cases)
+    cf = rd.counterfactual_table(run, cases)
+    return Tables(cases, pairs, metric_cols, rd.metric_names(metric_cols), cf, rd.counterfactual_columns(cf))
+
+
+def run_context(run, t: Tables, *, clip_percentile: float, case_href, notes: list[str], files: list[str],
+                n_figures: int) -> dict:
+    """Everything the run-level panels show, as plain values."""
+    spec = run.spec
     model = spec.get("model", {}) or {}
-    classes = [str(c) for c in (model.get("classes") or spec.get("data", {}).get("classes") or [])]
-    value_range = model.get("value_range")
-    metrics = rd.read_metrics(store)
-    metric_order = rd.metric_names(metrics)
-    sanity = rd.read_json(run_dir, "sanity.json", notes) or {}
-    curves = rd.read_json(run_dir, "curves.json", notes)
-    audit = rd.read_json(run_dir, "audit.json", notes)
-    cf_extra = rd.counterfactual_columns(store)
-    images = store.images()
-    cases = [rd.build_case(store, row, classes=classes, value_range=value_range, clip_percentile=clip_percentile,
-                           metrics=metrics, metric_order=metric_order, sanity=sanity, cf_extra=cf_extra)
-             for row in images]
-    done = [r for r in images if r["status"] == "done"]
-    labelled = [r for r in done if r["label"] is not None and r["prediction"] is not None]
-    correct = sum(r["label"] == r["prediction"] for r in labelled)
+    classes = run.classes
+    sanity = rd.read_json(run, "sanity.json", notes) or {}
+    curves = rd.read_json(run, "curves.json", notes)
+    audit = rd.read_json(run, "audit.json", notes)
+    cases = t.cases
+    done = int((cases["status"] == "done").sum())
+    labelled = int(cases["outcome"].isin(["correct", "incorrect"]).sum())
+    correct = int((cases["outcome"] == "correct").sum())
     methods_spec = spec.get("methods") or {}
-    method_names = list(dict.fromkeys(list(methods_spec) + [o["method"] for c in cases for o in c["overlays"]]))
-    grid = counterfactual_grid_png(store, spec)
+    method_names = list(dict.fromkeys(list(run.methods) + list(dict.fromkeys(t.pairs["method"]))))
+    grid = counterfactual_grid_png(run, t.cf)
+    pos_of = dict(zip(cases["path"], cases["pos"]))
+    names = [n for n in list(cases["label"].dropna()) + list(cases["prediction"].dropna())]
     return {
-        "title": Path(run_dir).resolve().name, "created": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "title": Path(run.root).resolve().name, "created": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "version": (spec.get("versions") or {}).get("counterlens", "?"), "clip_percentile": clip_percentile,
         "model": {"description": model.get("description", "?"), "hash": model.get("sha256"),
                   "source": model.get("source"), "test_accuracy": model.get("test_accuracy"),
-                  "value_range": value_range},
+                  "value_range": model.get("value_range")},
         "data": (spec.get("data") or {}).get("path", "?"), "classes": classes, "seed": spec.get("seed"),
         "target": spec.get("target"), "device": spec.get("device", "?"), "versions": spec.get("versions") or {},
         "counterfactual_settings": spec.get("counterfactual") or {},
-        "counts": {"total": len(done), "failed": len(images) - len(done), "labelled": len(labelled),
-                   "correct": correct},
-        "accuracy": (correct / len(labelled)) if labelled else None,
-        "confusion": rd.confusion_matrix(labelled, classes),
-        "metric_order": metric_order, "metric_hints": rd.METRIC_HINTS,
-        "methods": rd.method_table(methods_spec, store.method_seconds(), metrics, metric_order, sanity),
+        "counts": {"total": done, "failed": len(cases) - done, "labelled": labelled, "correct": correct},
+        "accuracy": (correct / labelled) if labelled else None,
+        "confusion": rd.confusion_matrix(cases, classes),
+        "metric_order": t.metric_order, "metric_hints": rd.METRIC_HINTS,
+        "methods": rd.method_table(methods_spec, run.method_seconds(), t.pairs, t.metric_order, sanity),
+        "group_tables": rd.group_tables(cases, t.pairs, t.metric_order, classes),
         "method_names": method_names,
-        "metrics_summary": None if metrics else rd.read_csv_table(run_dir / "metrics_summary.csv", notes),
         "curves_uri": _plot_uri(curves_figure, curves, notes, "deletion / insertion curves") if curves else None,
         "sanity_uri": _plot_uri(randomisation_figure, sanity, notes, "randomisation curves") if sanity else None,
-        "sanity_rows": rd.sanity_rows(sanity),
+        "sanity_rows": rd.sanity_rows(sanity), "sanity": sanity,
         "audit": rd.audit_view(audit) if audit else None,
-        "cf_summary": rd.counterfactual_summary(store, cf_extra),
-        "cf_grid_uri": data_uri(grid[0]) if grid else None, "cf_grid_names": grid[1] if grid else [],
-        "cases": cases, "page_size": page_size, "notes": notes,
-        "filter_classes": list(dict.fromkeys(classes + sorted({n for c in cases for n in (c["label_name"], c["prediction_name"])
-                                                               if n is not None} - set(classes)))),
-        "outcomes": {o: sum(c["outcome"] == o for c in cases) for o in ("correct", "incorrect", "unknown", "failed")},
-        "gradients": {"signed": css_gradient("RdBu_r"), "positive": css_gradient("inferno")},
+        "cf_summary": rd.counterfactual_summary(t.cf, t.cf_extra),
+        "cf_grid_uri": data_uri(grid[0]) if grid else None,
+        "cf_grid_rows": [{"path": p, "pos": int(pos_of[p])} for p in grid[1]] if grid else [],
+        "look_first": look_first(cases, t.pairs), "look_first_limit": LOOK_FIRST, "case_href": case_href,
+        "notes": notes, "n_cases": len(cases),
+        "filter_classes": list(dict.fromkeys(classes + sorted(set(map(str, names)) - set(classes)))),
+        "outcomes": {o: int((cases["outcome"] == o).sum()) for o in rd.OUTCOMES},
+        "files": files + [n for n, d in (("curves.json", curves), ("sanity.json", sanity or None),
+                                         ("audit.json", audit)) if d is not None],
+        "n_figures": n_figures, "failed_href": None, "paged": False, "root": "",
     }
 
 
 def write_report(run_dir, *, clip_percentile: float = 0.5, out: str | Path | None = None,
-                 figures: bool = False, page_size: int = PAGE_SIZE) -> Path:
-    """Render ``RUN/report.html`` (or ``out``) from a run directory and return its path.
+                 figures: bool = False, page_size: int = PAGE_SIZE, single_file_max: int = SINGLE_FILE_MAX) -> Path:
+    """Write the report of a run directory and return the path of the page to open.
 
-    Also writes ``RUN/results.csv``. ``figures``: also write ``RUN/figures/<id>_<name>.png``, one
+    Up to ``single_file_max`` cases: one self-contained ``RUN/report.html`` (or ``out``), returned.
+    More: ``RUN/report/index.html`` (returned) with gallery pages of ``page_size`` cases under
+    ``RUN/report/gallery/`` and case lists under ``RUN/report/lists/``; ``RUN/report.html`` (or
+    ``out``) becomes a small page that forwards to the index. Files of an earlier build that this
+    one does not write (a gallery that had more pages, a one-file report's folder) are removed.
+
+    Also writes ``RUN/results.csv``. ``figures``: also write ``RUN/figures/<name>_<hash>.png``, one
     matplotlib figure per case (off by default: about 0.5 s per case, 1 s with a counterfactual,
-    on these CPUs, against about 10 ms per case for the report itself). ``page_size``: cases per
+    on these CPUs, against about 2 ms per case for the report itself). ``page_size``: cases per
     page of the gallery.
     """
     if not 0 <= clip_percentile < 50:
         raise InputError(f"clip_percentile={clip_percentile}; pass a percentage in [0, 50), e.g. 0.5")
-    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
-        raise InputError(f"page_size={page_size!r}; pass a positive number of cases per page")
+    for name, value in (("page_size", page_size), ("single_file_max", single_file_max)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name}={value!r}; pass a positive number of cases")
     run_dir = Path(run_dir)
-    with RunStore(run_dir, create=False) as store:
-        context = build_context(run_dir, store, clip_percentile=clip_percentile, page_size=page_size)
-        write_results_csv(store, rd.read_metrics(store), run_dir / "results.csv")
-        if figures:
-            write_case_figures(store, store.read_spec(), run_dir / "figures", clip_percentile=clip_percentile)
+    run = open_run(run_dir)
+    t = read_tables(run)
+    write_results_csv(t.cases, t.pairs, t.metric_cols, t.cf, run_dir / "results.csv")
     figure_dir = run_dir / "figures"
-    for case in context["cases"]:       # link the figures there are (from this call or an earlier one)
-        name = figure_name(case["id"], case["name"])
-        case["figure"] = name if (figure_dir / name).exists() else None
-    context["files"] = [name for name in ("results.csv", "metrics.csv", "metrics_summary.csv", "curves.json",
-                                          "sanity.json", "audit.json") if (run_dir / name).exists()]
-    context["n_figures"] = sum(c["figure"] is not None for c in context["cases"])
-    script = _static("report.js")
-    if "</script" in script.lower():
-        raise RuntimeError("report.js must not contain a closing script tag")
-    html = _ENV.get_template("report.html").render(
-        **context, script=Markup(script), script_hash=Markup(csp_hash(script)), css=Markup(_static("report.css")))
+    if figures:
+        write_case_figures(run, t.cases, t.cf, figure_dir, clip_percentile=clip_percentile)
+    present = {p.name for p in figure_dir.glob("*.png")} if figure_dir.is_dir() else set()
+    notes: list[str] = []
+    paged = len(t.cases) > single_file_max
+    case_href = (lambda pos: f"gallery/page-{pos // page_size + 1:05d}.html#{anchor(pos)}") if paged \
+        else (lambda pos: f"#{anchor(pos)}")
+    context = run_context(run, t, clip_percentile=clip_percentile, case_href=case_href, notes=notes,
+                          files=["results.csv"], n_figures=0)
+    ctx = CaseContext(classes=context["classes"], prob_columns=rd.prob_columns(t.cases),
+                      value_range=context["model"]["value_range"], clip_percentile=clip_percentile,
+                      metric_order=t.metric_order, sanity=context.pop("sanity"), cf_extra=t.cf_extra, figures=present)
+    context["n_figures"] = sum(figure_name(p) in present for p in t.cases["path"]) if present else 0
+    context.update(page_assets())
     path = Path(out) if out else run_dir / "report.html"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    os.replace(tmp, path)
+    if paged:
+        return write_paged(run, t, ctx, context, run_dir=run_dir, redirect=path, page_size=page_size,
+                           single_file_max=single_file_max)
+    pages = (views for _, views in case_pages(run, t.cases, t.pairs, t.cf, ctx, page_size))
+    render_to(path, "report.html", {**context, "pages": pages, "page_size": page_size})
+    if path.resolve() == (run_dir / "report.html").resolve():      # the one-file report replaces a folder one
+        remove_paged(run_dir / "report")
     return path

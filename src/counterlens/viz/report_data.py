@@ -1,23 +1,22 @@
-"""What the HTML report shows, read from a run directory into plain dicts for the template.
+"""What the report shows about a whole run, read through :func:`counterlens.runs.store.open_run`
+into plain values for the templates: summary counts, confusion matrix, the method table, metric
+tables per class and per outcome, the sanity, audit and counterfactual panels.
 
-Optional inputs are read when present and left out when absent (the report then has no section
-for them): the ``metrics`` table of ``results.sqlite``, ``curves.json``, ``sanity.json``,
-``audit.json``, ``metrics_summary.csv`` and the ``nearest_train_distance`` / ``im1`` columns of
-the ``counterfactuals`` table. A file that cannot be parsed becomes a note in the report instead
-of stopping it.
+Optional inputs are shown when the run has them and left out when not (the report then has no
+section for them): metrics (``Run.metrics``), ``curves.json``, ``sanity.json``, ``audit.json``
+(``Run.json_file``), counterfactuals and their plausibility columns. A JSON file that cannot be
+parsed becomes a note in the report instead of stopping it.
+
+Everything here works on whole columns (pandas), so it costs about the same per case for 100
+cases as for 100,000.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
-import sqlite3
-from pathlib import Path
 
 import numpy as np
-
-from ..runs.store import RunStore
-from .report_images import data_uri, difference_png, grey_png, map_png, scale_labels
+import pandas as pd
 
 METRIC_ORDER = ("deletion_auc", "insertion_auc", "mufidelity", "pointing_game", "relevance_mass", "relevance_rank",
                 "mass_lift", "sparseness", "entropy", "ig_completeness_error")
@@ -41,13 +40,15 @@ METRIC_HINTS = {
 CF_EXTRA = ("nearest_train_distance", "im1")
 CF_EXTRA_LABELS = {"nearest_train_distance": "distance to the nearest training image of the target class",
                    "im1": "IM1 (autoencoder plausibility; lower is more plausible)"}
+OUTCOMES = ("correct", "incorrect", "unknown", "failed")
+OUTCOME_TEXT = {"correct": "correct", "incorrect": "incorrect", "unknown": "no label", "failed": "failed"}
 
 
 def fmt(value, digits: int = 3) -> str:
     """A number for the report: ``digits`` significant figures, ``-`` for missing."""
-    if value is None:
+    if value is None or value is pd.NA:
         return "-"
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
     if isinstance(value, (int, np.integer)):
         return str(int(value))
@@ -58,44 +59,25 @@ def fmt(value, digits: int = 3) -> str:
     return "nan" if math.isnan(v) else f"{v:.{digits}g}"
 
 
-def read_json(run_dir: Path, name: str, notes: list[str]):
-    """``RUN/name`` parsed, or None when absent or unreadable (then a note says why)."""
-    path = Path(run_dir) / name
-    if not path.exists():
+def number(value) -> float | None:
+    """A float, or None for missing and NaN."""
+    if value is None or value is pd.NA:
         return None
+    v = float(value)
+    return None if math.isnan(v) else v
+
+
+def read_json(run, name: str, notes: list[str]):
+    """``run.json_file(name)``, or None when absent or unreadable (then a note says why)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = run.json_file(name)
     except (OSError, ValueError) as exc:
         notes.append(f"{name} could not be read ({exc}); its section is left out")
         return None
-    if not isinstance(data, dict):
+    if data is not None and not isinstance(data, dict):
         notes.append(f"{name} does not hold a JSON object; its section is left out")
         return None
     return data
-
-
-def read_metrics(store: RunStore) -> dict[tuple[int, str], dict[str, float]]:
-    """``{(image_id, method): {metric: value}}`` from the ``metrics`` table ({} when there is none)."""
-    if not _has_table(store.db, "metrics"):
-        return {}
-    out: dict[tuple[int, str], dict[str, float]] = {}
-    for r in store.db.execute("SELECT image_id, method, metric, value FROM metrics ORDER BY image_id, method"):
-        out.setdefault((int(r["image_id"]), str(r["method"])), {})[str(r["metric"])] = \
-            None if r["value"] is None else float(r["value"])
-    return out
-
-
-def metric_names(metrics: dict, *, case_metrics: bool = False) -> list[str]:
-    """Metrics present, in display order; case-level ones (insertion_room, the same for every
-    method) only with ``case_metrics``."""
-    present = {m for values in metrics.values() for m in values}
-    names = present - set(CASE_METRICS)
-    out = [m for m in METRIC_ORDER if m in names] + sorted(names - set(METRIC_ORDER))
-    return out + [m for m in CASE_METRICS if m in present] if case_metrics else out
-
-
-def _has_table(db: sqlite3.Connection, name: str) -> bool:
-    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
 
 def class_names(classes, n: int) -> list[str]:
@@ -103,22 +85,96 @@ def class_names(classes, n: int) -> list[str]:
     return classes if len(classes) == n else [classes[i] if i < len(classes) else str(i) for i in range(n)]
 
 
-# -- per case ---------------------------------------------------------------------------------------
+# -- the tables of a run, as the report uses them --------------------------------------------------
+def case_table(run) -> pd.DataFrame:
+    """``run.cases`` with ``pos`` (0-based position: the gallery order), ``outcome`` (correct,
+    incorrect, unknown (no label), failed) and ``probs`` (the ``prob_<class>`` column names)."""
+    cases = run.cases.copy()
+    cases["pos"] = np.arange(len(cases))
+    done = (cases["status"] == "done").to_numpy()
+    li, pi = cases["label_index"], cases["prediction_index"]
+    labelled = (li.notna() & pi.notna()).to_numpy()
+    correct = (li == pi).fillna(False).to_numpy(dtype=bool)
+    cases["outcome"] = np.where(~done, "failed", np.where(~labelled, "unknown",
+                                                          np.where(correct, "correct", "incorrect")))
+    return cases
+
+
+def prob_columns(cases: pd.DataFrame) -> list[str]:
+    """The ``prob_<class>`` columns in class order (between ``probability`` and ``status``)."""
+    cols = list(cases.columns)
+    return cols[cols.index("probability") + 1:cols.index("status")]
+
+
+def pair_table(run, cases: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """One row per case and method that has a map or metrics: ``pos, path, method, target,
+    target_name, seconds`` and one column per metric; sorted by case position, then method in
+    ``run.methods`` order. Also returns the metric names present, in display order."""
+    att = run.attributions
+    metrics = run.metrics
+    if metrics is not None and len(metrics):
+        wide = metrics.pivot(index=["path", "method"], columns="metric", values="value")
+        wide.columns = [str(c) for c in wide.columns]
+        pairs = att.merge(wide.reset_index(), on=["path", "method"], how="outer")
+        metric_cols = list(wide.columns)
+    else:
+        pairs, metric_cols = att.copy(), []
+    pairs = pairs.merge(cases[["path", "pos"]], on="path", how="inner")
+    order = {m: i for i, m in enumerate(dict.fromkeys(list(run.methods) + sorted(set(pairs["method"]))))}
+    pairs["_m"] = pairs["method"].map(order)
+    pairs = pairs.sort_values(["pos", "_m"], kind="stable").drop(columns="_m").reset_index(drop=True)
+    return pairs, metric_names(metric_cols, case_metrics=True)
+
+
+def metric_names(names, *, case_metrics: bool = False) -> list[str]:
+    """Metrics present, in display order; case-level ones (insertion_room, the same for every
+    method) only with ``case_metrics``."""
+    present = set(names)
+    rest = present - set(CASE_METRICS)
+    out = [m for m in METRIC_ORDER if m in rest] + sorted(rest - set(METRIC_ORDER))
+    return out + [m for m in CASE_METRICS if m in present] if case_metrics else out
+
+
+def counterfactual_table(run, cases: pd.DataFrame) -> pd.DataFrame | None:
+    """``run.counterfactuals`` with ``pos``, sorted by case position and target (None when none)."""
+    cf = run.counterfactuals
+    if cf is None or not len(cf):
+        return None
+    cf = cf.merge(cases[["path", "pos"]], on="path", how="inner")
+    return cf.sort_values(["pos", "target"], kind="stable").reset_index(drop=True)
+
+
+def counterfactual_columns(cf: pd.DataFrame | None) -> list[str]:
+    """The plausibility columns that hold a value for at least one counterfactual."""
+    if cf is None:
+        return []
+    return [c for c in CF_EXTRA if c in cf and cf[c].notna().any()]
+
+
+# -- badges ----------------------------------------------------------------------------------------
+def faithfulness(values: dict) -> tuple[str, float] | None:
+    """``("faithfulness", insertion AUC - deletion AUC)``, or ``("MuFidelity", value)`` when there
+    are no curves or when the insertion baseline alone already gives the class (insertion_room
+    below ROOM_MIN); None when neither is known."""
+    ins, dele, room = number(values.get("insertion_auc")), number(values.get("deletion_auc")), \
+        number(values.get("insertion_room"))
+    if ins is not None and dele is not None and (room is None or room >= ROOM_MIN):
+        return "faithfulness", ins - dele
+    mu = number(values.get("mufidelity"))
+    return ("MuFidelity", mu) if mu is not None else None
+
+
 def faithfulness_badge(values: dict) -> dict | None:
-    """A badge from insertion - deletion AUC (or MuFidelity when there are no curves, or when the
-    insertion baseline alone already gives the class: insertion_room below ROOM_MIN)."""
-    ins, dele, room = values.get("insertion_auc"), values.get("deletion_auc"), values.get("insertion_room")
-    roomy = room is None or math.isnan(room) or room >= ROOM_MIN
-    if ins is not None and dele is not None and not (math.isnan(ins) or math.isnan(dele)) and roomy:
-        d = ins - dele
-        return {"good": d > 0, "text": f"faithfulness {d:+.2f}",
+    found = faithfulness(values)
+    if found is None:
+        return None
+    kind, v = found
+    if kind == "faithfulness":
+        return {"good": v > 0, "text": f"faithfulness {v:+.2f}",
                 "title": "insertion AUC - deletion AUC: above 0 when the pixels the map ranks first matter "
                          "more to the model than the others; 0 or below: the map is no better than its reverse"}
-    mu = values.get("mufidelity")
-    if mu is not None and not math.isnan(mu):
-        return {"good": mu > 0, "text": f"MuFidelity {mu:+.2f}",
-                "title": "correlation of attribution mass and output drop; above 0: the map tracks the model"}
-    return None
+    return {"good": v > 0, "text": f"MuFidelity {v:+.2f}",
+            "title": "correlation of attribution mass and output drop; above 0: the map tracks the model"}
 
 
 def sanity_badge(entry) -> dict | None:
@@ -130,117 +186,65 @@ def sanity_badge(entry) -> dict | None:
                      "model's weights are randomised (similarity below the threshold)"}
 
 
-def build_case(store: RunStore, row: dict, *, classes, value_range, clip_percentile: float, metrics: dict,
-               metric_order: list[str], sanity: dict, cf_extra: list[str]) -> dict:
-    """Everything the gallery shows for one image."""
-    case = {"id": int(row["id"]), "name": row["name"], "label_name": row["label_name"],
-            "prediction_name": row["prediction_name"], "error": None, "overlays": [], "counterfactuals": [],
-            "probs": [], "confidence": None, "image_uri": None, "figure": None, "note": None}
-    if row["status"] != "done":
-        case.update(outcome="failed", outcome_text="failed", error=row["error"] or "failed")
-        return case
-    correct = None if row["label"] is None or row["prediction"] is None else row["label"] == row["prediction"]
-    case["outcome"] = {None: "unknown", True: "correct", False: "incorrect"}[correct]
-    case["outcome_text"] = {None: "no label", True: "correct", False: "incorrect"}[correct]
-    case["confidence"] = row["probability"]
-    probs = json.loads(row["probs"]) if row["probs"] else []
-    names = class_names(classes, len(probs))
-    case["probs"] = [{"name": c, "value": float(p)} for c, p in zip(names, probs)]
-    image = store.load_array(row["image_file"])
-    if image is not None:
-        case["image_uri"] = data_uri(grey_png(image, value_range))
-    for method, att in store.attributions(row["id"]).items():
-        png, scale = map_png(store.load_array(att["array_file"]), clip_percentile)
-        values = metrics.get((case["id"], method), {})
-        room = values.get("insertion_room")
-        if case["note"] is None and room is not None and not math.isnan(room) and room < ROOM_MIN:
-            case["note"] = ("Insertion cannot separate the maps of this image: the baseline insertion starts from "
-                            "already gives the target class nearly as much probability as the image, or more "
-                            f"(insertion_room {room:.2f}); read deletion here.")
-        badges = [b for b in (sanity_badge(sanity.get(method)), faithfulness_badge(values)) if b]
-        target = att["target"]
-        case["overlays"].append({
-            "method": method, "map_uri": data_uri(png), "signed": scale["signed"],
-            "target": names[target] if 0 <= target < len(names) else str(target),
-            "labels": scale_labels(scale["vmin"], scale["vmax"], scale["signed"]), "badges": badges,
-            "metrics": [{"name": m, "value": fmt(values[m]), "hint": METRIC_HINTS.get(m, "")}
-                        for m in metric_order if m in values]})
-    if image is not None:
-        for cf in store.counterfactuals(row["id"]):
-            case["counterfactuals"].append(counterfactual_view(store, image, cf, names, value_range, cf_extra))
-    return case
-
-
-def counterfactual_view(store: RunStore, image: np.ndarray, cf: dict, names: list[str], value_range,
-                        cf_extra: list[str]) -> dict:
-    """One stored counterfactual: original and counterfactual on one grey scale, the signed
-    difference, the probabilities before and after, distances and (when stored) plausibility."""
-    x = store.load_array(cf["array_file"])
-    if value_range is not None:
-        lo, hi = (float(v) for v in value_range)
-    else:
-        lo, hi = float(min(image.min(), x.min())), float(max(image.max(), x.max()))
-        hi = hi if hi > lo else lo + 1.0
-    diff_png, vmax = difference_png((x - image).sum(axis=0))
-    before = json.loads(cf["probs_before"]) if cf["probs_before"] else []
-    after = json.loads(cf["probs_after"]) if cf["probs_after"] else []
-    names = class_names(names, len(before))
-    target = int(cf["target"])
-    extra = [{"name": k, "label": CF_EXTRA_LABELS.get(k, k), "value": fmt(cf[k])}
-             for k in cf_extra if cf.get(k) is not None]
-    return {
-        "target": cf["target_name"] or (names[target] if 0 <= target < len(names) else str(target)),
-        "valid": bool(cf["valid"]), "reason": cf["reason"] or "",
-        "orig_uri": data_uri(grey_png(image, (lo, hi))), "cf_uri": data_uri(grey_png(x, (lo, hi))),
-        "diff_uri": data_uri(diff_png), "diff_labels": scale_labels(-vmax, vmax, True),
-        "before_name": names[int(np.argmax(before))] if before else "?",
-        "before_p": float(max(before)) if before else None,
-        "after_name": names[int(np.argmax(after))] if after else "?", "after_p": float(max(after)) if after else None,
-        "probs": [{"name": n, "before": float(b), "after": float(a), "target": i == target}
-                  for i, (n, b, a) in enumerate(zip(names, before, after))],
-        "distances": [{"name": k.upper() if k != "linf" else "L\u221e", "value": fmt(cf.get(k))}
-                      for k in ("l0", "l1", "l2", "linf") if cf.get(k) is not None],
-        "extra": extra}
-
-
-def counterfactual_columns(store: RunStore) -> list[str]:
-    cols = {r["name"] for r in store.db.execute("PRAGMA table_info(counterfactuals)")}
-    return [c for c in CF_EXTRA if c in cols]
-
-
-# -- run level --------------------------------------------------------------------------------------
-def confusion_matrix(rows: list[dict], classes: list[str]):
-    labelled = [r for r in rows if r["label"] is not None and r["prediction"] is not None]
-    if not labelled or not classes:
+# -- run level -------------------------------------------------------------------------------------
+def confusion_matrix(cases: pd.DataFrame, classes: list[str]):
+    labelled = cases[cases["outcome"].isin(["correct", "incorrect"])]
+    if not len(labelled) or not classes:
         return None
     n = len(classes)
-    m = np.zeros((n, n), dtype=int)
-    for r in labelled:
-        if 0 <= r["label"] < n and 0 <= r["prediction"] < n:
-            m[r["label"], r["prediction"]] += 1
-    return m.tolist()
+    li = labelled["label_index"].to_numpy(dtype=np.int64)
+    pi = labelled["prediction_index"].to_numpy(dtype=np.int64)
+    ok = (li >= 0) & (li < n) & (pi >= 0) & (pi < n)
+    return np.bincount(li[ok] * n + pi[ok], minlength=n * n).reshape(n, n).tolist()
 
 
-def method_table(methods_spec: dict, seconds: dict, metrics: dict, metric_order: list[str], sanity: dict) -> list[dict]:
+def _stats(values: pd.Series) -> dict | None:
+    v = values.dropna().to_numpy(dtype=float)
+    if not v.size:
+        return None
+    sd = float(np.std(v, ddof=1)) if v.size > 1 else None
+    return {"mean": fmt(float(v.mean())), "sd": fmt(sd, 2) if sd is not None else None, "n": int(v.size)}
+
+
+def method_table(methods_spec: dict, seconds: dict, pairs: pd.DataFrame, metric_order: list[str],
+                 sanity: dict) -> list[dict]:
     """One row per method: parameters, seconds per image, sanity verdict, mean metrics over images."""
     names = list(methods_spec) + [m for m in seconds if m not in methods_spec]
-    names += sorted({m for (_, m) in metrics} - set(names))
+    names += sorted(set(pairs["method"]) - set(names))
+    groups = dict(tuple(pairs.groupby("method", sort=False))) if len(pairs) else {}
     out = []
     for name in names:
-        per_metric = []
-        for metric in metric_order:
-            vals = [v[metric] for (_, m), v in metrics.items() if m == name and v.get(metric) is not None]
-            vals = [v for v in vals if not math.isnan(v)]
-            if vals:
-                sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
-                per_metric.append({"mean": fmt(float(np.mean(vals))), "sd": fmt(sd, 2) if sd is not None else None,
-                                   "n": len(vals)})
-            else:
-                per_metric.append(None)
+        rows = groups.get(name)
+        per_metric = [(_stats(rows[m]) if rows is not None and m in rows else None) for m in metric_order]
         params = methods_spec.get(name) or {}
         out.append({"name": name, "params": ", ".join(f"{k}={v}" for k, v in params.items()),
                     "seconds": seconds.get(name), "sanity": sanity_badge(sanity.get(name)), "metrics": per_metric})
     return out
+
+
+def group_tables(cases: pd.DataFrame, pairs: pd.DataFrame, metric_order: list[str], classes: list[str]) -> list[dict]:
+    """Mean metrics per method within each class (by label) and within each outcome (correct,
+    incorrect, ...): ``[{"title", "key", "rows": [{"group", "method", "n", "values"}]}]``."""
+    if not metric_order or not len(pairs):
+        return []
+    joined = pairs.merge(cases[["path", "label", "outcome"]], on="path", how="left")
+    tables = []
+    for key, title, order in (("label", "By class (label)", classes), ("outcome", "By outcome", list(OUTCOMES))):
+        col = joined[key].astype(object).where(joined[key].notna(), None)
+        rows = []
+        grouped = joined.assign(_g=col.fillna("(none)")).groupby(["_g", "method"], sort=False)
+        means = grouped[metric_order].mean()
+        counts = grouped.size()
+        rank = {g: i for i, g in enumerate(order)}
+        methods = list(dict.fromkeys(pairs["method"]))
+        keys = sorted(means.index, key=lambda gm: (rank.get(gm[0], len(rank)), str(gm[0]), methods.index(gm[1])))
+        for g, m in keys:
+            label = OUTCOME_TEXT.get(g, g) if key == "outcome" else g
+            rows.append({"group": label, "method": m, "n": int(counts[(g, m)]),
+                         "values": [fmt(means.loc[(g, m), metric]) if not pd.isna(means.loc[(g, m), metric]) else "-"
+                                    for metric in metric_order]})
+        tables.append({"title": title, "key": key, "rows": rows})
+    return tables
 
 
 def sanity_rows(sanity: dict) -> list[dict]:
@@ -278,33 +282,16 @@ def audit_view(audit: dict) -> dict:
             "columns": columns, "rows": rows, "extra": extra}
 
 
-def read_csv_table(path: Path, notes: list[str], max_rows: int = 200) -> dict | None:
-    """A CSV file as ``{"header": [...], "rows": [[...]], "more": n}`` (None when absent)."""
-    if not path.exists():
+def counterfactual_summary(cf: pd.DataFrame | None, cf_extra: list[str]) -> dict | None:
+    if cf is None or not len(cf):
         return None
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        notes.append(f"{path.name} could not be read ({exc})")
-        return None
-    if not rows:
-        return None
-    body = rows[1:]
-    return {"header": rows[0], "rows": body[:max_rows], "more": max(0, len(body) - max_rows)}
-
-
-def counterfactual_summary(store: RunStore, cf_extra: list[str]) -> dict | None:
-    rows = [dict(r) for r in store.db.execute("SELECT * FROM counterfactuals")]
-    if not rows:
-        return None
-    valid = [r for r in rows if r["valid"]]
+    valid = cf[cf["valid"]]
 
     def mean(key, among):
-        vals = [r[key] for r in among if r.get(key) is not None]
-        return fmt(float(np.mean(vals))) if vals else None
+        vals = among[key].dropna() if key in among else []
+        return fmt(float(np.mean(vals))) if len(vals) else None
 
     stats = [{"label": "Mean L1 of the valid ones", "value": mean("l1", valid)},
              {"label": "Mean L2 of the valid ones", "value": mean("l2", valid)}]
-    stats += [{"label": f"Mean {CF_EXTRA_LABELS[k]}", "value": mean(k, rows)} for k in cf_extra]
-    return {"n": len(rows), "valid": len(valid), "stats": [s for s in stats if s["value"] is not None]}
+    stats += [{"label": f"Mean {CF_EXTRA_LABELS[k]}", "value": mean(k, cf)} for k in cf_extra]
+    return {"n": len(cf), "valid": len(valid), "stats": [s for s in stats if s["value"] is not None]}

@@ -6,6 +6,10 @@ an 8-bit palette PNG: its values, clipped at the ``100 - clip_percentile`` perce
 ``|map|`` (the same rule as :func:`counterlens.viz.plots.map_scale`), are quantised to 256 levels;
 each level has the colour of the map's colour scale and an alpha proportional to ``|value|``, so
 unimportant regions show the image. Signed maps use the diverging scale centred on zero.
+
+``max_side``: images larger than that (pixels a side) are area-averaged down first; the report
+shows them 200 px wide, so a gallery of 512 x 512 scans does not carry 512 x 512 PNGs (the
+colour scale of a map is still taken from the full-resolution map).
 """
 from __future__ import annotations
 
@@ -32,10 +36,22 @@ def _encode(img: Image.Image, **kwargs) -> bytes:
     return buf.getvalue()
 
 
-def grey_png(image, value_range=None) -> bytes:
+def shrink(a: np.ndarray, max_side: int | None) -> np.ndarray:
+    """``[H, W]`` or ``[H, W, 3]`` float, area-averaged to at most ``max_side`` pixels a side."""
+    if max_side is None or max(a.shape[:2]) <= max_side:
+        return a
+    scale = max_side / max(a.shape[:2])
+    size = (max(1, round(a.shape[1] * scale)), max(1, round(a.shape[0] * scale)))
+    planes = [a] if a.ndim == 2 else [a[..., c] for c in range(a.shape[2])]
+    out = [np.asarray(Image.fromarray(np.ascontiguousarray(p, dtype=np.float32), mode="F").resize(size, Image.BOX))
+           for p in planes]
+    return out[0] if a.ndim == 2 else np.stack(out, axis=-1)
+
+
+def grey_png(image, value_range=None, max_side: int | None = None) -> bytes:
     """``[C, *spatial]`` in data space -> PNG, higher values brighter, ``value_range`` black to white
     (default: the image's own range). RGB images stay RGB; volumes show their middle slice."""
-    shown = np.round(display_image(image, value_range) * 255).astype(np.uint8)
+    shown = np.round(np.clip(shrink(display_image(image, value_range), max_side), 0, 1) * 255).astype(np.uint8)
     return _encode(Image.fromarray(np.ascontiguousarray(shown)))   # [H, W] -> "L", [H, W, 3] -> "RGB"
 
 
@@ -61,12 +77,13 @@ def _palette_png(levels: np.ndarray, cmap_name: str, signed: bool) -> bytes:
     return _encode(img, transparency=alpha)
 
 
-def map_png(attribution, clip_percentile: float = 0.5) -> tuple[bytes, dict]:
+def map_png(attribution, clip_percentile: float = 0.5, max_side: int | None = None) -> tuple[bytes, dict]:
     """An attribution map ``[*spatial]`` as a transparent PNG, and its colour scale
     ``{"vmin", "vmax", "signed", "cmap"}`` (the values at the ends of the colour bar)."""
     amap = display_map(attribution)
     amap = np.nan_to_num(amap, nan=0.0, posinf=0.0, neginf=0.0)
     vmin, vmax, signed = map_scale(amap, clip_percentile)
+    amap = shrink(amap, max_side)
     if signed:
         unit = (np.clip(amap, -vmax, vmax) / vmax + 1) / 2          # 0 .. 1, zero at 0.5
     else:
@@ -76,11 +93,11 @@ def map_png(attribution, clip_percentile: float = 0.5) -> tuple[bytes, dict]:
     return _palette_png(levels, cmap, signed), {"vmin": vmin, "vmax": vmax, "signed": signed, "cmap": cmap}
 
 
-def difference_png(diff) -> tuple[bytes, float]:
+def difference_png(diff, max_side: int | None = None) -> tuple[bytes, float]:
     """A signed difference ``[*spatial]`` (counterfactual - original) as a transparent PNG on a
     symmetric diverging scale (red: brighter, blue: darker), and its limit ``vmax``. Unchanged
     pixels are fully transparent; changed ones at least 15% opaque (as in the counterfactual figure)."""
-    d = np.nan_to_num(display_map(diff).astype(np.float32))
+    d = shrink(np.nan_to_num(display_map(diff).astype(np.float32)), max_side)
     vmax = float(np.abs(d).max()) or 1.0
     levels = np.round((np.clip(d, -vmax, vmax) / vmax + 1) / 2 * 254).astype(np.uint8) + 1   # 1..255
     levels[d == 0] = 0                                                                     # transparent

@@ -1,27 +1,48 @@
-/* counterlens report: filters, paging, method toggles and map opacity. Plain JavaScript, no
-   network. Cases live in inert <template> elements; only the cases of the page shown are cloned
-   into the document, so their images are decoded only then. User text is never parsed as HTML
-   here: it arrives escaped inside the templates and is only compared as strings. */
+/* counterlens report: filters, paging, method toggles, map opacity and going to a page. Plain
+   JavaScript, no network. In the one-file report the cases live in inert <template> elements and
+   only the cases of the page shown are cloned into the document, so their images are decoded
+   only then ("templates" mode); a gallery page of a large run holds its cases as they are
+   ("static" mode: filters and sorting apply to that page). User text is never parsed as HTML
+   here: it arrives escaped in the page and is only compared as strings. */
 (function () {
   "use strict";
-  var gallery = document.getElementById("gallery");
-  if (!gallery) { return; }
   var byId = function (id) { return document.getElementById(id); };
-  var all = Array.prototype.slice.call(document.querySelectorAll("#case-store > template.case-data"));
-  var pageSize = parseInt(gallery.getAttribute("data-page-size"), 10) || 24;
+  var list = function (nodes) { return Array.prototype.slice.call(nodes); };
+
+  /* "page [n] go": open gallery page n (a file next to the others; a link, not a request) */
+  list(document.querySelectorAll("input.goto-page")).forEach(function (input) {
+    var go = function () {
+      var n = parseInt(input.value, 10), pages = parseInt(input.getAttribute("data-pages"), 10);
+      if (!(n >= 1 && n <= pages)) { input.value = String(Math.min(Math.max(n || 1, 1), pages)); return; }
+      var digits = String(n);
+      while (digits.length < 5) { digits = "0" + digits; }
+      window.location.href = input.getAttribute("data-prefix") + digits + ".html";
+    };
+    input.addEventListener("keydown", function (event) { if (event.key === "Enter") { go(); } });
+    var button = input.parentNode.querySelector("button.goto-go");
+    if (button) { button.addEventListener("click", go); }
+  });
+
+  var gallery = byId("gallery");
+  if (!gallery) { return; }
+  var useTemplates = gallery.getAttribute("data-mode") === "templates";
+  var all = useTemplates ? list(document.querySelectorAll("#case-store > template.case-data"))
+    : list(gallery.querySelectorAll("article.case"));
+  var pageSize = useTemplates ? (parseInt(gallery.getAttribute("data-page-size"), 10) || 24) : all.length || 1;
   var controls = {
     label: byId("f-label"), prediction: byId("f-prediction"), outcome: byId("f-outcome"),
     confMin: byId("f-conf-min"), confMax: byId("f-conf-max"), sort: byId("f-sort"),
     opacity: byId("f-opacity"), showCf: byId("f-show-cf"), reset: byId("f-reset")
   };
-  var methodBoxes = Array.prototype.slice.call(document.querySelectorAll("input.method-toggle"));
-  var pagers = Array.prototype.slice.call(document.querySelectorAll("[data-pager]"));
+  var methodBoxes = list(document.querySelectorAll("input.method-toggle"));
+  var pagers = list(document.querySelectorAll("[data-pager]"));
   var state = { matches: all, page: 0 };
 
   all.forEach(function (t, i) {
     var c = t.getAttribute("data-confidence");
-    t.cl = { index: i, label: t.getAttribute("data-label"), prediction: t.getAttribute("data-prediction"),
-             outcome: t.getAttribute("data-outcome"), confidence: c === "" ? null : parseFloat(c) };
+    t.cl = { index: i, anchor: t.getAttribute("data-anchor"), label: t.getAttribute("data-label"),
+             prediction: t.getAttribute("data-prediction"), outcome: t.getAttribute("data-outcome"),
+             confidence: c === "" ? null : parseFloat(c) };
   });
 
   function matches(t) {
@@ -73,7 +94,20 @@
     root.querySelectorAll("figure.cf").forEach(function (fig) { fig.hidden = !showCf; });
   }
 
+  function renderStatic() {
+    var shown = {};
+    state.matches.forEach(function (a) { shown[a.cl.index] = true; gallery.appendChild(a); });
+    all.forEach(function (a) { a.hidden = !shown[a.cl.index]; if (!shown[a.cl.index]) { gallery.appendChild(a); } });
+    byId("no-match").hidden = state.matches.length > 0;
+    var count = byId("match-count");
+    if (count) {
+      count.textContent = state.matches.length === all.length ? all.length + " cases on this page."
+        : state.matches.length + " of the " + all.length + " cases of this page match.";
+    }
+  }
+
   function render() {
+    if (!useTemplates) { renderStatic(); return; }
     var total = state.matches.length;
     var pages = Math.max(1, Math.ceil(total / pageSize));
     state.page = Math.min(Math.max(0, state.page), pages - 1);
@@ -106,6 +140,28 @@
     showOutput(controls.opacity, "o-opacity");
   }
 
+  function clearFilters() {
+    controls.label.value = ""; controls.prediction.value = ""; controls.outcome.value = "";
+    controls.confMin.value = "0"; controls.confMax.value = "100"; controls.sort.value = "run";
+    showOutput(controls.confMin, "o-conf-min"); showOutput(controls.confMax, "o-conf-max");
+  }
+
+  /* a link to #case-N (the "look first" lists, another page): show the page that holds it */
+  function showCase() {
+    var anchor = decodeURIComponent(window.location.hash.slice(1));
+    if (anchor.indexOf("case-") !== 0) { return; }
+    var target = null;
+    all.forEach(function (t) { if (t.cl.anchor === anchor) { target = t; } });
+    if (!target) { return; }
+    if (state.matches.indexOf(target) < 0) { clearFilters(); applyFilters(); }
+    if (useTemplates) {
+      state.page = Math.floor(state.matches.indexOf(target) / pageSize);
+      render();
+    }
+    var article = byId(anchor);
+    if (article) { article.scrollIntoView(); }
+  }
+
   [controls.label, controls.prediction, controls.outcome, controls.sort].forEach(function (el) {
     el.addEventListener("change", applyFilters);
   });
@@ -120,12 +176,7 @@
   methodBoxes.forEach(function (box) { box.addEventListener("change", function () { applyToggles(gallery); }); });
   if (controls.showCf) { controls.showCf.addEventListener("change", function () { applyToggles(gallery); }); }
   controls.opacity.addEventListener("input", setOpacity);
-  controls.reset.addEventListener("click", function () {
-    controls.label.value = ""; controls.prediction.value = ""; controls.outcome.value = "";
-    controls.confMin.value = "0"; controls.confMax.value = "100"; controls.sort.value = "run";
-    showOutput(controls.confMin, "o-conf-min"); showOutput(controls.confMax, "o-conf-max");
-    applyFilters();
-  });
+  controls.reset.addEventListener("click", function () { clearFilters(); applyFilters(); });
   pagers.forEach(function (p) {
     p.querySelectorAll("button[data-step]").forEach(function (button) {
       button.addEventListener("click", function () {
@@ -137,7 +188,7 @@
   });
 
   var confusion = byId("confusion");
-  if (confusion) {
+  if (confusion && useTemplates) {
     confusion.addEventListener("click", function (event) {
       var cell = event.target.closest("td[data-label]");
       if (!cell || cell.classList.contains("zero")) { return; }
@@ -149,6 +200,13 @@
     });
   }
 
+  if (!useTemplates) { fillCopies(gallery); applyToggles(gallery); }
   setOpacity();
   applyFilters();
+  window.addEventListener("hashchange", showCase);
+  document.addEventListener("click", function (event) {      /* the same link again: no hashchange */
+    var link = event.target.closest("a[href^='#case-']");
+    if (link && link.getAttribute("href") === window.location.hash) { showCase(); }
+  });
+  if (window.location.hash) { showCase(); }
 }());
