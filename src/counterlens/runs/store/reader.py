@@ -271,9 +271,9 @@ class Run:
     def _case_locations(self) -> dict:
         """``{table: {case: where its arrays are}}`` of the current snapshot (rebuilt after :meth:`refresh`)."""
         c, m, cf = self.table("cases"), self.table("maps"), self.table("counterfactuals")
-        key = (id(c), id(m), id(cf))
+        key = (c, m, cf)                  # the frames themselves (kept alive here, so never mistaken for new ones)
         cached = self.__dict__.get("_locations")
-        if cached is not None and cached[0] == key:
+        if cached is not None and all(a is b for a, b in zip(cached[0], key)):
             return cached[1]
         where = {"known": set(c["case_id"].astype(str)), "cases": {}, "maps": {}, "counterfactuals": {}}
         for cid, file, group, row, has_mask in zip(c["case_id"].astype(str), c["array_file"], c["array_group"],
