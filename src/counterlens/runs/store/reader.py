@@ -129,8 +129,8 @@ class Run:
         m = self.table("metrics")
         if not len(m):
             return None
-        return pd.DataFrame({"path": m["case_id"].astype(str), "method": m["method"].astype(str),
-                             "metric": m["metric"].astype(str), "value": m["value"].astype(float)})
+        return pd.DataFrame({"path": m["case_id"].astype("category"), "method": m["method"].astype("category"),
+                             "metric": m["metric"].astype("category"), "value": m["value"].astype(float)})
 
     @cached_property
     def counterfactuals(self) -> pd.DataFrame | None:
@@ -157,23 +157,17 @@ class Run:
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
     # -- arrays -----------------------------------------------------------------------------------
-    def _row(self, table: str, path: str, **where) -> pd.Series:
-        df = self.table(table)
-        sel = df["case_id"] == str(path)
-        for k, v in where.items():
-            sel &= df[k] == v
-        rows = df[sel]
-        if not len(rows):
-            known = self.table("cases")["case_id"]
-            if not (known == str(path)).any():
-                by_file = self.table("cases")[self.table("cases")["file"] == str(path)]
-                if len(by_file):
-                    return self._row(table, by_file["case_id"].iloc[0], **where)
-                raise InputError(f"{path!r} is not a case of {self.root}; cases are named by their path relative "
-                                 f"to the data root, e.g. {known.iloc[0]!r}" if len(known) else
-                                 f"{self.root} holds no cases yet")
-            raise InputError(f"case {path!r} has no {table} entry {where or ''} in {self.root}")
-        return rows.iloc[0]
+    def _case_id(self, path) -> str:
+        """The case id of ``path`` (the id itself, or the file as read); a clear error otherwise."""
+        where = self._case_locations()
+        path = str(path)
+        if path in where["known"]:
+            return path
+        if path in where["by_file"]:
+            return where["by_file"][path]
+        known = sorted(where["known"])[:1]
+        raise InputError(f"{path!r} is not a case of {self.root}; cases are named by their path relative to the "
+                         f"data root, e.g. {known[0]!r}" if known else f"{self.root} holds no cases yet")
 
     def _array(self, file: str, key: str) -> np.ndarray:
         arrays = self._arrays.get(file)
@@ -189,28 +183,39 @@ class Run:
 
     def map(self, path: str, method: str) -> np.ndarray:
         """The ``method`` map of case ``path``: float32 ``[*S]`` in the image's own shape."""
-        r = self._row("maps", path, method=method)
-        return self._array(r["array_file"], f"{r['array_group']}/map/{method}")[int(r["array_row"])].astype(np.float32)
+        cid = self._case_id(path)
+        for m, file, group, row in self._case_locations()["maps"].get(cid, ()):
+            if m == method:
+                return self._array(file, f"{group}/map/{method}")[row].astype(np.float32)
+        raise InputError(f"case {cid!r} has no {method} map in {self.root}; its methods: "
+                         f"{[m for m, *_ in self._case_locations()['maps'].get(cid, ())]}")
 
     def image(self, path: str) -> np.ndarray:
         """The image as explained (data space): float32 ``[C, *S]``."""
-        r = self._row("cases", path)
-        if not isinstance(r["array_file"], str):
-            raise InputError(f"case {path!r} has no stored image (status {r['status']}: {r['error']})")
-        return self._array(r["array_file"], f"{r['array_group']}/image")[int(r["array_row"])]
+        cid = self._case_id(path)
+        loc = self._case_locations()["cases"].get(cid)
+        if loc is None:
+            row = self.table("cases").set_index("case_id").loc[cid]
+            raise InputError(f"case {cid!r} has no stored image (status {row['status']}: {row['error']})")
+        file, group, row, _ = loc
+        return self._array(file, f"{group}/image")[row]
 
     def mask(self, path: str) -> np.ndarray | None:
         """The case's mask (bool ``[*S]``), or None when it had none."""
-        r = self._row("cases", path)
-        if not r["has_mask"] or not isinstance(r["array_file"], str):
+        loc = self._case_locations()["cases"].get(self._case_id(path))
+        if loc is None or not loc[3]:
             return None
-        return self._array(r["array_file"], f"{r['array_group']}/mask")[int(r["array_row"])]
+        file, group, row, _ = loc
+        return self._array(file, f"{group}/mask")[row]
 
     def counterfactual(self, path: str, target: int | None = None) -> np.ndarray:
         """The counterfactual image of case ``path`` (float32 ``[C, *S]``; the first target when None)."""
-        where = {} if target is None else {"target": int(target)}
-        r = self._row("counterfactuals", path, **where)
-        return self._array(r["array_file"], f"{r['array_group']}/counterfactual")[int(r["array_row"])]
+        cid = self._case_id(path)
+        for t, file, group, row in self._case_locations()["counterfactuals"].get(cid, ()):
+            if target is None or t == int(target):
+                return self._array(file, f"{group}/counterfactual")[row]
+        raise InputError(f"case {cid!r} has no counterfactual{'' if target is None else f' for target {target}'} "
+                         f"in {self.root}")
 
     # -- bookkeeping for resuming -----------------------------------------------------------------
     def done_cases(self, methods) -> set[str]:
@@ -253,9 +258,7 @@ class Run:
         Read in :attr:`cases` order, each array file is read once.
         """
         where = self._case_locations()
-        path = str(path)
-        if path not in where["known"]:
-            return {"image": self.image(path), "mask": None, "maps": {}, "counterfactuals": {}}   # raises
+        path = self._case_id(path)
         case = where["cases"].get(path)
         out = {"image": None, "mask": None, "maps": {}, "counterfactuals": {}}
         if case is not None:
@@ -275,7 +278,8 @@ class Run:
         cached = self.__dict__.get("_locations")
         if cached is not None and all(a is b for a, b in zip(cached[0], key)):
             return cached[1]
-        where = {"known": set(c["case_id"].astype(str)), "cases": {}, "maps": {}, "counterfactuals": {}}
+        where = {"known": set(c["case_id"].astype(str)), "cases": {}, "maps": {}, "counterfactuals": {},
+                 "by_file": dict(zip(c["file"].astype(str), c["case_id"].astype(str)))}
         for cid, file, group, row, has_mask in zip(c["case_id"].astype(str), c["array_file"], c["array_group"],
                                                    c["array_row"], c["has_mask"]):
             if isinstance(file, str):
@@ -333,4 +337,6 @@ def _merged(root: Path, table: str) -> pd.DataFrame:
         df = df.drop(columns=[c for c in ("_done",) if c in df]).sort_values(KEYS[table], kind="stable")
     elif table != "tabular_counterfactuals":
         df = df.sort_values(KEYS[table], kind="stable")
+    if table == "metrics":                     # millions of rows at 100,000 cases: repeated strings as categories
+        df = df.astype({"case_id": "category", "method": "category", "metric": "category", "shard": "category"})
     return df.reset_index(drop=True)
