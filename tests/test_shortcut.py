@@ -273,7 +273,9 @@ def test_audit_command_writes_the_run_and_fails_on_shortcut(models, marked_test_
     assert write_report(run).read_text().count("gradcam (target:") == result["n_images"]    # the run renders
     # without --fail-on-shortcut the same finding exits 0; the clean model passes either way
     assert audit_cmd(args(dirs["shortcut"], tmp_path / "data" / "masks" / "marker", run, fail_on_shortcut=False)) == 0
-    assert audit_cmd(args(dirs["clean"], tmp_path / "data" / "masks" / "marker", tmp_path / "clean")) == 0
+    assert audit_cmd(args(dirs["clean"], tmp_path / "data" / "masks" / "marker", tmp_path / "clean-run")) == 0
+    with pytest.raises(InputError, match="not a counterlens run"):       # the model folder is not a run to fill
+        audit_cmd(args(dirs["clean"], tmp_path / "data" / "masks" / "marker", dirs["clean"]))
     # a box in pixels: the whole top-left corner of every image
     assert audit_cmd(args(dirs["clean"], "0,0,12,12", tmp_path / "box", methods=[])) == 0
     assert json.loads((tmp_path / "box" / "audit.json").read_text())["n_images"] == 40
