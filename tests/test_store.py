@@ -231,3 +231,26 @@ def test_two_processes_write_one_run(tmp_path, data, reference):
     shards = list((out / "index").glob("*.sqlite"))
     assert len(shards) == 2
     assert run.written_rows("cases") == 48            # claims split the work: no case was done twice
+
+
+def test_file_names_that_are_not_utf8_are_explained_and_shown_escaped(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for name in (b"ok.png", b"caf\xe9.png", b"\xff\xfe.png"):
+        Image.fromarray((rng.random((48, 48)) * 255).astype(np.uint8)).save(os.fsdecode(bytes(data) + b"/" + name))
+    Path(os.fsdecode(bytes(data) + b"/bad\xff.png")).write_bytes(b"junk")
+    clf = run_driver.classifier()
+    summary = explain_folder(clf, ImageFolder(data, channels=1, size=48), tmp_path / "run", methods=["gradcam"],
+                             progress=False)
+    assert (summary.done, summary.failed) == (3, 1)
+    run = open_run(tmp_path / "run")
+    assert sorted(run.cases.path) == ["\\xff\\xfe.png", "bad\\xff.png", "caf\\xe9.png", "ok.png"]
+    assert run.map("caf\\xe9.png", "gradcam").shape == (48, 48)
+    assert "bad\\xff.png" in run.cases.set_index("path").loc["bad\\xff.png", "error"]
+    from counterlens.cli.common import print_summary
+    from counterlens.viz.report import write_report
+    html = write_report(tmp_path / "run").read_text(encoding="utf-8")
+    assert "caf\\xe9.png" in html
+    print_summary("explained", summary, tmp_path / "run")
+    assert "failed: bad\\xff.png" in capsys.readouterr().out

@@ -38,3 +38,8 @@ class TargetError(InputError):
 
 class MethodError(CounterlensError):
     """An explanation method cannot run (unknown name, bad parameter, model not differentiable)."""
+
+
+class RunFailedError(CounterlensError):
+    """A run started but could not finish (a worker died, nothing could be read, the disk is full);
+    what was written before stays and a re-run resumes. The command line exits with status 1."""

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "trust metrics (faithfulness, sanity, localisation, shortcut audit), "
                     "run directories and an HTML report.")
     parser.add_argument("--version", action="version", version=f"counterlens {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (for bug reports)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     data = sub.add_parser("data", help="generate datasets", description="Generate datasets.")

@@ -11,7 +11,6 @@ calls the same functions.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +20,7 @@ import torch
 
 from ..attribution.base import get_method, resolve_targets
 from ..errors import CounterlensError
-from .records import Case, CaseResult, ReadBatch
-
-
-def _text(value) -> str:
-    """A path as text that any file system name gives and SQLite, JSON and HTML take: bytes that
-    are not UTF-8 are written as ``\\xNN``."""
-    return os.fsencode(value).decode("utf-8", "backslashreplace")
+from .records import Case, CaseResult, ReadBatch, text_of
 
 
 def cases_of(folder) -> list[Case]:
@@ -41,7 +34,7 @@ def cases_of(folder) -> list[Case]:
         except ValueError:
             rel = Path(rec.path).name
         label_name = folder.classes[rec.label] if rec.label is not None and folder.classes else None
-        out.append(Case(id=_text(rel), file=str(rec.path), label=rec.label, label_name=label_name,
+        out.append(Case(id=text_of(rel), file=str(rec.path), label=rec.label, label_name=label_name,
                         mask_file=str(rec.mask_path) if rec.mask_path is not None else None))
     return out
 
@@ -56,10 +49,10 @@ def read_batch(cases: list[Case], read: dict) -> ReadBatch:
         try:
             image, mask = load_case(case.file, case.mask_file, **read)
         except CounterlensError as exc:
-            batch.failed.append((case, _text(str(exc))))
+            batch.failed.append((case, text_of(str(exc))))
             continue
         except (OSError, ValueError, MemoryError) as exc:      # a reader library's own error
-            batch.failed.append((case, _text(f"{case.file}: cannot be read ({type(exc).__name__}: {exc})")))
+            batch.failed.append((case, text_of(f"{case.file}: cannot be read ({type(exc).__name__}: {exc})")))
             continue
         batch.cases.append(case)
         batch.images.append(image)

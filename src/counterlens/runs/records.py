@@ -5,9 +5,18 @@ another process (or on another machine) and hand its result back by pickling.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
+
+
+def text_of(value) -> str | None:
+    """A path or message as text that SQLite, JSON, HTML and any terminal take: bytes of a file
+    name that are not UTF-8 are written as ``\\xNN`` (``caf\\xe9.png``)."""
+    if value is None:
+        return None
+    return os.fsencode(str(value)).decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ...errors import CounterlensError, InputError
+from ...errors import CounterlensError, InputError, RunFailedError
 from .. import pipeline
 from ..records import Case, CaseResult
 from ..store import Claims, ShardWriter, open_run
@@ -218,9 +218,9 @@ def _fork_workers(clf, root, job, todo, workers: int, threads: int, map_dtype: s
         kind, text = errors[0][1], errors[0][2]
         if kind in ("InputError", "DataFileError", "TargetError", "MethodError", "CounterlensError"):
             raise CounterlensError(text)
-        raise CounterlensError(f"a worker process failed ({kind}); results written so far are kept, re-run to "
-                               f"resume:\n{text}")
+        raise RunFailedError(f"a worker process failed ({kind}); results written so far are kept, re-run to "
+                             f"resume:\n{text}")
     bad = [p.exitcode for p in procs if p.exitcode not in (0, None)]
     if bad:
-        raise CounterlensError(f"a worker process ended with status {bad[0]} (killed?); results written so far are "
-                               "kept, re-run to resume")
+        raise RunFailedError(f"a worker process ended with status {bad[0]} (killed?); results written so far are "
+                             "kept, re-run to resume")

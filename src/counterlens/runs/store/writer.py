@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import InputError
-from ..records import CaseResult
+from ..records import CaseResult, text_of
 from .layout import ARRAYS_DIR, INDEX_DIR, SCHEMA, writer_name
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)      # 65504
@@ -120,9 +120,9 @@ class ShardWriter:
                     "INSERT OR REPLACE INTO cases (case_id, file, label, label_name, prediction, prediction_name,"
                     " probability, probs, status, error, array_file, array_group, array_row, has_mask, written)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (c.id, c.file, c.label, c.label_name, r.prediction, r.prediction_name,
+                    (text_of(c.id), text_of(c.file), c.label, text_of(c.label_name), r.prediction, r.prediction_name,
                      max(r.probs) if r.probs else None, json.dumps([float(p) for p in r.probs]) if r.probs else None,
-                     r.status, r.error, file if group else None, group, row, int(r.mask is not None), now))
+                     r.status, text_of(r.error), file if group else None, group, row, int(r.mask is not None), now))
                 for method in r.maps:
                     self.db.execute(
                         "INSERT OR REPLACE INTO maps VALUES (?,?,?,?,?,?,?,?)",
