@@ -130,3 +130,32 @@ def test_report_of_a_run_escapes_user_data(tmp_path, clf):
     assert html.count("data:image/png;base64,") >= 7 * 2
     assert "http://" not in html and "https://" not in html   # nothing to fetch
     assert "broken.png" in html
+
+
+def test_random_methods_key_an_image_by_its_case_not_its_row(tmp_path, clf):
+    """SmoothGrad noise, IG's uniform baseline and faithfulness tie-breaks follow the case: the same
+    image gets the same maps in any batch (another --images-per-batch, a resumed run, a worker)."""
+    data = make_folder(tmp_path / "data", n_per_class=4)
+    ds = ImageFolder(data, channels=1, size=32, classes=clf.classes)
+    methods = ["smoothgrad", "integrated_gradients"]
+    params = {"smoothgrad": {"samples": 6}, "integrated_gradients": {"steps": 6, "baseline": "uniform"}}
+    for n, out in ((3, "a"), (5, "b")):
+        explain_folder(clf, ds, tmp_path / out, methods=methods, params=params, images_per_batch=n, progress=False,
+                       threads=1)
+    a, b = cl.open_run(tmp_path / "a"), cl.open_run(tmp_path / "b")
+    done = list(a.cases.path[a.cases.status == "done"])
+    for p in done:
+        for m in methods:
+            np.testing.assert_allclose(a.map(p, m), b.map(p, m), rtol=1e-5, atol=1e-6)
+    # by row instead (the plain library call): the same image in another row gets other noise
+    x = torch.from_numpy(np.stack([a.image(p) for p in done[:3]]))
+    first = cl.explain(clf, x, methods=["smoothgrad"], smoothgrad__samples=6)["smoothgrad"]
+    moved = cl.explain(clf, x.flip(0), methods=["smoothgrad"], smoothgrad__samples=6)["smoothgrad"].flip(0)
+    assert not torch.allclose(first, moved, rtol=1e-3)
+    from counterlens.attribution.noise import case_keys
+    with case_keys(done[:3]):
+        keyed = cl.explain(clf, x, methods=["smoothgrad"], smoothgrad__samples=6)["smoothgrad"]
+    with case_keys(done[:3][::-1]):
+        keyed_moved = cl.explain(clf, x.flip(0), methods=["smoothgrad"], smoothgrad__samples=6)["smoothgrad"].flip(0)
+    np.testing.assert_allclose(keyed, keyed_moved, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(keyed.numpy(), np.stack([a.map(p, "smoothgrad") for p in done[:3]]), rtol=1e-5, atol=1e-7)

@@ -7,6 +7,8 @@ Every function has the call shape ``method(clf, x, target, **params) -> Tensor[B
 """
 from __future__ import annotations
 
+import math
+
 import warnings
 
 import numpy as np
@@ -120,10 +122,13 @@ def make_baseline(x: torch.Tensor, baseline, seed: int = 0) -> torch.Tensor:
             return torch.zeros_like(x)
         if baseline == "blur":
             return _gaussian_blur(x, sigma=max(x.shape[2:]) / 16)
-        if baseline == "uniform":
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-            lo, hi = x.amin().item(), x.amax().item()
-            return (lo + (hi - lo) * torch.rand(x.shape, generator=gen)).to(x.device)
+        if baseline == "uniform":       # per image: noise in its own range, keyed by the image (or its case)
+            from .noise import counter_normal, row_keys
+            flat = x.flatten(1)
+            lo, hi = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
+            z = counter_normal(seed, (row_keys(torch.arange(x.shape[0], device=x.device)),), flat.shape[1])
+            u = 0.5 * (1 + torch.erf(z / math.sqrt(2.0)))
+            return (lo + (hi - lo) * u.to(x.device)).view_as(x).to(x.dtype)
         raise InputError(f"baseline={baseline!r}; pass 'zeros', 'blur', 'uniform', a number or a tensor")
     if isinstance(baseline, (int, float)):
         return torch.full_like(x, float(baseline))

@@ -21,10 +21,16 @@ accumulated with ``index_add_`` in float64. Peak memory is set by ``batch_size``
 Randomness: the noise of row (image, sample) is a pure function of ``(seed, image, sample,
 element)`` (a counter-based generator, :func:`counter_normal`), so the result does not depend on
 ``batch_size``, on the chunk split after an out-of-memory retry, or on the device; the same seed
-gives bitwise the same noise.
+gives bitwise the same noise. "image" is the image's row in the call, or, inside
+``with case_keys(ids):`` (as dataset runs do), a hash of the case's identity: then an image gets
+the same noise whatever batch it is explained in (a resumed run, another ``--images-per-batch``,
+another worker or machine).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
 import math
 import operator
 
@@ -36,6 +42,42 @@ from .base import METHODS, Evaluator, check_params, prepare, register
 NOISE_METHODS = ("smoothgrad", "squaregrad", "vargrad")
 
 _MASK32 = 0xFFFFFFFF
+
+
+# -- which case a row is --------------------------------------------------------------------------
+_CASE_KEYS: contextvars.ContextVar = contextvars.ContextVar("counterlens_case_keys", default=None)
+
+
+def key_of(case_id: str) -> int:
+    """A case's identity (e.g. its path relative to the data root) as a 32-bit random key."""
+    return int.from_bytes(hashlib.blake2b(str(case_id).encode("utf-8", "backslashreplace"),
+                                          digest_size=4).digest(), "little")
+
+
+@contextlib.contextmanager
+def case_keys(ids):
+    """Within the block, random methods key each image's randomness by ``ids`` (one per row of
+    the batch: case identities as strings, or ints) instead of the image's row, so an image's maps
+    do not depend on which batch it is in. ``None`` restores keying by row."""
+    keys = None
+    if ids is not None:
+        keys = torch.tensor([key_of(i) if isinstance(i, str) else int(i) & _MASK32 for i in ids], dtype=torch.int64)
+    token = _CASE_KEYS.set(keys)
+    try:
+        yield keys
+    finally:
+        _CASE_KEYS.reset(token)
+
+
+def row_keys(rows: torch.Tensor) -> torch.Tensor:
+    """The random key of each row index of the current batch: its case key inside
+    :func:`case_keys`, else the row index itself."""
+    keys = _CASE_KEYS.get()
+    if keys is None:
+        return rows
+    if int(rows.max()) >= len(keys) if rows.numel() else False:
+        raise InputError(f"case_keys has {len(keys)} keys but the batch has row {int(rows.max())}; pass one key per image")
+    return keys.to(rows.device)[rows]
 
 
 # -- counter-based Gaussian noise -----------------------------------------------------------------
@@ -143,10 +185,11 @@ def noise_tunnel(clf, x, target, statistic: str, *, method: str = "saliency", me
     def work(a: int, b: int):
         rows = torch.arange(a, b, device=x.device)
         img, smp = rows // samples, rows % samples
-        eps = counter_normal(seed, (img, smp), flat.shape[1]).view(b - a, *x.shape[1:])
+        eps = counter_normal(seed, (row_keys(img), smp), flat.shape[1]).view(b - a, *x.shape[1:])
         xb = x[img] + scale[img].view(shape) * eps
         del eps
-        m = info.function(clf, xb, tgt[img], **params, batch_size=b - a).detach().to(acc_dtype)
+        with case_keys(None):      # the inner method's rows are noisy copies, not cases
+            m = info.function(clf, xb, tgt[img], **params, batch_size=b - a).detach().to(acc_dtype)
         if not sums:
             sums["sum"] = torch.zeros((batch,) + m.shape[1:], dtype=acc_dtype, device=x.device)
             if statistic != "mean":

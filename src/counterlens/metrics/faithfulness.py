@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attribution.base import Evaluator, resolve_targets, target_score
-from ..attribution.noise import counter_normal
+from ..attribution.noise import counter_normal, row_keys
 from ..attribution.perturbation import perturbation_baseline
 from ..errors import InputError
 
@@ -126,7 +126,7 @@ def pixel_ranks(maps: torch.Tensor, order: str = "morf", seed: int = 0) -> torch
     if order not in ORDERS:
         raise InputError(f"order={order!r}; pass 'morf' (most relevant first) or 'lerf' (least relevant first)")
     b, n = maps.shape
-    keys = counter_normal(seed, (torch.arange(b, device=maps.device),), n)
+    keys = counter_normal(seed, (row_keys(torch.arange(b, device=maps.device)),), n)
     shuffle = keys.argsort(dim=1, stable=True)
     values = maps.gather(1, shuffle)
     pos = (-values if order == "morf" else values).argsort(dim=1, stable=True)
@@ -238,7 +238,7 @@ def mufidelity(clf, x, maps, target="predicted", *, n_subsets: int = 32, subset_
     def work(a: int, b: int):
         rows = torch.arange(a, b, device=x.device)
         img, s = rows // per_image, rows % per_image
-        keys = counter_normal(seed, (img, s), n_pixels)
+        keys = counter_normal(seed, (row_keys(img), s), n_pixels)
         chosen = torch.zeros(b - a, n_pixels, dtype=torch.bool, device=x.device)
         chosen.scatter_(1, keys.topk(size, dim=1).indices, True)
         chosen &= (s > 0)[:, None]

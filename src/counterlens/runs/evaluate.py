@@ -102,7 +102,7 @@ def evaluate_run(run_dir, clf, masks_dir=None, metrics=None, *, batch_size: int 
                     values, curves = score_arrays(
                         clf, np.stack([c[1] for c in have]), np.stack([run.map(c[0], method) for c in have]),
                         np.array([targets[(c[0], method)] for c in have]), masks, names, opts, method,
-                        params.get(method))
+                        params.get(method), keys=[c[0] for c in have])
                     for kind, curve in curves.items():
                         parts.setdefault(method, {}).setdefault(kind, []).append(curve)
                     rows += [(c[0], method, metric, float(v[j])) for metric, v in values.items()

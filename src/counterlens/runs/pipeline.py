@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..attribution.base import get_method, resolve_targets
+from ..attribution.noise import case_keys
 from ..errors import CounterlensError
 from .records import Case, CaseResult, ReadBatch, text_of
 
@@ -72,11 +73,13 @@ class Explained:
     class_names: list[str] = field(default_factory=list)
 
 
-def explain_arrays(clf, x: np.ndarray, methods: dict[str, dict], target="predicted") -> Explained:
+def explain_arrays(clf, x: np.ndarray, methods: dict[str, dict], target="predicted", keys=None) -> Explained:
     """Probabilities and every method's maps for images ``x [B, C, *S]`` (one shape).
 
     ``methods``: ``{name: full parameters}`` (as :func:`~counterlens.runs.spec.resolved_methods`
-    gives). The one function every engine calls to explain.
+    gives). ``keys``: one identity per image (the case ids); random methods then draw each
+    image's randomness from its identity, so its maps are the same in any batch, on any worker.
+    The one function every engine calls to explain.
     """
     xt = clf.as_input(torch.from_numpy(np.ascontiguousarray(x)))
     with torch.no_grad():
@@ -85,10 +88,11 @@ def explain_arrays(clf, x: np.ndarray, methods: dict[str, dict], target="predict
     probs = torch.softmax(logits.float(), dim=1).cpu()
     tgt = resolve_targets(clf, xt, target, logits=logits)
     maps, seconds = {}, {}
-    for name, params in methods.items():
-        t0 = time.perf_counter()
-        maps[name] = get_method(name).function(clf, xt, tgt, **params).detach().float().cpu().numpy()
-        seconds[name] = (time.perf_counter() - t0) / len(x)
+    with case_keys(keys):
+        for name, params in methods.items():
+            t0 = time.perf_counter()
+            maps[name] = get_method(name).function(clf, xt, tgt, **params).detach().float().cpu().numpy()
+            seconds[name] = (time.perf_counter() - t0) / len(x)
     return Explained(probs=probs.numpy(), prediction=probs.argmax(1).numpy(), targets=tgt.cpu().numpy(),
                      maps=maps, seconds=seconds, class_names=names)
 
@@ -105,7 +109,8 @@ def explain_batch(clf, batch: ReadBatch, methods: dict[str, dict], target="predi
     """Explain the images of ``batch``: one :class:`CaseResult` per case, failures included."""
     results = [CaseResult.failure(case, error) for case, error in batch.failed]
     for idx in _groups(batch):
-        out = explain_arrays(clf, np.stack([batch.images[i] for i in idx]), methods, target)
+        out = explain_arrays(clf, np.stack([batch.images[i] for i in idx]), methods, target,
+                             keys=[batch.cases[i].id for i in idx])
         for j, i in enumerate(idx):
             pred = int(out.prediction[j])
             results.append(CaseResult(
@@ -157,11 +162,13 @@ def counterfactual_batch(clf, batch: ReadBatch, target="other", params: dict | N
 
 
 def score_arrays(clf, x: np.ndarray, maps: np.ndarray, targets: np.ndarray, masks: np.ndarray | None,
-                 metrics: list[str], options, method: str = "", method_params: dict | None = None):
+                 metrics: list[str], options, method: str = "", method_params: dict | None = None, keys=None):
     """Trust metrics of one method's maps ``[B, *S]`` for images ``x [B, C, *S]``:
-    ``({metric: [B] float}, {curve kind: Curve})`` (see :mod:`counterlens.metrics.evaluate`)."""
+    ``({metric: [B] float}, {curve kind: Curve})`` (see :mod:`counterlens.metrics.evaluate`).
+    ``keys``: the case ids, as in :func:`explain_arrays`."""
     from ..metrics.evaluate import method_metrics
-    values, curves, _ = method_metrics(
-        clf, torch.from_numpy(x), torch.from_numpy(maps), torch.as_tensor(targets),
-        torch.from_numpy(masks) if masks is not None else None, metrics, options, method, method_params)
+    with case_keys(keys):
+        values, curves, _ = method_metrics(
+            clf, torch.from_numpy(x), torch.from_numpy(maps), torch.as_tensor(targets),
+            torch.from_numpy(masks) if masks is not None else None, metrics, options, method, method_params)
     return {k: v.detach().cpu().numpy().astype(float) for k, v in values.items()}, curves
