@@ -83,3 +83,41 @@ def test_wrapper_errors_name_the_fix():
 def test_device_auto_picks_cpu_without_gpu():
     clf = cl.Classifier(nn.Linear(2, 2))
     assert clf.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _Heads(torch.nn.Module):
+    """A tiny model whose output form is chosen: logits, one sigmoid logit, a tuple, a dict, NaN."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.lin = torch.nn.Linear(4, 1 if kind == "one" else 3)
+
+    def forward(self, x):
+        z = self.lin(x.flatten(1))
+        if self.kind == "tuple":
+            return x.flatten(1), z                  # (features, logits)
+        if self.kind == "dict":
+            return {"features": x.flatten(1), "logits": z}
+        if self.kind == "nan":
+            return z * float("nan")
+        return z
+
+
+def test_output_heads_are_resolved_explicitly():
+    x = torch.rand(5, 1, 2, 2)
+    one = cl.Classifier(_Heads("one"), device="cpu", classes=["pneumonia"])
+    z = one.module(x)
+    torch.testing.assert_close(one.probs(x)[:, 1], torch.sigmoid(z[:, 0]))       # one logit: a sigmoid classifier
+    assert one.class_names(2) == ["not pneumonia", "pneumonia"]
+    maps = cl.explain(one, x, target=0, methods=["saliency"])["saliency"]
+    assert maps.abs().sum() > 0                                                     # both classes have gradients
+    with pytest.raises(InputError, match="logits_output=INDEX"):
+        cl.Classifier(_Heads("tuple"), device="cpu").logits(x)                     # not guessed: features are 4 wide
+    named = cl.Classifier(_Heads("tuple"), device="cpu", logits_output=1)
+    assert named.logits(x).shape == (5, 3)
+    assert cl.Classifier(_Heads("dict"), device="cpu").logits(x).shape == (5, 3)
+    with pytest.raises(InputError, match="not one of the model's outputs"):
+        cl.Classifier(_Heads("tuple"), device="cpu", logits_output=5).logits(x)
+    with pytest.raises(InputError, match="NaN or infinite logits for 5 of 5"):
+        cl.Classifier(_Heads("nan"), device="cpu").logits(x)

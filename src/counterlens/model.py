@@ -126,6 +126,9 @@ class Classifier:
         Spatial size the module expects (used by loaders to resize images).
     value_range : (low, high), optional
         Valid data-space range (e.g. ``(0, 1)``); counterfactuals are clamped to it.
+    logits_output : int or str, optional
+        Which element of a model's tuple, list or dict output holds the logits (a tuple output
+        is refused without it, rather than guessed).
 
     Calls run the module in eval mode (dropout off, BatchNorm running statistics) and give it
     back its own mode afterwards. ``logits`` keeps the autograd graph; ``probs`` and ``predict``
@@ -134,7 +137,8 @@ class Classifier:
 
     def __init__(self, module: nn.Module, preprocess=None, classes: Sequence[str] | None = None,
                  device: str | torch.device | None = "auto", in_channels: int | None = None,
-                 input_size: Sequence[int] | None = None, value_range: tuple[float, float] | None = None):
+                 input_size: Sequence[int] | None = None, value_range: tuple[float, float] | None = None,
+                 logits_output: int | str | None = None):
         if not isinstance(module, nn.Module) and not callable(module):
             raise InputError(f"Classifier needs an nn.Module, got {type(module).__name__}")
         self.device = resolve_device(device)
@@ -150,6 +154,7 @@ class Classifier:
         self.in_channels = in_channels
         self.input_size = tuple(int(s) for s in input_size) if input_size is not None else None
         self.value_range = tuple(float(v) for v in value_range) if value_range is not None else None
+        self.logits_output = logits_output
         self.n_classes: int | None = None     # known after the first forward pass
 
     # -- mode handling ---------------------------------------------------------------------------
@@ -182,16 +187,23 @@ class Classifier:
         return x.to(self.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of data-space ``x`` on the current autograd tape, without touching modes."""
+        """Logits of data-space ``x`` on the current autograd tape, without touching modes.
+
+        A model with one output is a binary classifier with a sigmoid: its logit ``z`` becomes the
+        two logits ``[-z/2, z/2]`` (softmax of which is ``[1 - sigmoid(z), sigmoid(z)]``, and each
+        class has a gradient). A tuple or list output must be named with ``logits_output`` (which
+        element holds the logits); an output object or dict with ``logits`` is taken by that name.
+        Non-finite logits raise an :class:`InputError` instead of giving NaN maps.
+        """
         z = self.preprocess(x) if self.preprocess is not None else x
-        out = self.module(z)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        if hasattr(out, "logits") and not isinstance(out, torch.Tensor):
-            out = out.logits
-        if not isinstance(out, torch.Tensor) or out.dim() != 2:
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise InputError(f"the model returned {shape}; a classifier must return logits [batch, n_classes]")
+        out = _pick_logits(self.module(z), self.logits_output)
+        if out.dim() == 2 and out.shape[1] == 1:
+            out = torch.cat([-0.5 * out, 0.5 * out], dim=1)
+        if not torch.isfinite(out).all():
+            bad = int((~torch.isfinite(out)).any(dim=1).sum()) if out.dim() == 2 else -1
+            raise InputError(f"the model returned NaN or infinite logits for {bad} of {out.shape[0]} inputs (data "
+                             f"values {float(x.min()):.4g}..{float(x.max()):.4g}); check the model and that the data "
+                             "is in the range it was trained on")
         self.n_classes = out.shape[1]
         return out
 
@@ -217,6 +229,8 @@ class Classifier:
         """Class names, checked against the model's output size."""
         if self.classes is None:
             return [str(i) for i in range(n_classes)]
+        if n_classes == 2 and len(self.classes) == 1:      # one sigmoid output named by its positive class
+            return [f"not {self.classes[0]}", self.classes[0]]
         if len(self.classes) != n_classes:
             raise InputError(f"the model has {n_classes} outputs but {len(self.classes)} class names "
                              f"were given ({self.classes}); pass one name per output")
@@ -225,6 +239,38 @@ class Classifier:
     def __repr__(self) -> str:
         name = type(self.module).__name__
         return f"Classifier({name}, classes={self.classes}, device={self.device})"
+
+
+def _pick_logits(out, which) -> torch.Tensor:
+    """The logits ``[batch, n_classes]`` among a model's outputs (see :meth:`Classifier.forward`)."""
+    if which is not None:
+        try:
+            out = out[which] if isinstance(out, (tuple, list, dict)) else getattr(out, str(which))
+        except (IndexError, KeyError, AttributeError, TypeError) as exc:
+            raise InputError(f"logits_output={which!r} is not one of the model's outputs ({_describe(out)})") from exc
+    elif isinstance(out, (tuple, list)):
+        raise InputError(f"the model returned {_describe(out)}; say which one holds the logits with "
+                         "logits_output=INDEX (command line: --logits-output INDEX)")
+    elif isinstance(out, dict):
+        if "logits" not in out:
+            raise InputError(f"the model returned {_describe(out)}; say which one holds the logits with "
+                             "logits_output=KEY (command line: --logits-output KEY)")
+        out = out["logits"]
+    elif not isinstance(out, torch.Tensor) and hasattr(out, "logits"):
+        out = out.logits
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise InputError(f"the model returned {_describe(out)}; a classifier must return logits [batch, n_classes]")
+    return out
+
+
+def _describe(out) -> str:
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)}: " + ", ".join(_describe(o) for o in out)
+    if isinstance(out, dict):
+        return "a dict with " + ", ".join(f"{k!r}: {_describe(v)}" for k, v in out.items())
+    return type(out).__name__
 
 
 def _has_repeat(preprocess) -> bool:

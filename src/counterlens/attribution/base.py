@@ -235,6 +235,16 @@ def check_params(info: MethodInfo, params: dict) -> dict:
     if unknown:
         raise MethodError(f"{info.name} has no parameter {', '.join(unknown)}; "
                           f"its parameters: {', '.join(f'{k}={v!r}' for k, v in known.items())}")
+    for key, value in params.items():      # a word where a number or a switch belongs (--param m.steps=abc)
+        default = known[key]
+        if key == "batch_size" and value == "auto":
+            continue
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise MethodError(f"{info.name}.{key}={value!r}: pass true or false (got {type(value).__name__})")
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, (str, bool)):
+            kind = "an integer" if isinstance(default, int) else "a number"
+            raise MethodError(f"{info.name}.{key}={value!r}: pass {kind}, e.g. {key}={default!r} "
+                              f"(got {type(value).__name__})")
     return params
 
 

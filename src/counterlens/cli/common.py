@@ -22,7 +22,12 @@ def parse_params(items: list[str] | None) -> dict[str, dict]:
         method, dot, name = key.partition(".")
         if not sep or not dot or not method or not name:
             raise CounterlensError(f"--param {item!r}: write METHOD.NAME=VALUE, e.g. integrated_gradients.steps=64")
-        out.setdefault(method.strip().replace("-", "_"), {})[name.strip()] = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise CounterlensError(f"--param {item!r}: the value {value!r} cannot be read ({str(exc).splitlines()[0]}); "
+                                   "write a number, true/false, a word, or a list like [8, 8]") from None
+        out.setdefault(method.strip().replace("-", "_"), {})[name.strip()] = parsed
     return out
 
 
@@ -67,8 +72,12 @@ def has_class_folders(root: Path) -> bool:
 def load_classifier(args):
     """The model of ``--model`` (with ``--factory``, ``--trust-model-file``, ``--device``, ``--classes``)."""
     from ..loading import load_model
-    return load_model(args.model, factory=args.factory, trust_model_file=args.trust_model_file,
-                      device=args.device, classes=args.classes)
+    clf = load_model(args.model, factory=args.factory, trust_model_file=args.trust_model_file,
+                     device=args.device, classes=args.classes)
+    which = getattr(args, "logits_output", None)
+    if which is not None:
+        clf.logits_output = int(which) if str(which).lstrip("-").isdigit() else which
+    return clf
 
 
 def print_summary(verb: str, summary, out) -> None:

@@ -3,13 +3,18 @@ from __future__ import annotations
 
 from ..attribution.base import METHODS, get_method
 from ..data.images import ImageFolder
+from ..errors import InputError
 from ..runs.dataset import explain_folder
+from ..runs.spec import resolved_methods
 from .common import has_class_folders, load_classifier, parse_params, print_summary, target_arg
 
 
 def explain(args) -> int:
     methods = list(METHODS) if args.methods == ["all"] else [get_method(m).name for m in args.methods]
     params = parse_params(args.param)
+    resolved_methods(methods, params, args.batch_size, args.seed)      # every argument checked before the model loads
+    if not 0 <= args.clip_percentile < 50:
+        raise InputError(f"--clip-percentile {args.clip_percentile}: pass a percentage in [0, 50), e.g. 0.5")
     clf = load_classifier(args)
     dataset = ImageFolder(args.data, channels=1 if (clf.in_channels or 1) == 1 else clf.in_channels,
                           size=clf.input_size, classes=clf.classes if has_class_folders(args.data) else None,

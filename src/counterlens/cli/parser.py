@@ -22,6 +22,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="allow loading a fully pickled model; this runs code from the file, so only for files you trust")
     p.add_argument("--classes", type=comma_list, help="class names in output order, comma-separated (default: from the model card)")
     p.add_argument("--device", default="auto", help="'auto' (a GPU when present), 'cpu' or 'cuda[:N]' (default: auto)")
+    p.add_argument("--logits-output", metavar="INDEX|KEY",
+                   help="for a model that returns several outputs (a tuple, list or dict): which one holds the logits")
 
 
 def _add_run_args(p: argparse.ArgumentParser, what: str) -> None:

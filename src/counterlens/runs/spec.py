@@ -47,7 +47,8 @@ def model_spec(clf, source: str) -> dict:
             "classes": clf.classes, "in_channels": clf.in_channels,
             "input_size": list(clf.input_size) if clf.input_size else None,
             "value_range": list(clf.value_range) if clf.value_range else None,
-            "preprocess": card.get("preprocess"), "test_accuracy": card.get("test_accuracy")}
+            "preprocess": card.get("preprocess"), "logits_output": getattr(clf, "logits_output", None),
+            "test_accuracy": card.get("test_accuracy")}
 
 
 def weights_hash(module) -> str | None:
