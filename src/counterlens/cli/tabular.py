@@ -91,6 +91,9 @@ def tabular_counterfactual_cmd(args) -> int:
     from ..runs.store import ShardWriter, open_run, prepare_run
     from ..counterfactual.tabular import TabularModel, _targets, tabular_counterfactual
 
+    from ..counterfactual.constraints import check_number
+    from ..counterfactual.tabular import K_MAX
+    check_number("--k", int(getattr(args, "k", 4) or 4), low=1, high=K_MAX, integer=True)   # before any model call
     t0 = time.perf_counter()
     say = (lambda text: None) if getattr(args, "quiet", False) else (lambda text: print(text, flush=True))
     df = read_table(args.table)

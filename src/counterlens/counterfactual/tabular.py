@@ -52,6 +52,7 @@ from .tabular_search import Goal, Sampler, genetic_search, gradient_search, unif
 
 __all__ = ["TabularModel", "recourse_fairness", "tabular_counterfactual"]
 
+K_MAX = 100      # counterfactuals per query: the candidate pool grows with k (k=100000 would need terabytes)
 EXCLUDE = 0.8    # gradient rows beyond the first k: each feature barred with this probability (one always stays)
 
 
@@ -86,7 +87,13 @@ class TabularModel:
 
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
         if self.clf is not None:
-            return torch.softmax(self.clf.forward(x), dim=1)
+            try:
+                return torch.softmax(self.clf.forward(x), dim=1)
+            except RuntimeError as exc:    # most often a width mismatch: say what the table gives
+                raise InputError(f"the model cannot take the table's rows: they have {x.shape[1]} columns after "
+                                 f"encoding ({', '.join(f.name for f in self.schema.features)}; categoricals one-hot), "
+                                 f"and the model said: {str(exc).splitlines()[0]}. Pass the table and --label the "
+                                 "model was trained with") from exc
         rows = self.schema.decode(x, tidy=False) if self.input == "frame" else x.detach().cpu().double().numpy()
         try:
             p = np.asarray(self.fn(rows), dtype=np.float64)
@@ -171,7 +178,7 @@ def tabular_counterfactual(model, X, target="other", *, schema: TabularSchema, k
     if not isinstance(schema, TabularSchema):
         raise InputError(f"schema={type(schema).__name__}; pass a counterlens TabularSchema "
                          "(TabularSchema.from_frame(df, label=...))")
-    check_number("k", k, low=1, integer=True)
+    check_number("k", k, low=1, high=K_MAX, integer=True)
     check_number("threshold", threshold, high=1.0, high_open=True)
     check_number("oversample", oversample, low=1, integer=True)
     for name, v in (("steps", steps), ("population", population), ("generations", generations),

@@ -21,6 +21,12 @@ import numpy as np
 
 from ..errors import DataFileError
 
+#: Largest image or volume read (elements: pixels x channels x slices), checked from the header before
+#: any decoding: 2**28 (1 GiB as float32), e.g. a 512 x 512 x 1,024 CT volume. A 20,000 x 20,000
+#: TIFF (a 400 KB file can hold one) is refused instead of decoding 3 GB for minutes. Pillow applies
+#: its own limit (``Image.MAX_IMAGE_PIXELS``) to PNG, JPEG and BMP.
+MAX_ELEMENTS = 2 ** 28
+
 #: Suffixes read by Pillow (everything else has its own reader).
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -44,6 +50,29 @@ def is_dicom_file(path) -> bool:
     except OSError:
         return False
     return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def check_size(path, shape, what: str) -> None:
+    """Refuse a file whose header declares more than :data:`MAX_ELEMENTS` elements."""
+    n = int(np.prod([int(v) for v in shape], dtype=np.float64)) if len(shape) else 0
+    if n > MAX_ELEMENTS:
+        raise DataFileError(path, f"{what} of shape {tuple(int(v) for v in shape)} holds {n:,} values, more than "
+                                  f"counterlens reads ({MAX_ELEMENTS:,}); downscale or crop it first (e.g. a tile "
+                                  "or a lower-resolution level of a whole-slide image)")
+
+
+_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"II*\x00": "a TIFF image",
+          b"MM\x00*": "a TIFF image", b"BM": "a BMP image", b"\x93NUMPY": "a NumPy .npy array"}
+
+
+def sniff(path) -> str | None:
+    """What the first bytes of a file say it is (``"a PNG image"``), when it is a known image format."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return None
+    return next((what for magic, what in _MAGIC.items() if head.startswith(magic)), None)
 
 
 def scale_stored(arr: np.ndarray) -> np.ndarray:
@@ -131,9 +160,12 @@ def read_tiff(path) -> np.ndarray:
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
+            check_size(path, series.shape, "TIFF image")
             axes, arr = series.axes, series.asarray()
             page = tif.pages[0]
             photometric, colormap = int(page.photometric), page.colormap
+    except DataFileError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise DataFileError(path, f"cannot read the TIFF file ({exc}); it may be corrupt or use an "
                                   "unsupported compression. Re-export it.") from exc
@@ -161,7 +193,11 @@ def read_tiff(path) -> np.ndarray:
 def read_npy(path) -> np.ndarray:
     """``.npy`` (no pickles) -> ``[C, *S]``, see :func:`to_channels_first`."""
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")
+        check_size(path, arr.shape, ".npy array")
+        arr = np.array(arr)
+    except DataFileError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise DataFileError(path, f"cannot read the .npy file ({exc}); save it with numpy.save from a "
                                   "numeric array (object arrays are not loaded)") from exc
@@ -221,11 +257,20 @@ def read_dicom(path, window: str = "auto") -> np.ndarray:
     from pydicom.pixels import apply_color_lut, apply_modality_lut
 
     ds = None
+    other = None if is_dicom_file(path) else sniff(path)
+    if other is not None:
+        raise DataFileError(path, f"is {other}, not a DICOM file (it has a DICOM suffix); rename it to its real "
+                                  "suffix")
     try:
         ds = pydicom.dcmread(path, force=True)
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            if not is_dicom_file(path):
+                raise DataFileError(path, "is not a DICOM file (no DICM marker at byte 128 and no pixel data); "
+                                          "check that it is an image, and its suffix")
             raise DataFileError(path, "DICOM file has no pixel data (is it a DICOMDIR, report or "
                                       "segmentation object?); give the image files instead")
+        check_size(path, [ds.get("Rows", 0), ds.get("Columns", 0), ds.get("NumberOfFrames", 1) or 1,
+                          ds.get("SamplesPerPixel", 1) or 1], "DICOM image")
         raw = ds.pixel_array
     except DataFileError:
         raise
@@ -276,8 +321,12 @@ def read_nifti(path) -> np.ndarray:
     import nibabel as nib
 
     try:
-        img = nib.as_closest_canonical(nib.load(str(path)))
+        img = nib.load(str(path))
+        check_size(path, img.shape, "NIfTI volume")
+        img = nib.as_closest_canonical(img)
         data = np.asarray(img.get_fdata(dtype=np.float32))
+    except DataFileError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise DataFileError(path, f"cannot read the NIfTI file ({exc}); it may be corrupt or truncated") from exc
     while data.ndim > 3 and data.shape[-1] == 1:

@@ -20,7 +20,7 @@ import torch
 
 from ..attribution.base import get_method, resolve_targets
 from ..attribution.noise import case_keys
-from ..errors import CounterlensError
+from ..errors import CounterlensError, InputError
 from .records import Case, CaseResult, ReadBatch, text_of
 
 
@@ -55,6 +55,9 @@ def read_batch(cases: list[Case], read: dict) -> ReadBatch:
         except (OSError, ValueError, MemoryError) as exc:      # a reader library's own error
             batch.failed.append((case, text_of(f"{case.file}: cannot be read ({type(exc).__name__}: {exc})")))
             continue
+        if not np.isfinite(image).all():
+            batch.failed.append((case, text_of(f"{case.file}: contains NaN or infinite values; fix or remove the file")))
+            continue
         batch.cases.append(case)
         batch.images.append(image)
         batch.masks.append(mask)
@@ -83,7 +86,14 @@ def explain_arrays(clf, x: np.ndarray, methods: dict[str, dict], target="predict
     """
     xt = clf.as_input(torch.from_numpy(np.ascontiguousarray(x)))
     with torch.no_grad():
-        logits = clf.logits(xt)
+        try:
+            logits = clf.logits(xt)
+        except RuntimeError as exc:         # the model's own complaint, e.g. channels or size: say what it got
+            raise InputError(
+                f"the model cannot run on these images: it was given a batch of shape {tuple(xt.shape)} (images "
+                f"[channels, *size] as read{', resized to ' + str(list(clf.input_size)) if clf.input_size else ''}) "
+                f"and said: {str(exc).splitlines()[0]}. If it expects other channels or another size, describe it "
+                "with a model card (model.json: in_channels, input_size) or pass images of that shape") from exc
     names = clf.class_names(logits.shape[1])
     probs = torch.softmax(logits.float(), dim=1).cpu()
     tgt = resolve_targets(clf, xt, target, logits=logits)
