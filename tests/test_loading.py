@@ -275,3 +275,39 @@ def test_malicious_export_archive_never_runs(tmp_path, net, x):
     except ModelLoadError:
         pass
     assert marker.exists()
+
+
+@pytest.mark.parametrize("attack", ["opaque_in_subfolder", "pickle_flag", "unknown_entry", "config_path_escape"])
+def test_export_archive_is_checked_against_an_allow_list(tmp_path, net, x, attack):
+    """Entries a plain program does not contain are refused without --trust-model-file, whatever
+    their names (the old check looked for base names beginning opaque_obj / custom_obj)."""
+    good = tmp_path / "good.pt2"
+    torch.export.save(torch.export.export(net, (x[:2],)), str(good))
+    assert load_model(good, device="cpu") is not None                  # a plain program loads
+    marker = tmp_path / "pwned"
+    payload = tmp_path / "payload.pt"
+    torch.save(_Evil(str(marker)), payload)
+    evil = tmp_path / f"{attack}.pt2"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(evil, "w", zipfile.ZIP_STORED) as dst:
+        root = src.namelist()[0].split("/", 1)[0]
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("data/constants/model_constants_config.json"):
+                config = json.loads(data)
+                if attack == "opaque_in_subfolder":
+                    config["config"]["c"] = {"path_name": "sub/opaque_obj_0", "use_pickle": False}
+                elif attack == "pickle_flag":
+                    config["config"]["c"] = {"path_name": "constant_0", "use_pickle": True}
+                elif attack == "config_path_escape":
+                    config["config"]["c"] = {"path_name": "../../models/x", "use_pickle": False}
+                data = json.dumps(config).encode()
+            dst.writestr(info.filename, data)
+        if attack == "opaque_in_subfolder":
+            dst.writestr(f"{root}/data/constants/sub/opaque_obj_0", payload.read_bytes())
+        elif attack == "pickle_flag":
+            dst.writestr(f"{root}/data/constants/constant_0", payload.read_bytes())
+        elif attack == "unknown_entry":
+            dst.writestr(f"{root}/extra/anything.pkl", payload.read_bytes())
+    with pytest.raises(UntrustedModelError, match="--trust-model-file"):
+        load_model(evil, device="cpu")
+    assert not marker.exists()

@@ -246,28 +246,62 @@ class ExportedModule(nn.Module):
         return torch.cat(outs)
 
 
-def _pt2_pickled_parts(path: Path) -> list[str]:
-    """Entries of a ``.pt2`` that ``torch.export.load`` would unpickle with ``weights_only=False``.
+_PT2_FIXED = {"archive_format", "archive_version", "byteorder", "version", ".data/version",
+              ".data/serialization_id"}
+_PT2_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
-    It does so for payloads flagged ``use_pickle``, for custom / opaque object constants, and
-    (as a fallback) for ``.pt`` entries (sample inputs, legacy weights) that fail a
-    ``weights_only=True`` load. A plain export of a plain module has none of them.
+
+def _pt2_pickled_parts(path: Path) -> list[str]:
+    """What in a ``.pt2`` is not on the allow-list of a plain program (empty: safe to load).
+
+    ``torch.export.load`` unpickles with ``weights_only=False`` payloads flagged ``use_pickle``,
+    custom / opaque object constants, and ``.pt`` entries (sample inputs) that fail a safe load. So
+    rather than look for those names, every entry must be one a plain export of a plain module
+    writes: the fixed version files, ``models/<name>.json`` (the graph, JSON), the weight and
+    constant configs (each entry ``use_pickle: false``, a plain file name that is not a custom or
+    opaque object), the raw tensor files those configs name, and sample inputs that load with
+    ``weights_only=True``. Anything else (another folder, a file no config names, a name with a
+    sub-folder) is reported.
     """
-    found = []
-    with zipfile.ZipFile(path) as zf:
-        for name in zf.namelist():
-            tail = name.split("/", 1)[-1]
-            base = tail.rsplit("/", 1)[-1]
-            if base.startswith(("custom_obj", "opaque_obj")):
-                found.append(tail)
-            elif tail.endswith("_config.json") and tail.startswith("data/"):
-                config = json.loads(zf.read(name)).get("config", {})
-                found += [f"{tail}: {k}" for k, v in config.items() if isinstance(v, dict) and v.get("use_pickle")]
-            elif tail.endswith(".pt"):
+    found, allowed, payloads = [], set(), {}
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelLoadError(f"{path}: not a readable torch.export archive ({exc})") from exc
+    with zf:
+        names = zf.namelist()
+        root = names[0].split("/", 1)[0] + "/" if names and "/" in names[0] else ""
+        tails = {n: n[len(root):] if n.startswith(root) else n for n in names}
+        for name, tail in tails.items():
+            folder, _, base = tail.rpartition("/")
+            if folder in ("data/weights", "data/constants") and base.endswith("_config.json"):
+                allowed.add(name)
+                try:
+                    config = json.loads(zf.read(name)).get("config", {})
+                except (ValueError, AttributeError):
+                    found.append(f"{tail} (not a JSON config)")
+                    continue
+                for key, entry in (config.items() if isinstance(config, dict) else ()):
+                    entry = entry if isinstance(entry, dict) else {}
+                    file = str(entry.get("path_name", ""))
+                    if entry.get("use_pickle") or not _PT2_NAME.fullmatch(file) \
+                            or file.startswith(("custom_obj", "opaque_obj")):
+                        found.append(f"{tail}: {key} -> {file or '?'}")
+                    else:
+                        payloads[f"{root}{folder}/{file}"] = tail
+        for name, tail in tails.items():
+            folder, _, base = tail.rpartition("/")
+            if name in allowed or name in payloads or tail in _PT2_FIXED or name.endswith("/"):
+                continue
+            if folder == "models" and base.endswith(".json") and _PT2_NAME.fullmatch(base):
+                continue
+            if folder == "data/sample_inputs" and base.endswith(".pt") and _PT2_NAME.fullmatch(base):
                 try:
                     torch.load(io.BytesIO(zf.read(name)), map_location="cpu", weights_only=True)
-                except Exception:
-                    found.append(tail)
+                    continue
+                except Exception:  # noqa: BLE001 - anything a safe load refuses
+                    pass
+            found.append(tail)
     return found
 
 
@@ -275,9 +309,9 @@ def _load_export(path: Path, trust: bool) -> nn.Module:
     pickled = _pt2_pickled_parts(path)
     if pickled and not trust:
         raise UntrustedModelError(
-            f"{path} is a torch.export program with pickled parts ({', '.join(pickled[:4])}) that "
-            "torch.export.load unpickles with weights_only=False: loading it can run arbitrary code hidden "
-            "in the file. If you trust its origin, pass --trust-model-file (CLI) / trust_model_file=True; "
+            f"{path} is a torch.export program with parts that are not plain tensors or graph JSON "
+            f"({', '.join(pickled[:4])}); torch.export.load may unpickle them with weights_only=False, which can "
+            "run arbitrary code hidden in the file. If you trust its origin, pass --trust-model-file (CLI) / trust_model_file=True; "
             "or re-export the plain module, or save a state_dict and load it with "
             "--factory package.module:function")
     program = torch.export.load(str(path))
