@@ -153,3 +153,28 @@ def test_argument_errors_are_clear(files, tmp_path):
     with pytest.raises(InputError, match="not feature columns"):
         tabular_counterfactual_cmd(args(table=files["csv"], model=files["script"], out=tmp_path / "r",
                                         immutable="gender"))
+
+
+def test_the_models_schema_is_used_and_checked_against_the_table(files, tmp_path):
+    """A table whose columns were reordered and that lacks a category the model was trained with
+    is encoded into the model's slots when its schema is saved next to it; without one, a warning."""
+    df = files["df"]
+    model = tmp_path / "credit.pt2"
+    model.write_bytes(files["script"].read_bytes())
+    trained = TabularSchema.from_frame(df, label="ok")
+    shifted = df[df.plan != "basic"][["plan", "ok", "income", "sex", "age"]].reset_index(drop=True)
+    csv = tmp_path / "later.csv"
+    shifted.to_csv(csv, index=False)
+    assert TabularSchema.from_frame(shifted, label="ok").width != trained.width     # read from it: wrong slots
+    with pytest.warns(UserWarning, match="no schema saved with the model"):
+        with pytest.raises(InputError, match="cannot take the table's rows"):      # and here: a width mismatch
+            tabular_counterfactual_cmd(args(table=csv, model=model, out=tmp_path / "r0"))
+    trained.save(tmp_path / "credit.schema.json")
+    assert tabular_counterfactual_cmd(args(table=csv, model=model, out=tmp_path / "r1")) == 0
+    spec = yaml.safe_load((tmp_path / "r1" / "run.yaml").read_text())
+    assert [c for f in spec["schema"]["features"] if f["name"] == "plan" for c in f["categories"]] == \
+        ["basic", "plus", "premium"]
+    renamed = shifted.assign(plan=shifted.plan.replace({"plus": "silver"}))
+    renamed.to_csv(tmp_path / "renamed.csv", index=False)
+    with pytest.raises(InputError, match=r"categories \['silver'\] the schema does not know"):
+        tabular_counterfactual_cmd(args(table=tmp_path / "renamed.csv", model=model, out=tmp_path / "r2"))

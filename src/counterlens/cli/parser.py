@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--data", type=Path, help="an image file or folder (class subfolders give labels); or use --table")
     cf.add_argument("--table", type=Path, help="a CSV table: counterfactuals of its rows (tabular search) instead of --data")
     cf.add_argument("--label", help="--table: the label column (not a feature)")
+    cf.add_argument("--schema", type=Path,
+                    help="--table: the schema the model was trained with (TabularSchema.save); default: "
+                         "<model>.schema.json next to the model when present, else read from the table")
     cf.add_argument("--immutable", type=comma_list, help="--table: features that may not change, comma-separated (e.g. sex,age)")
     cf.add_argument("--monotone", type=comma_list, help="--table: FEATURE:increase or FEATURE:decrease, comma-separated")
     cf.add_argument("--k", type=positive_int, default=4, help="--table: counterfactuals per row (default: 4)")

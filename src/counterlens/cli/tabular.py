@@ -84,6 +84,39 @@ def load_tabular_model(args):
         type(clf.module).__name__
 
 
+def schema_file(args) -> Path | None:
+    """The schema the model was trained with: ``--schema``, else ``<model>.schema.json`` next to a
+    model file or ``schema.json`` inside a model folder, when present."""
+    given = getattr(args, "schema", None)
+    if given is not None:
+        return Path(given)
+    model = Path(str(getattr(args, "model", "") or ""))
+    for candidate in (model.with_name(model.name.split(".")[0] + ".schema.json"), model / "schema.json"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _schema(args, df, label):
+    """The table's schema: the model's own (see :func:`schema_file`) with this command's constraints,
+    checked against the table; else derived from the table, with a warning that it must match training."""
+    import warnings
+
+    from ..data.tabular import TabularSchema
+    immutable, monotone = _names(getattr(args, "immutable", None)), _monotone(getattr(args, "monotone", None))
+    path = schema_file(args)
+    if path is None:
+        warnings.warn("no schema saved with the model (<model>.schema.json, or --schema): the features and their "
+                      "categories are read from this table, so the model is fed correct slots only if the table "
+                      "has the same columns and categories as its training data; save the training schema with "
+                      "TabularSchema.save('<model>.schema.json')", stacklevel=2)
+        return TabularSchema.from_frame(df, label=label, immutable=immutable, monotone=monotone)
+    schema = TabularSchema.load(path).constrained(immutable=immutable, monotone=monotone)
+    schema.encode(df[[n for n in schema.names if n in df.columns]] if set(schema.names) <= set(df.columns)
+                  else df)                                   # missing columns, unknown categories: named here
+    return schema
+
+
 def tabular_counterfactual_cmd(args) -> int:
     """Run the search for the rows of ``args.table`` and write the run directory; returns 0."""
     from ..data.tabular import TabularSchema, read_table
@@ -100,8 +133,7 @@ def tabular_counterfactual_cmd(args) -> int:
     label = getattr(args, "label", None)
     if label is not None and label not in df.columns:
         raise InputError(f"--label {label!r} is not a column of {args.table}; columns: {list(df.columns)}")
-    schema = TabularSchema.from_frame(df, label=label, immutable=_names(getattr(args, "immutable", None)),
-                                      monotone=_monotone(getattr(args, "monotone", None)))
+    schema = _schema(args, df, label)
     model, sha, description = load_tabular_model(args)
     k = int(getattr(args, "k", 4) or 4)
     seed = int(getattr(args, "seed", 0) or 0)

@@ -89,7 +89,7 @@ class TabularModel:
         if self.clf is not None:
             try:
                 return torch.softmax(self.clf.forward(x), dim=1)
-            except RuntimeError as exc:    # most often a width mismatch: say what the table gives
+            except (RuntimeError, AssertionError) as exc:    # a width mismatch (exported programs: "Guard failed")
                 raise InputError(f"the model cannot take the table's rows: they have {x.shape[1]} columns after "
                                  f"encoding ({', '.join(f.name for f in self.schema.features)}; categoricals one-hot), "
                                  f"and the model said: {str(exc).splitlines()[0]}. Pass the table and --label the "

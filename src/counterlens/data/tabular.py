@@ -213,6 +213,28 @@ class TabularSchema:
         return {"label": self.label, "classes": [_plain(c) for c in self.classes] if self.classes else None,
                 "features": feats}
 
+    def save(self, path) -> Path:
+        """Write the schema as JSON, e.g. next to the model trained with it (``credit.pt2`` ->
+        ``credit.schema.json``, which ``counterlens counterfactual --table`` then finds), so that a
+        table read later is encoded into the same slots (same categories, same order)."""
+        import json
+        path = Path(path)
+        path.write_text(json.dumps({"counterlens_schema": 1, **self.to_dict()}, indent=1), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path) -> TabularSchema:
+        """The schema :meth:`save` wrote."""
+        import json
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+            if not isinstance(d, dict) or "features" not in d:
+                raise ValueError("no 'features'")
+            return cls.from_dict({k: v for k, v in d.items() if k != "counterlens_schema"})
+        except (OSError, ValueError, TypeError) as exc:
+            raise InputError(f"{path}: not a counterlens table schema ({exc}); write one with "
+                             "TabularSchema.save(path)") from exc
+
     @classmethod
     def from_dict(cls, d: Mapping) -> TabularSchema:
         feats = [Feature(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in f.items()})

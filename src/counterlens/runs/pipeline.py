@@ -88,7 +88,7 @@ def explain_arrays(clf, x: np.ndarray, methods: dict[str, dict], target="predict
     with torch.no_grad():
         try:
             logits = clf.logits(xt)
-        except RuntimeError as exc:         # the model's own complaint, e.g. channels or size: say what it got
+        except (RuntimeError, AssertionError) as exc:     # the model: channels or size (exported: "Guard failed")
             raise InputError(
                 f"the model cannot run on these images: it was given a batch of shape {tuple(xt.shape)} (images "
                 f"[channels, *size] as read{', resized to ' + str(list(clf.input_size)) if clf.input_size else ''}) "
