@@ -254,3 +254,13 @@ def test_file_names_that_are_not_utf8_are_explained_and_shown_escaped(tmp_path, 
     assert "caf\\xe9.png" in html
     print_summary("explained", summary, tmp_path / "run")
     assert "failed: bad\\xff.png" in capsys.readouterr().out
+
+
+def test_values_outside_the_models_range_warn(tmp_path):
+    (tmp_path / "ct").mkdir()
+    hu = np.random.default_rng(0).uniform(-1000, 1500, (1, 48, 48)).astype(np.float32)   # Hounsfield units
+    np.save(tmp_path / "ct" / "slice.npy", hu)
+    clf = run_driver.classifier()                                     # value_range (0, 1)
+    with pytest.warns(UserWarning, match=r"outside the range the model takes \(0..1"):
+        explain_folder(clf, ImageFolder(tmp_path / "ct", channels=1, size=48), tmp_path / "run",
+                       methods=["saliency"], progress=False)

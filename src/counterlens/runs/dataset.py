@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError
+import numpy as np
+
+from ..errors import CounterlensError, InputError
 from .engines.local import Job, RunSummary, run_local
 from .pipeline import cases_of
 from .spec import model_spec, package_versions, resolved_methods
@@ -25,6 +27,31 @@ def check_out(dataset, out) -> None:
     if where == root or root in where.parents:
         raise InputError(f"--out {out} is inside the data folder {dataset.root}; a later run would read the run's own "
                          "files as images: put the run directory elsewhere")
+
+
+def check_value_range(clf, dataset, sample: int = 4) -> str | None:
+    """Warn when the first images' values lie outside the model's ``value_range`` (its card's):
+    e.g. CT slices in Hounsfield units given to a model trained on [0, 1]. Returns the warning."""
+    import warnings
+
+    from ..data.images import load_case
+    if not clf.value_range or not len(dataset):
+        return None
+    lo, hi = clf.value_range
+    slack = 0.1 * (hi - lo)
+    for rec in dataset.records[:sample]:
+        try:
+            image, _ = load_case(rec.path, None, **dataset.read_options)
+        except CounterlensError:
+            continue
+        a, b = float(np.nanmin(image)), float(np.nanmax(image))
+        if a < lo - slack or b > hi + slack:
+            text = (f"{rec.path} has values {a:.4g}..{b:.4g}, outside the range the model takes ({lo:g}..{hi:g}, from "
+                    "its card): the explanations would be of inputs it never saw. Scale the data to its range "
+                    "(e.g. apply the DICOM window), or correct value_range in model.json")
+            warnings.warn(text, stacklevel=3)
+            return text
+    return None
 
 
 def data_spec(dataset, source) -> dict:
@@ -47,6 +74,7 @@ def explain_folder(clf, dataset, out, *, methods: list[str], params: dict | None
     model, data, target, methods or method parameters is refused unless ``overwrite``.
     """
     check_out(dataset, out)
+    check_value_range(clf, dataset)
     resolved = resolved_methods(methods, params, batch_size, seed)
     spec = {"model": model_spec(clf, model_source), "data": data_spec(dataset, data_source),
             "data_info": data_info(dataset), "target": target, "seed": seed, "batch_size": batch_size, "methods": resolved,
@@ -67,6 +95,7 @@ def counterfactual_folder(clf, dataset, out, *, target="other", params: dict | N
     ``settings``: how ``run.yaml`` describes what is not a plain value in ``params`` (prior,
     training data, ...). Resumes like :func:`explain_folder`."""
     check_out(dataset, out)
+    check_value_range(clf, dataset)
     plain = {k: v for k, v in (params or {}).items() if isinstance(v, (int, float, str, bool, type(None)))}
     spec = {"model": model_spec(clf, model_source), "data": data_spec(dataset, data_source),
             "data_info": data_info(dataset), "counterfactual": {"target": target, **plain, **(settings or {})},
