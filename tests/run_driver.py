@@ -1,7 +1,9 @@
-"""A dataset run in a process of its own, for the kill -9 and two-writer tests (tests/test_store.py).
+"""A dataset run in a process of its own, for the kill -9 and two-writer tests (tests/test_store.py,
+tests/test_faults.py).
 
-``python run_driver.py DATA RUN WORKERS``: explains DATA into RUN with the seeded tiny CNN, one
-torch thread per worker, so every process computes bit-identical maps.
+``python run_driver.py DATA RUN WORKERS [explain|counterfactual]``: explains DATA into RUN (or
+searches counterfactuals) with the seeded tiny CNN, one torch thread per worker, so every process
+computes bit-identical results.
 """
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ from conftest import TinyCNN  # noqa: E402
 
 import counterlens as cl  # noqa: E402
 from counterlens.data.images import ImageFolder  # noqa: E402
-from counterlens.runs.dataset import explain_folder  # noqa: E402
+from counterlens.runs.dataset import counterfactual_folder, explain_folder  # noqa: E402
 
 SIZE = 48
 METHODS = ["gradcam", "integrated_gradients", "smoothgrad"]
@@ -33,5 +35,14 @@ def run(data, out, workers: int = 1, images_per_batch: int = 4):
                           workers=workers, threads=1, progress=False, model_source="tiny-cnn")
 
 
+def run_counterfactual(data, out, workers: int = 1, images_per_batch: int = 4):
+    clf = classifier()
+    ds = ImageFolder(data, channels=1, size=SIZE, classes=clf.classes)
+    return counterfactual_folder(clf, ds, out, target="other", params={"steps": 60, "seed": 0},
+                                 images_per_batch=images_per_batch, workers=workers, threads=1, progress=False,
+                                 model_source="tiny-cnn")
+
+
 if __name__ == "__main__":
-    run(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    stage = sys.argv[4] if len(sys.argv) > 4 else "explain"
+    (run if stage == "explain" else run_counterfactual)(sys.argv[1], sys.argv[2], int(sys.argv[3]))

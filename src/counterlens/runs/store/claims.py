@@ -55,6 +55,7 @@ class Claims:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.stage, self.lease, self.since = stage, lease, since
         self.me = {"host": os.uname().nodename, "pid": os.getpid(), "start": _start_time(os.getpid())}
+        self.held: set[str] = set()      # claims this object took (others of this process are leftovers)
 
     def _path(self, key: str) -> Path:
         return self.dir / f"{self.stage}-{key}"
@@ -73,6 +74,7 @@ class Claims:
                 continue
             with os.fdopen(fd, "w") as fh:
                 json.dump(self.me, fh)
+            self.held.add(key)
             return True
         return False
 
@@ -99,6 +101,8 @@ class Claims:
             except OSError:
                 return True
         if holder.get("host") == self.me["host"]:
+            if {k: holder.get(k) for k in self.me} == self.me:
+                return key not in self.held        # this process, from an earlier call that failed
             return not _alive(int(holder.get("pid", -1)), holder.get("start"))
         try:
             return time.time() - path.stat().st_mtime > self.lease
