@@ -260,6 +260,14 @@ def test_out_that_holds_other_files_is_not_touched(world, tmp_path, capsys):
     assert "not a counterlens run" in capsys.readouterr().err
     assert (tmp_path / "mine" / "report.html").read_text() == "my report"
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["report.html", "results.csv"]
+    assert main(explain_args(world["model"], world["data"], tmp_path / "mine", "--force")) == 2   # would clobber them
+    assert "report.html, results.csv would be overwritten" in capsys.readouterr().err
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    assert main(explain_args(world["model"], world["data"], tmp_path / "notes")) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(explain_args(world["model"], world["data"], tmp_path / "notes", "--force")) == 0
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine" and cl.open_run(tmp_path / "notes").cases.shape[0] == 4
 
 
 def test_out_inside_data(world, tmp_path, capsys):

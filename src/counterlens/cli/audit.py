@@ -75,7 +75,8 @@ def audit_cmd(args) -> int:
     spec = {"model": model_spec(clf, str(args.model)), "target": "predicted", "seed": seed,
             "data": data_spec(dataset, data), "data_info": data_info(dataset), "methods": resolved, "device": str(clf.device),
             "versions": package_versions()}
-    prepare_run(out, spec, compare=(*MODEL_KEYS, "data", "methods"), overwrite=getattr(args, "overwrite", False))
+    prepare_run(out, spec, compare=(*MODEL_KEYS, "data", "methods"), overwrite=getattr(args, "overwrite", False),
+                force=getattr(args, "force", False))
     result, extras = audit(clf, x, region, methods, y, batch_size=batch_size, seed=seed,
                            n_random=getattr(args, "n_random", 8), inpaint=getattr(args, "inpaint", "normalized"),
                            min_flip_rate=getattr(args, "min_flip_rate", 0.1), params=params, return_details=True)

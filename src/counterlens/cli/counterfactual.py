@@ -57,7 +57,7 @@ def counterfactual_cmd(args) -> int:
     summary = counterfactual_folder(clf, dataset, args.out, target=target, params=params, settings=settings,
                                     train=train, images_per_batch=args.images_per_batch, workers=args.workers,
                                     threads=args.threads, progress=not args.quiet, model_source=str(args.model),
-                                    data_source=str(args.data), overwrite=args.overwrite)
+                                    data_source=str(args.data), overwrite=args.overwrite, force=args.force)
     print_summary("counterfactuals for", summary, args.out)
     if not args.no_report:
         print(f"report: {write_report(args.out)}")

@@ -22,7 +22,7 @@ def explain(args) -> int:
     summary = explain_folder(clf, dataset, args.out, methods=methods, params=params, target=target_arg(args.target),
                              batch_size=args.batch_size, seed=args.seed, images_per_batch=args.images_per_batch,
                              workers=args.workers, threads=args.threads, progress=not args.quiet,
-                             model_source=str(args.model), data_source=str(args.data), overwrite=args.overwrite,
+                             model_source=str(args.model), data_source=str(args.data), overwrite=args.overwrite, force=args.force,
                              map_dtype=args.map_dtype)
     print_summary("explained", summary, args.out)
     if not args.no_report:

@@ -37,6 +37,8 @@ def _add_run_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="delete the results already in --out and start over (needed when settings differ; "
                         "without it a re-run resumes)")
+    p.add_argument("--force", action="store_true",
+                   help="write the run into a folder that holds other files (they are left untouched)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="exit with status 3 when the model relies on the region (for CI)")
     audit.add_argument("--overwrite", action="store_true",
                        help="replace the results already in --out (needed when they were made with other settings)")
+    audit.add_argument("--force", action="store_true",
+                       help="write the run into a folder that holds other files (they are left untouched)")
 
     ev = sub.add_parser("evaluate", help="trust metrics of a run directory (faithfulness, localisation, sanity)",
                         description="Score the maps of a run: deletion/insertion AUC, MuFidelity, sparseness, entropy, "

@@ -67,7 +67,8 @@ def data_info(dataset) -> dict:
 def explain_folder(clf, dataset, out, *, methods: list[str], params: dict | None = None, target="predicted",
                    batch_size=64, seed: int = 0, images_per_batch: int = 16, workers: int | None = None,
                    threads: int | None = None, progress: bool = True, model_source: str = "",
-                   data_source: str = "", overwrite: bool = False, map_dtype: str = "float32") -> RunSummary:
+                   data_source: str = "", overwrite: bool = False, force: bool = False,
+                   map_dtype: str = "float32") -> RunSummary:
     """Explain every image of ``dataset`` (an ImageFolder) with ``methods`` into the run directory ``out``.
 
     Re-running the same call resumes (only batches not complete are done); a call with another
@@ -80,7 +81,7 @@ def explain_folder(clf, dataset, out, *, methods: list[str], params: dict | None
             "data_info": data_info(dataset), "target": target, "seed": seed, "batch_size": batch_size, "methods": resolved,
             "images_per_batch": images_per_batch, "map_dtype": map_dtype, "device": str(clf.device),
             "versions": package_versions()}
-    prepare_run(out, spec, compare=EXPLAIN_KEYS, overwrite=overwrite)
+    prepare_run(out, spec, compare=EXPLAIN_KEYS, overwrite=overwrite, force=force)
     job = Job("explain", read=dataset.read_options, methods=resolved, target=target)
     return run_local(clf, cases_of(dataset), out, job, images_per_batch=images_per_batch, workers=workers,
                      threads=threads, progress=progress, map_dtype=map_dtype)
@@ -89,7 +90,7 @@ def explain_folder(clf, dataset, out, *, methods: list[str], params: dict | None
 def counterfactual_folder(clf, dataset, out, *, target="other", params: dict | None = None, settings: dict | None = None,
                           train=None, images_per_batch: int = 16, workers: int | None = None,
                           threads: int | None = None, progress: bool = True, model_source: str = "",
-                          data_source: str = "", overwrite: bool = False) -> RunSummary:
+                          data_source: str = "", overwrite: bool = False, force: bool = False) -> RunSummary:
     """Counterfactuals for every image of ``dataset`` into ``out`` (which may hold an explain run
     of the same model and data). ``params`` go to :func:`counterlens.counterfactual.counterfactual`;
     ``settings``: how ``run.yaml`` describes what is not a plain value in ``params`` (prior,
@@ -100,7 +101,7 @@ def counterfactual_folder(clf, dataset, out, *, target="other", params: dict | N
     spec = {"model": model_spec(clf, model_source), "data": data_spec(dataset, data_source),
             "data_info": data_info(dataset), "counterfactual": {"target": target, **plain, **(settings or {})},
             "device": str(clf.device), "versions": package_versions()}
-    prepare_run(out, spec, compare=COUNTERFACTUAL_KEYS, section="counterfactual", overwrite=overwrite)
+    prepare_run(out, spec, compare=COUNTERFACTUAL_KEYS, section="counterfactual", overwrite=overwrite, force=force)
     job = Job("counterfactual", read=dataset.read_options, target=target, params=params, train=train)
     return run_local(clf, cases_of(dataset), out, job, images_per_batch=images_per_batch, workers=workers,
                      threads=threads, progress=progress)

@@ -30,22 +30,27 @@ class RunMismatchError(InputError):
 
 
 def prepare_run(root, spec: dict, *, compare: tuple[str, ...], section: str | None = None,
-                overwrite: bool = False, flag: str = "--overwrite") -> dict:
+                overwrite: bool = False, force: bool = False, flag: str = "--overwrite") -> dict:
     """Create ``root`` as a run directory for ``spec``, or check that it holds the same run.
 
     ``compare``: the spec keys (dotted for nested ones, ``model.sha256``) that must be equal for
     results to be mixed (e.g. ``data``, ``target``, ``methods``); a difference raises :class:`RunMismatchError` naming it
     and the flag that starts over. ``section``: a key this command owns (e.g. ``counterfactual``)
     that is added to an existing spec of the same model and data. ``overwrite``: delete the old
-    results first. A folder that is not a run and holds files is refused (it is not ours to fill).
+    results first. A folder that is not a run and holds files is refused (it is not ours to fill)
+    unless ``force`` (the run's files are then added beside the others, which stay untouched;
+    a file of theirs named like a run's export, e.g. ``report.html``, is refused even then).
     Returns the spec as written.
     """
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise InputError(f"--out {root} is a file; pass a folder for the run directory")
     if root.is_dir() and any(root.iterdir()) and not is_run_dir(root):
-        raise InputError(f"--out {root} is a folder with other files in it, not a counterlens run; "
-                         "pass a new or empty folder")
+        clash = [n for n in ("run.yaml", *DERIVED_FILES, *DERIVED_DIRS, INDEX_DIR, ARRAYS_DIR) if (root / n).exists()]
+        if not force or clash:
+            raise InputError(f"--out {root} is a folder with other files in it, not a counterlens run; pass a new or "
+                             "empty folder" + (f" (its {', '.join(clash)} would be overwritten)" if clash else
+                                               ", or --force to add the run beside them"))
     if overwrite and is_run_dir(root):
         clear_run(root)
     root.mkdir(parents=True, exist_ok=True)
