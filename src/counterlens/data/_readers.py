@@ -108,20 +108,36 @@ def to_channels_first(arr: np.ndarray, path) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- Pillow
-def read_pil(path) -> np.ndarray:
+def read_pil(path, hint: tuple[int, int] | None = None) -> np.ndarray:
     """PNG / JPEG / BMP via Pillow -> ``[C, H, W]`` (C = 1 or 3).
 
     Modes: 1/L/LA -> grey; I;16* -> /65535; I (16-bit PNG in some Pillow versions) -> /65535;
     F -> as stored; P/PA/RGBA/CMYK/YCbCr/... -> RGB. Alpha is dropped (colour kept as stored,
     not composited). EXIF orientation is applied (as a viewer would).
     Note: Pillow reduces 48-bit RGB PNGs to 8 bits per channel (values still /255).
+
+    ``hint``: the ``(height, width)`` the image will be resized to. An image at least 8x larger on
+    both sides is first reduced cheaply to about four times that (JPEG: decoded at a lower DCT scale;
+    others: Pillow's box ``reduce``), so a 6000 x 6000 photo for a 64 x 64 model is not decoded
+    and resized at full resolution; the anti-aliased resize to the final size follows.
     """
     from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as im:
+            factor = 1
+            if hint is not None:
+                factor = min(im.size[0] // max(1, hint[1]), im.size[1] // max(1, hint[0])) // 4
+                if factor >= 2 and im.format == "JPEG":
+                    im.draft(im.mode, (im.size[0] // factor, im.size[1] // factor))
+                    factor = 1
             im = ImageOps.exif_transpose(im)
             im.load()
+            if factor >= 2:
+                try:
+                    im = im.reduce(factor)
+                except (ValueError, NotImplementedError):   # a mode reduce does not take: full resolution
+                    pass
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types
         raise DataFileError(path, f"cannot read the image ({exc}); the file may be corrupt, truncated "
                                   "or not really the format its suffix says. Re-export it or remove it.") from exc

@@ -62,7 +62,17 @@ def _target_shape(path, spatial: tuple[int, ...], size) -> tuple[int, ...]:
     return size
 
 
-def _read(path, slice_index="middle", window="auto") -> np.ndarray:
+def _hint(size) -> tuple[int, int] | None:
+    """The 2-D ``(height, width)`` an image will be resized to, when ``size`` says it."""
+    if size is None:
+        return None
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    size = tuple(int(v) for v in size)
+    return size if len(size) == 2 else None
+
+
+def _read(path, slice_index="middle", window="auto", hint=None) -> np.ndarray:
     """Read any supported file into ``[C, *S]`` float32 data space (no resize, no channel change)."""
     path = Path(path)
     if not path.exists():
@@ -72,7 +82,7 @@ def _read(path, slice_index="middle", window="auto") -> np.ndarray:
     suffix = R.suffix_of(path)
     try:
         if suffix in R.PIL_SUFFIXES:
-            arr = R.read_pil(path)
+            arr = R.read_pil(path, hint)
         elif suffix in R.TIFF_SUFFIXES:
             arr = R.read_tiff(path)
         elif suffix == ".npy":
@@ -136,7 +146,7 @@ def load_image(path, *, channels: int | None = None, size: tuple[int, ...] | int
     Raises DataFileError for any unusable file and InputError for bad arguments.
     """
     _check_args(channels, size, window)
-    return _finish(_read(path, slice_index, window), path, channels, size)
+    return _finish(_read(path, slice_index, window, _hint(size)), path, channels, size)
 
 
 def _mask_from(arr: np.ndarray) -> np.ndarray:
@@ -182,7 +192,7 @@ def load_case(path, mask_path=None, *, channels=None, size=None, slice_index="mi
     """One image and its mask as a dataset run reads them: ``(image [C, *S] float32, mask bool
     [*S] or None)``. The mask must cover the image's field of view and is resized (nearest) to
     the image's final shape. Errors are :class:`DataFileError` naming the file."""
-    img = _read(path, slice_index, window)
+    img = _read(path, slice_index, window, _hint(size))
     native = img.shape[1:]
     img = _finish(img, path, channels, size)
     mask = None
