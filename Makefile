@@ -1,5 +1,6 @@
 # make demo: the main job on the embedded default (synthetic brain MRI), prints where the report is.
-# make test: the whole test suite (slow end-to-end and browser tests included).
+# make test: the whole test suite (slow end-to-end and browser tests included; the Ray engine's tests on a
+#   local Ray cluster, which the venv's install of counterlens[ray] provides: demo does not need Ray).
 # Both create .venv on first use and reuse it afterwards.
 PYTHON   ?= python3
 VENV     := .venv
@@ -14,7 +15,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,ray]"
 	@touch $(STAMP)
 
 # The browser tests (tests/browser) drive Debian's Chromium through the Python package playwright.
@@ -41,7 +42,7 @@ demo: $(STAMP)
 	$(BIN)/counterlens demo
 
 test: $(STAMP) browser-deps
-	$(BIN)/python -m pytest
+	COUNTERLENS_REQUIRE_RAY=1 $(BIN)/python -m pytest
 
 # The head-to-head with DiCE (not part of make test): its own venv, so dice-ml never enters .venv.
 bench-tabular:

@@ -16,6 +16,17 @@ the timings are medians of ``--repeats`` runs for N up to 2,000 and single runs 
 * report: ``write_report`` of the auto run (seconds, bytes, files);
 * kill -9 at 50%: the auto run started afresh, killed (workers and parent) once half the cases
   are written, then re-run: cases written twice (redone) and the resume's wall time.
+
+With ``--engine ray`` (issue 14), each N is run with both engines instead, in fresh processes,
+alternately, ``--repeats`` times each (medians): the local engine as ``pipeline, auto`` above, and
+the Ray engine on a cluster started in the measuring process with this machine's cores (one
+1-CPU, 1-thread actor per core, the model sent as bytes). Reported: wall time of the run and
+images per second; for Ray also the cluster's start-up (``ray.init``) and the time to the first
+batch back (actors started, model loaded); and peak memory as PSS summed over every process of the
+run (driver, forked workers or Ray's processes and actors; shared pages counted once), sampled
+every 0.5 s.
+
+    .venv/bin/python benchmarks/scale.py --engine ray --n 2000 --json benchmarks/results/scale-ray-cpu.json
 """
 from __future__ import annotations
 
@@ -181,24 +192,142 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# -- the Ray engine against the local one (--engine ray, issue 14) ------------------------------------
+class _TreeMemory:
+    """Peak PSS (MiB) summed over a process and all its descendants, sampled in a thread."""
+
+    def __init__(self, root: int, every: float = 0.5):
+        import threading
+        self.root, self.every, self.peak, self.peak_processes = root, every, 0.0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _tree(self) -> list[int]:
+        parent = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+        tree, grew = {self.root}, True
+        while grew:
+            new = {p for p, pp in parent.items() if pp in tree and p not in tree}
+            tree |= new
+            grew = bool(new)
+        return sorted(tree)
+
+    @staticmethod
+    def _pss_kib(pid: int) -> int:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            pids = self._tree()
+            total = sum(self._pss_kib(p) for p in pids) / 1024
+            if total > self.peak:
+                self.peak, self.peak_processes = total, len(pids)
+            self._stop.wait(self.every)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {"peak_pss_mib": self.peak, "processes_at_peak": self.peak_processes}
+
+
+def measure_engine(engine: str, data: Path, model: Path, n: int, out: Path) -> dict:
+    """One explain run of N images with ``engine``: ``local`` (the auto workers x threads) or
+    ``ray`` (a cluster of this machine's cores started here, one 1-CPU actor per core)."""
+    import logging
+
+    from counterlens.runs.dataset import explain_folder
+    memory = _TreeMemory(os.getpid())
+    clf, ds = _folder(data, model, n)
+    row, run_engine = {"engine": engine}, "local"
+    if engine == "ray":
+        import ray
+
+        from counterlens.runs.engines.ray import RayEngine
+        t0 = time.perf_counter()
+        ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, logging_level=logging.ERROR,
+                 log_to_driver=False)
+        row["cluster_start_s"] = time.perf_counter() - t0
+        run_engine = RayEngine(model={"source": str(model), "device": "cpu"})
+    t0 = time.perf_counter()
+    s = explain_folder(clf, ds, out, methods=METHODS, params=PARAMS, progress=False, model_source=str(model),
+                       data_source=str(data / "Testing"), engine=run_engine)
+    row.update(seconds=time.perf_counter() - t0, done=s.done, workers=s.workers, threads=s.threads,
+               first_result_s=getattr(s, "first_result", None))
+    if engine == "ray":
+        import ray
+        ray.shutdown()
+    return {**row, **memory.stop(), **_peak()}
+
+
+def run_engines(data: Path, model: Path, n: int, repeats: int) -> dict:
+    import shutil
+    runs = {"local": [], "ray": []}
+    for _ in range(repeats):
+        for engine in runs:                       # alternately, so a slow spell of the machine hits both
+            out = WORK / f"run-{n}-engine-{engine}"
+            shutil.rmtree(out, ignore_errors=True)
+            runs[engine].append(_in_process("engine", data, model, n, out, engine))
+            print(f"N={n}: {engine} {runs[engine][-1]['seconds']:.1f} s", flush=True)
+    row = {"n": n, "repeats": repeats, **{engine: _median_of(r) for engine, r in runs.items()}}
+    row["ray_vs_local"] = row["local"]["seconds"] / row["ray"]["seconds"]
+    return row
+
+
+def engine_table(rows: list[dict]) -> str:
+    lines = ["| N | runs | local s (workers x threads) | local img/s | Ray cluster start s | Ray first batch back s | "
+             "Ray run s (actors x threads) | Ray img/s | Ray / local throughput | Ray img/s incl. cluster start | "
+             "peak memory local MiB (PSS, processes) | peak memory Ray MiB (PSS, processes) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, ra, n = r["local"], r["ray"], r["n"]
+        lines.append(
+            f"| {n:,} | {r['repeats']} | {lo['seconds']:.1f} ({lo['workers']}x{lo['threads']}) | {n / lo['seconds']:.1f} | "
+            f"{ra['cluster_start_s']:.1f} | {ra['first_result_s']:.1f} | {ra['seconds']:.1f} ({ra['workers']}x{ra['threads']}) | "
+            f"{n / ra['seconds']:.1f} | {r['ray_vs_local']:.2f}x | {n / (ra['seconds'] + ra['cluster_start_s']):.1f} | "
+            f"{lo['peak_pss_mib']:.0f} ({lo['processes_at_peak']}) | {ra['peak_pss_mib']:.0f} ({ra['processes_at_peak']}) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed runs per measurement for N up to 2,000 (medians); larger N run once (default: 3)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--engine", choices=["local", "ray"], default="local",
+                    help="ray: the Ray engine against the local one instead (issue 14; needs counterlens[ray])")
     ap.add_argument("--_measure", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._measure:
         kind, data, model, n, *rest = args._measure
         if kind == "methods":
             result = measure_methods(Path(data), Path(model), int(n))
+        elif kind == "engine":
+            result = measure_engine(rest[1], Path(data), Path(model), int(n), Path(rest[0]))
         else:
             out, w, t = rest
             result = measure_pipeline(Path(data), Path(model), int(n), Path(out), int(w) or None, int(t) or None)
         print(json.dumps(result))
         return
     data, model = prepare(max(args.n))
+    if args.engine == "ray":
+        rows = [run_engines(data, model, n, args.repeats if n <= 2000 else 1) for n in args.n]
+        print(engine_table(rows))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"rows": rows, "cores": len(os.sched_getaffinity(0))}, indent=1))
+        return
     rows = [run_n(data, model, n, args.repeats if n <= 2000 else 1) for n in args.n]
     print(table(rows))
     if args.json:

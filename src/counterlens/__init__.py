@@ -11,8 +11,10 @@ from .errors import CounterlensError
 from .metrics.evaluate import evaluate
 from .metrics.shortcut import audit
 from .runs.store import open_run
+from .runs.worker import explain_cases, load_classifier, pack_model
 from .model import Classifier, Normalize, RepeatChannels
 
 __version__ = "0.1.0"
 __all__ = ["audit", "Classifier", "CounterfactualResult", "CounterlensError", "Normalize", "RepeatChannels", "TabularSchema", "counterfactual",
-           "evaluate", "explain", "open_run", "recourse_fairness", "tabular_counterfactual", "__version__"]
+           "evaluate", "explain", "explain_cases", "load_classifier", "open_run", "pack_model", "recourse_fairness",
+           "tabular_counterfactual", "__version__"]

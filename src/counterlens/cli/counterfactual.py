@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from ..errors import CounterlensError, InputError
 from .common import has_class_folders, load_classifier, print_summary, target_arg
+from .engine import engine_of, model_args
 from .tabular import tabular_counterfactual_cmd
 
 
 def counterfactual(args) -> int:
     """``--table``: the tabular search; else the image search of ``--data``."""
     if getattr(args, "table", None) is not None:
+        if getattr(args, "engine", "local") != "local":
+            raise InputError("--engine ray runs image folders (--data); counterfactuals of a table (--table) run on "
+                             "this machine: leave --engine out")
         return tabular_counterfactual_cmd(args)
     if args.data is None:
         raise CounterlensError("counterfactual: pass --data (images) or --table (a CSV table)")
@@ -21,6 +25,7 @@ def counterfactual_cmd(args) -> int:
     from ..data.images import ImageFolder
     from ..runs.dataset import counterfactual_folder
     from ..viz.report import write_report
+    engine = engine_of(args, model_args(args))
     clf = load_classifier(args)
     channels = 1 if (clf.in_channels or 1) == 1 else clf.in_channels
     dataset = ImageFolder(args.data, channels=channels,
@@ -57,7 +62,8 @@ def counterfactual_cmd(args) -> int:
     summary = counterfactual_folder(clf, dataset, args.out, target=target, params=params, settings=settings,
                                     train=train, images_per_batch=args.images_per_batch, workers=args.workers,
                                     threads=args.threads, progress=not args.quiet, model_source=str(args.model),
-                                    data_source=str(args.data), overwrite=args.overwrite, force=args.force)
+                                    data_source=str(args.data), overwrite=args.overwrite, force=args.force,
+                                    engine=engine)
     print_summary("counterfactuals for", summary, args.out)
     if not args.no_report:
         print(f"report: {write_report(args.out)}")

@@ -6,6 +6,7 @@ from pathlib import Path
 from ..errors import CounterlensError, InputError
 from ..metrics.evaluate import per_method
 from ..runs.evaluate import evaluate_run
+from .engine import engine_of
 
 
 def evaluate_cmd(args) -> int:
@@ -24,6 +25,12 @@ def evaluate_cmd(args) -> int:
     source = getattr(args, "model", None) or model.get("source")
     if not source or not Path(source).exists():
         raise InputError(f"the model of {run} ({source or 'not recorded'}) is not found; pass --model PATH")
+    if getattr(args, "engine", "local") == "local" and getattr(args, "workers", None) is not None:
+        raise InputError("--workers applies to --engine ray (locally, evaluate runs in this process)")
+    engine = engine_of(args, {"source": str(source), "factory": getattr(args, "factory", None),
+                              "trust_model_file": getattr(args, "trust_model_file", False),
+                              "classes": getattr(args, "classes", None) or model.get("classes"),
+                              "device": getattr(args, "device", "auto")})
     clf = load_model(source, factory=getattr(args, "factory", None),
                      trust_model_file=getattr(args, "trust_model_file", False), device=getattr(args, "device", "auto"),
                      classes=getattr(args, "classes", None) or model.get("classes"))
@@ -34,7 +41,8 @@ def evaluate_cmd(args) -> int:
                       batch_size=getattr(args, "batch_size", 64), seed=getattr(args, "seed", 0),
                       steps=getattr(args, "steps", 20), baseline=getattr(args, "baseline", "blur"),
                       sanity=sanity_images > 0, sanity_images=sanity_images,
-                      sanity_methods=getattr(args, "sanity_methods", None), progress=not getattr(args, "quiet", False))
+                      sanity_methods=getattr(args, "sanity_methods", None), progress=not getattr(args, "quiet", False),
+                      images_per_batch=getattr(args, "images_per_batch", 32), engine=engine)
     table = per_method(df).pivot(index="method", columns="metric", values="mean")
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
     for method, v in (df.attrs.get("sanity") or {}).items():

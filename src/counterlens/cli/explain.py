@@ -7,6 +7,7 @@ from ..errors import InputError
 from ..runs.dataset import explain_folder
 from ..runs.spec import resolved_methods
 from .common import has_class_folders, load_classifier, parse_params, print_summary, target_arg
+from .engine import engine_of, model_args
 
 
 def explain(args) -> int:
@@ -15,6 +16,7 @@ def explain(args) -> int:
     resolved_methods(methods, params, args.batch_size, args.seed)      # every argument checked before the model loads
     if not 0 <= args.clip_percentile < 50:
         raise InputError(f"--clip-percentile {args.clip_percentile}: pass a percentage in [0, 50), e.g. 0.5")
+    engine = engine_of(args, model_args(args))
     clf = load_classifier(args)
     dataset = ImageFolder(args.data, channels=1 if (clf.in_channels or 1) == 1 else clf.in_channels,
                           size=clf.input_size, classes=clf.classes if has_class_folders(args.data) else None,
@@ -23,7 +25,7 @@ def explain(args) -> int:
                              batch_size=args.batch_size, seed=args.seed, images_per_batch=args.images_per_batch,
                              workers=args.workers, threads=args.threads, progress=not args.quiet,
                              model_source=str(args.model), data_source=str(args.data), overwrite=args.overwrite, force=args.force,
-                             map_dtype=args.map_dtype)
+                             map_dtype=args.map_dtype, engine=engine)
     print_summary("explained", summary, args.out)
     if not args.no_report:
         from ..viz.report import write_report

@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from .common import batch_size_arg, comma_list, positive_int, share
+from .engine import add_engine_args
 
 DEFAULT_METHODS = "gradcam,integrated_gradients"
 
@@ -31,9 +32,12 @@ def _add_run_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--images-per-batch", type=positive_int, default=16,
                    help=f"images {what} together and written as one batch (default: 16)")
     p.add_argument("--workers", type=positive_int, default=None,
-                   help="processes that work on batches at once (default: one per CPU core on the CPU, 1 on a GPU)")
+                   help="processes that work on batches at once (default: one per CPU core on the CPU, 1 on a GPU); "
+                        "with --engine ray: actors (default: as many as the cluster holds)")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch threads per worker (default: the cores divided among the workers)")
+                   help="torch threads per worker (default: the cores divided among the workers; with --engine ray: "
+                        "--cpus-per-worker)")
+    add_engine_args(p)
     p.add_argument("--overwrite", action="store_true",
                    help="delete the results already in --out and start over (needed when settings differ; "
                         "without it a re-run resumes)")
@@ -220,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sanity-methods", type=comma_list,
                     help="methods for the randomisation test, comma-separated (default: every method of the run)")
     ev.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    ev.add_argument("--images-per-batch", type=positive_int, default=32,
+                    help="images scored together (with --engine ray: one task of an actor) (default: 32)")
+    add_engine_args(ev)
+    ev.add_argument("--workers", type=positive_int, default=None,
+                    help="--engine ray: actors (default: as many as the cluster holds)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sub.add_parser("methods", help="list the attribution methods with their defaults",

@@ -68,12 +68,16 @@ def explain_folder(clf, dataset, out, *, methods: list[str], params: dict | None
                    batch_size=64, seed: int = 0, images_per_batch: int = 16, workers: int | None = None,
                    threads: int | None = None, progress: bool = True, model_source: str = "",
                    data_source: str = "", overwrite: bool = False, force: bool = False,
-                   map_dtype: str = "float32") -> RunSummary:
+                   map_dtype: str = "float32", engine="local") -> RunSummary:
     """Explain every image of ``dataset`` (an ImageFolder) with ``methods`` into the run directory ``out``.
 
     Re-running the same call resumes (only batches not complete are done); a call with another
     model, data, target, methods or method parameters is refused unless ``overwrite``.
+    ``engine``: ``"local"`` (this machine: ``workers`` processes of ``threads`` threads) or
+    ``"ray"`` / a :class:`~counterlens.runs.engines.ray.RayEngine` (a Ray cluster; the same batches
+    and results).
     """
+    engine = _engine(engine, workers, threads)
     check_out(dataset, out)
     check_value_range(clf, dataset)
     resolved = resolved_methods(methods, params, batch_size, seed)
@@ -83,6 +87,9 @@ def explain_folder(clf, dataset, out, *, methods: list[str], params: dict | None
             "versions": package_versions()}
     prepare_run(out, spec, compare=EXPLAIN_KEYS, overwrite=overwrite, force=force)
     job = Job("explain", read=dataset.read_options, methods=resolved, target=target)
+    if engine != "local":
+        return engine.run(clf, cases_of(dataset), out, job, images_per_batch=images_per_batch, progress=progress,
+                          map_dtype=map_dtype)
     return run_local(clf, cases_of(dataset), out, job, images_per_batch=images_per_batch, workers=workers,
                      threads=threads, progress=progress, map_dtype=map_dtype)
 
@@ -90,11 +97,13 @@ def explain_folder(clf, dataset, out, *, methods: list[str], params: dict | None
 def counterfactual_folder(clf, dataset, out, *, target="other", params: dict | None = None, settings: dict | None = None,
                           train=None, images_per_batch: int = 16, workers: int | None = None,
                           threads: int | None = None, progress: bool = True, model_source: str = "",
-                          data_source: str = "", overwrite: bool = False, force: bool = False) -> RunSummary:
+                          data_source: str = "", overwrite: bool = False, force: bool = False,
+                          engine="local") -> RunSummary:
     """Counterfactuals for every image of ``dataset`` into ``out`` (which may hold an explain run
     of the same model and data). ``params`` go to :func:`counterlens.counterfactual.counterfactual`;
     ``settings``: how ``run.yaml`` describes what is not a plain value in ``params`` (prior,
-    training data, ...). Resumes like :func:`explain_folder`."""
+    training data, ...). Resumes like :func:`explain_folder`; ``engine`` as there."""
+    engine = _engine(engine, workers, threads)
     check_out(dataset, out)
     check_value_range(clf, dataset)
     plain = {k: v for k, v in (params or {}).items() if isinstance(v, (int, float, str, bool, type(None)))}
@@ -103,5 +112,16 @@ def counterfactual_folder(clf, dataset, out, *, target="other", params: dict | N
             "device": str(clf.device), "versions": package_versions()}
     prepare_run(out, spec, compare=COUNTERFACTUAL_KEYS, section="counterfactual", overwrite=overwrite, force=force)
     job = Job("counterfactual", read=dataset.read_options, target=target, params=params, train=train)
+    if engine != "local":
+        return engine.run(clf, cases_of(dataset), out, job, images_per_batch=images_per_batch, progress=progress)
     return run_local(clf, cases_of(dataset), out, job, images_per_batch=images_per_batch, workers=workers,
                      threads=threads, progress=progress)
+
+
+def _engine(engine, workers, threads):
+    """``"local"``, or the Ray engine with ``workers`` / ``threads`` where it leaves them out
+    (checked, and Ray imported, before anything is written)."""
+    if isinstance(engine, str) and engine == "local":
+        return engine
+    from .engines.ray import as_ray_engine
+    return as_ray_engine(engine, workers, threads)

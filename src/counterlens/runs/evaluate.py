@@ -8,6 +8,7 @@ through :func:`~counterlens.runs.store.open_run`, scores each method's maps with
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +52,60 @@ def _case_arrays(run, paths: list[str], mask_files: dict | None):
     return out
 
 
+@dataclass
+class ScorePlan:
+    """What scoring a batch of a run's cases needs, picklable (an engine sends it to its workers)."""
+
+    names: list[str]                      #: metrics
+    needs_masks: bool
+    options: Options
+    params: dict                          #: the run's methods and their parameters
+    targets: dict                         #: ``{(path, method): class the map explains}``
+    by_case: dict                         #: ``{path: [method, ...]}``
+    mask_files: dict | None               #: ``{path: mask file}`` (``--masks``), or None: the run's masks
+
+
+def score_paths(clf, run, paths: list[str], plan: ScorePlan) -> tuple[list[tuple], dict]:
+    """The metric rows ``(path, method, metric, value)`` of the cases ``paths`` of ``run`` and
+    their curves ``{method: {kind: [Curve]}}``, images of one shape and one method at a time."""
+    cases = _case_arrays(run, paths, plan.mask_files)
+    rows, parts = [], {}
+    for shape in dict.fromkeys(c[1].shape for c in cases):
+        group = [c for c in cases if c[1].shape == shape]
+        for method in dict.fromkeys(m for c in group for m in plan.by_case[c[0]]):
+            have = [c for c in group if method in plan.by_case[c[0]]]
+            masks = (np.stack([c[2] if c[2] is not None else np.zeros(shape[1:], bool) for c in have])
+                     if plan.needs_masks else None)
+            values, curves = score_arrays(
+                clf, np.stack([c[1] for c in have]), np.stack([run.map(c[0], method) for c in have]),
+                np.array([plan.targets[(c[0], method)] for c in have]), masks, plan.names, plan.options, method,
+                plan.params.get(method), keys=[c[0] for c in have])
+            for kind, curve in curves.items():
+                parts.setdefault(method, {}).setdefault(kind, []).append(curve)
+            rows += [(c[0], method, metric, float(v[j])) for metric, v in values.items() for j, c in enumerate(have)]
+    return rows, parts
+
+
+@dataclass
+class _ScoreBatch:
+    """An engine's work per batch of paths: score them and write the rows into this process's shard."""
+
+    run_dir: str
+    plan: ScorePlan
+    _state: dict = field(default_factory=dict, repr=False)
+
+    def __call__(self, clf, paths: list[str]) -> tuple[list[tuple], dict]:
+        if not self._state:
+            self._state.update(run=open_run(self.run_dir), writer=ShardWriter(self.run_dir))
+        rows, parts = score_paths(clf, self._state["run"], paths, self.plan)
+        self._state["writer"].write_metrics(rows)
+        return rows, parts
+
+
 def evaluate_run(run_dir, clf, masks_dir=None, metrics=None, *, batch_size: int = 64, seed: int = 0,
                  steps: int = 20, baseline="blur", n_subsets: int = 32, images_per_batch: int = 32,
                  sanity: bool = True, sanity_images: int = 8, sanity_methods=None,
-                 progress: bool = False) -> pd.DataFrame:
+                 progress: bool = False, engine="local") -> pd.DataFrame:
     """Score the maps stored in a run directory and write the results next to them.
 
     ``clf`` is the run's model (faithfulness and sanity evaluate it). Masks come from ``masks_dir``
@@ -66,10 +117,17 @@ def evaluate_run(run_dir, clf, masks_dir=None, metrics=None, *, batch_size: int 
     method) and, with ``sanity``, ``sanity.json`` (cascading randomisation on the first
     ``sanity_images`` images for the methods in ``sanity_methods``, None: all).
 
+    ``engine``: ``"local"`` (this process) or ``"ray"`` / a :class:`~counterlens.runs.engines.ray.
+    RayEngine` (batches of ``images_per_batch`` cases scored by Ray actors, which write the metric
+    rows into their own shards; the same rows as locally). The sanity check runs here.
+
     Returns the long DataFrame (``attrs["curves"]``, ``attrs["sanity"]``).
     """
     from tqdm.auto import tqdm
 
+    if engine != "local":
+        from .engines.ray import as_ray_engine
+        engine = as_ray_engine(engine)
     run = open_run(run_dir)
     params = run.spec.get("methods") or {}
     done = run.cases[run.cases.status == "done"]
@@ -81,34 +139,32 @@ def evaluate_run(run_dir, clf, masks_dir=None, metrics=None, *, batch_size: int 
     mask_files = _mask_files(masks_dir, run)
     has_masks = mask_files is not None or bool(run.table("cases")["has_mask"].any())
     names = resolve_metrics(metrics, has_masks)
-    needs_masks = any(METRICS[n].needs_masks for n in names)
-    opts = Options(steps, baseline, n_subsets, batch_size, seed)
     targets = {(p, m): int(t) for p, m, t in zip(att.path, att.method, att.target)}
     by_case: dict[str, list[str]] = {}
     for p, m in zip(att.path, att.method):
         by_case.setdefault(p, []).append(m)
+    plan = ScorePlan(names, any(METRICS[n].needs_masks for n in names),
+                     Options(steps, baseline, n_subsets, batch_size, seed), params, targets, by_case, mask_files)
     paths = [p for p in done.path if p in by_case]
+    batches = [paths[start:start + images_per_batch] for start in range(0, len(paths), images_per_batch)]
+    scored: list = [None] * len(batches)          # in batch order, whichever engine finishes which first
+    if engine == "local":
+        with ShardWriter(run_dir) as writer:
+            for i, batch in enumerate(tqdm(batches, desc="evaluating", disable=not progress)):
+                scored[i] = score_paths(clf, run, batch, plan)
+                writer.write_metrics(scored[i][0])
+    else:
+        with tqdm(total=len(paths), desc="evaluating (ray)", unit="img", disable=not progress) as bar:
+            def keep(i, result):
+                scored[i] = result
+                bar.update(len(batches[i]))
+            engine.map(clf, batches, _ScoreBatch(str(Path(run_dir).resolve()), plan), keep)
     records, parts = [], {}
-    with ShardWriter(run_dir) as writer:
-        for start in tqdm(range(0, len(paths), images_per_batch), desc="evaluating", disable=not progress):
-            cases = _case_arrays(run, paths[start:start + images_per_batch], mask_files)
-            rows = []
-            for shape in dict.fromkeys(c[1].shape for c in cases):
-                group = [c for c in cases if c[1].shape == shape]
-                for method in dict.fromkeys(m for c in group for m in by_case[c[0]]):
-                    have = [c for c in group if method in by_case[c[0]]]
-                    masks = (np.stack([c[2] if c[2] is not None else np.zeros(shape[1:], bool) for c in have])
-                             if needs_masks else None)
-                    values, curves = score_arrays(
-                        clf, np.stack([c[1] for c in have]), np.stack([run.map(c[0], method) for c in have]),
-                        np.array([targets[(c[0], method)] for c in have]), masks, names, opts, method,
-                        params.get(method), keys=[c[0] for c in have])
-                    for kind, curve in curves.items():
-                        parts.setdefault(method, {}).setdefault(kind, []).append(curve)
-                    rows += [(c[0], method, metric, float(v[j])) for metric, v in values.items()
-                             for j, c in enumerate(have)]
-            writer.write_metrics(rows)
-            records += rows
+    for rows, curves in scored:
+        records += rows
+        for method, kinds in curves.items():
+            for kind, found in kinds.items():
+                parts.setdefault(method, {}).setdefault(kind, []).extend(found)
     sanity_out = _run_sanity(run, paths, clf, params, batch_size, seed, sanity_images,
                              sanity_methods) if sanity else None
     df = _run_table(records, targets, run, clf.classes or run.classes)

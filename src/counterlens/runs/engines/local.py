@@ -96,18 +96,27 @@ def batch_key(cases: list[Case]) -> str:
     return hashlib.sha1("\n".join(c.id for c in cases).encode("utf-8")).hexdigest()[:20]
 
 
+def pending_batches(cases: list[Case], images_per_batch: int,
+                    done: set[str]) -> tuple[list[tuple[str, list[Case]]], int]:
+    """``([(batch key, cases not done yet)], cases skipped)``: ``cases`` cut into fixed batches of
+    ``images_per_batch`` consecutive cases, each batch keyed by all its cases (so a batch and its
+    key are the same on every run and in every engine), with the cases in ``done`` left out (a
+    batch killed mid-way: all of it; otherwise its failed files) and empty batches dropped."""
+    if isinstance(images_per_batch, bool) or not isinstance(images_per_batch, int) or images_per_batch < 1:
+        raise InputError(f"images_per_batch={images_per_batch!r}: give a positive number of images")
+    batches = [cases[i:i + images_per_batch] for i in range(0, len(cases), images_per_batch)]
+    left = [[c for c in b if c.id not in done] for b in batches]
+    todo = [(batch_key(b), b) for b in left if b]
+    return todo, len(cases) - sum(len(b) for _, b in todo)
+
+
 def run_local(clf, cases: list[Case], root, job: Job, *, images_per_batch: int = 16, workers: int | None = None,
               threads: int | None = None, progress: bool = True, map_dtype: str = "float32") -> RunSummary:
     """Run ``job`` over ``cases`` into the run directory ``root`` (prepared by
     :func:`~counterlens.runs.store.prepare_run`); resumes what is there."""
-    if isinstance(images_per_batch, bool) or not isinstance(images_per_batch, int) or images_per_batch < 1:
-        raise InputError(f"images_per_batch={images_per_batch!r}: give a positive number of images")
+    pending_batches([], images_per_batch, set())           # the argument checked before the index is read
     start, listed = time.perf_counter(), time.time()
-    done = job.done(open_run(root))
-    batches = [cases[i:i + images_per_batch] for i in range(0, len(cases), images_per_batch)]
-    left = [[c for c in b if c.id not in done] for b in batches]   # a killed batch: all of it; else failed files
-    todo = [(batch_key(b), b) for b in left if b]
-    skipped = len(cases) - sum(len(b) for _, b in todo)
+    todo, skipped = pending_batches(cases, images_per_batch, job.done(open_run(root)))
     workers, threads = plan_parallelism(clf.device, len(todo), workers, threads)
     bar = tqdm(total=len(cases), initial=skipped, desc=job.stage.replace("counterfactual", "counterfactuals")
                .replace("explain", "explaining"), unit="img", disable=not progress)
