@@ -24,7 +24,8 @@ the Ray engine on a cluster started in the measuring process with this machine's
 images per second; for Ray also the cluster's start-up (``ray.init``) and the time to the first
 batch back (actors started, model loaded); and peak memory as PSS summed over every process of the
 run (driver, forked workers or Ray's processes and actors; shared pages counted once), sampled
-every 0.5 s.
+every 0.5 s. ``--device cuda`` measures one actor per GPU against the local engine's one worker on
+the GPU.
 
     .venv/bin/python benchmarks/scale.py --engine ray --n 2000 --json benchmarks/results/scale-ray-cpu.json
 """
@@ -241,15 +242,19 @@ class _TreeMemory:
         return {"peak_pss_mib": self.peak, "processes_at_peak": self.peak_processes}
 
 
-def measure_engine(engine: str, data: Path, model: Path, n: int, out: Path) -> dict:
+def measure_engine(engine: str, data: Path, model: Path, n: int, out: Path, device: str = "cpu") -> dict:
     """One explain run of N images with ``engine``: ``local`` (the auto workers x threads) or
-    ``ray`` (a cluster of this machine's cores started here, one 1-CPU actor per core)."""
+    ``ray`` (a cluster of this machine's cores started here, one 1-CPU actor per core; with
+    ``device`` cuda, one actor per GPU, against the local engine's one worker on the GPU)."""
     import logging
 
+    from counterlens.data.images import ImageFolder
+    from counterlens.loading import load_model
     from counterlens.runs.dataset import explain_folder
     memory = _TreeMemory(os.getpid())
-    clf, ds = _folder(data, model, n)
-    row, run_engine = {"engine": engine}, "local"
+    clf = load_model(model, device=device)
+    ds = ImageFolder(data / "Testing", channels=1, size=64, classes=clf.classes, limit=n)
+    row, run_engine = {"engine": engine, "device": device}, "local"
     if engine == "ray":
         import ray
 
@@ -258,7 +263,7 @@ def measure_engine(engine: str, data: Path, model: Path, n: int, out: Path) -> d
         ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, logging_level=logging.ERROR,
                  log_to_driver=False)
         row["cluster_start_s"] = time.perf_counter() - t0
-        run_engine = RayEngine(model={"source": str(model), "device": "cpu"})
+        run_engine = RayEngine(model={"source": str(model), "device": device})
     t0 = time.perf_counter()
     s = explain_folder(clf, ds, out, methods=METHODS, params=PARAMS, progress=False, model_source=str(model),
                        data_source=str(data / "Testing"), engine=run_engine)
@@ -270,14 +275,14 @@ def measure_engine(engine: str, data: Path, model: Path, n: int, out: Path) -> d
     return {**row, **memory.stop(), **_peak()}
 
 
-def run_engines(data: Path, model: Path, n: int, repeats: int) -> dict:
+def run_engines(data: Path, model: Path, n: int, repeats: int, device: str = "cpu") -> dict:
     import shutil
     runs = {"local": [], "ray": []}
     for _ in range(repeats):
         for engine in runs:                       # alternately, so a slow spell of the machine hits both
             out = WORK / f"run-{n}-engine-{engine}"
             shutil.rmtree(out, ignore_errors=True)
-            runs[engine].append(_in_process("engine", data, model, n, out, engine))
+            runs[engine].append(_in_process("engine", data, model, n, out, engine, device))
             print(f"N={n}: {engine} {runs[engine][-1]['seconds']:.1f} s", flush=True)
     row = {"n": n, "repeats": repeats, **{engine: _median_of(r) for engine, r in runs.items()}}
     row["ray_vs_local"] = row["local"]["seconds"] / row["ray"]["seconds"]
@@ -307,6 +312,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--engine", choices=["local", "ray"], default="local",
                     help="ray: the Ray engine against the local one instead (issue 14; needs counterlens[ray])")
+    ap.add_argument("--device", default="cpu",
+                    help="--engine ray: cpu (one 1-CPU actor per core), or cuda (one actor per GPU) (default: cpu)")
     ap.add_argument("--_measure", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._measure:
@@ -314,7 +321,7 @@ def main() -> None:
         if kind == "methods":
             result = measure_methods(Path(data), Path(model), int(n))
         elif kind == "engine":
-            result = measure_engine(rest[1], Path(data), Path(model), int(n), Path(rest[0]))
+            result = measure_engine(rest[1], Path(data), Path(model), int(n), Path(rest[0]), *rest[2:])
         else:
             out, w, t = rest
             result = measure_pipeline(Path(data), Path(model), int(n), Path(out), int(w) or None, int(t) or None)
@@ -322,7 +329,7 @@ def main() -> None:
         return
     data, model = prepare(max(args.n))
     if args.engine == "ray":
-        rows = [run_engines(data, model, n, args.repeats if n <= 2000 else 1) for n in args.n]
+        rows = [run_engines(data, model, n, args.repeats if n <= 2000 else 1, args.device) for n in args.n]
         print(engine_table(rows))
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)

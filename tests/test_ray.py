@@ -272,3 +272,28 @@ def test_the_readme_ray_data_example_runs(cluster, model, tmp_path):
             stored = np.asarray(table.loc[case, f"map.{method}"], np.float32)
             assert stored.shape == (SIZE, SIZE)
             np.testing.assert_allclose(stored, direct[method][j].numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_classifier_made_in_python_runs_on_ray_as_locally(cluster, data, tmp_path):
+    """The library call with an in-memory classifier (no model file): the driver pickles it to the
+    actors; the maps equal the local engine's."""
+    import counterlens as cl
+    from counterlens.data.images import ImageFolder
+    from counterlens.models import build_model
+    from counterlens.runs.dataset import explain_folder
+    from counterlens.runs.engines.ray import RayEngine
+    torch.manual_seed(1)
+    clf = cl.Classifier(build_model("brain-tumor-cnn", num_classes=2, input_size=[SIZE, SIZE], width=0.25),
+                        classes=["a", "b"], device="cpu", input_size=(SIZE, SIZE))
+    ds = ImageFolder(data, channels=1, size=SIZE, classes=clf.classes, limit=8)
+    kw = dict(methods=["gradcam", "smoothgrad"], params={"smoothgrad": {"samples": 4}}, images_per_batch=4,
+              progress=False)
+    explain_folder(clf, ds, tmp_path / "local", workers=1, threads=1, **kw)
+    summary = explain_folder(clf, ds, tmp_path / "ray", engine=RayEngine(workers=1), **kw)
+    assert (summary.done, summary.workers, summary.threads) == (8, 1, 1) and summary.first_result > 0
+    run, reference = open_run(tmp_path / "ray"), open_run(tmp_path / "local")
+    assert sorted(run.cases.path) == sorted(reference.cases.path)
+    for path in reference.cases.path:
+        for method in ("gradcam", "smoothgrad"):
+            assert np.array_equal(run.map(path, method), reference.map(path, method)), (path, method)
