@@ -297,3 +297,33 @@ def test_a_classifier_made_in_python_runs_on_ray_as_locally(cluster, data, tmp_p
     for path in reference.cases.path:
         for method in ("gradcam", "smoothgrad"):
             assert np.array_equal(run.map(path, method), reference.map(path, method)), (path, method)
+
+
+@pytest.mark.slow
+def test_an_error_in_a_worker_ends_the_run_as_that_error(cluster, tmp_path):
+    """Ours (and a model the actor may not load) as itself, for the command's one line; anything
+    else as RunFailedError with the worker's traceback behind it; nothing retried in vain."""
+    import counterlens as cl
+    from counterlens.errors import InputError, RunFailedError, UntrustedModelError
+    from counterlens.models import build_model
+    from counterlens.runs.engines.ray import RayEngine
+    ns = {"__name__": "failing_work"}                 # a module the actors cannot import: pickled by value
+    exec("from counterlens.errors import InputError\n"
+         "def work(clf, payload):\n"
+         "    if payload == 2:\n"
+         "        raise InputError('case 2: pass another thing')\n"
+         "    return payload\n"
+         "def bug(clf, payload):\n"
+         "    return 1 / 0\n", ns)
+    net = build_model("brain-tumor-cnn", num_classes=2, input_size=[SIZE, SIZE], width=0.25)
+    clf = cl.Classifier(net, device="cpu")
+    seen = []
+    with pytest.raises(InputError, match="^case 2: pass another thing$"):
+        RayEngine(workers=1).map(clf, [0, 1, 2, 3], ns["work"], lambda i, r: seen.append(r))
+    assert 2 not in seen
+    with pytest.raises(RunFailedError, match=r"a Ray worker failed \(ZeroDivisionError: division by zero\)") as info:
+        RayEngine(workers=1).map(clf, [0], ns["bug"], lambda i, r: None)
+    assert "in bug\nZeroDivisionError" in str(info.value.__cause__)          # where, in the worker
+    torch.save(net, tmp_path / "pickled.pt")                 # a full pickle: refused in the actor without trust
+    with pytest.raises(UntrustedModelError, match="trust"):
+        RayEngine(workers=1, model={"source": str(tmp_path / "pickled.pt")}).map(clf, [0], ns["work"], lambda i, r: None)

@@ -28,20 +28,20 @@ import logging
 import math
 import os
 import pickle
+import sqlite3
 import time
 import uuid
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from ...errors import CounterlensError, InputError, RunFailedError
-from .. import pipeline
-from ..store import Claims, ShardWriter, open_run
+from ..store import open_run
 from .local import Job, RunSummary, pending_batches
+from .ray_actor import Actor, RunBatch
 
 RAY_REQUIREMENT = "ray[data]>=2.40,<3"
 RAY_MISSING = (f"--engine ray needs Ray, which is not installed: pip install 'counterlens[ray]' "
@@ -126,7 +126,7 @@ class RayEngine:
             tally["failures"] += failures[:max(0, 50 - len(tally["failures"]))]
             bar.update(result["done"] + len(failures) + result["others"])
 
-        work = _RunBatch(str(Path(root).resolve()), job, map_dtype, listed, uuid.uuid4().hex)
+        work = RunBatch(str(Path(root).resolve()), job, map_dtype, listed, uuid.uuid4().hex)
         try:
             used = (self.map(clf, todo, work, report) if todo else
                     {"workers": 0, "threads": 0, "startup": 0.0, "first_result": 0.0})
@@ -159,16 +159,20 @@ class RayEngine:
                 options["num_gpus"] = gpus
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)   # Ray's named retry arguments, while it takes them
-                ds = ds.map_batches(_Actor, **options, **_retries(ds.map_batches))
-            first = None
+                ds = ds.map_batches(Actor, **options, **_retries(ds.map_batches))
+            first, failed = None, None
             try:
                 for row in ds.iter_rows():
                     first = first or time.perf_counter() - t0 - startup
-                    on_result(int(row["index"]), pickle.loads(row["result"]))
-            except CounterlensError:
-                raise
-            except Exception as exc:                     # noqa: BLE001 - a worker's error, as the error it was
+                    result = pickle.loads(row["result"])
+                    if "error" in result:                # stop at the first: the other actors stop with the dataset
+                        failed = result
+                        break
+                    on_result(int(row["index"]), result["value"])
+            except Exception as exc:                     # noqa: BLE001 - Ray's own failures
                 raise _worker_error(exc) from None
+            if failed is not None:
+                raise _raised_in_worker(failed)
         return {"workers": workers, "threads": threads, "startup": startup, "first_result": first or 0.0}
 
     # -- the cluster ----------------------------------------------------------------------------------
@@ -277,9 +281,25 @@ def _quiet_ray_data() -> None:
                 handler.addFilter(_not_about_our_settings)
 
 
+class WorkerTraceback(Exception):
+    """Where an unexpected error was raised in a worker (its traceback, as text)."""
+
+
+def _raised_in_worker(failed: dict) -> BaseException:
+    """What an actor caught (see :class:`~counterlens.runs.engines.ray_actor.Actor`): our errors and the system's as themselves (the
+    command says them in one line), anything else as a RunFailedError naming it."""
+    if failed["error"] is not None:
+        return failed["error"]
+    err = RunFailedError(f"a Ray worker failed ({failed['text']}); results written so far are kept, re-run to resume "
+                         "(--debug shows where)")
+    err.__cause__ = WorkerTraceback(failed["traceback"])
+    return err
+
+
 def _worker_error(exc: BaseException) -> BaseException:
-    """The error a worker raised (ours or the system's, for its one line), else a RunFailedError."""
-    seen, stack = set(), [exc]
+    """An error of Ray's (a worker lost for good, the cluster gone): the error inside it when it is
+    ours or the system's, else a RunFailedError naming it."""
+    seen, stack, innermost = set(), [exc], exc
     while stack:
         e = stack.pop()
         if id(e) in seen:
@@ -288,96 +308,12 @@ def _worker_error(exc: BaseException) -> BaseException:
         cause = getattr(e, "cause", None)
         if isinstance(cause, BaseException):          # RayTaskError: the exception raised in the worker
             stack.append(cause)
+            innermost = cause
             continue
-        if isinstance(e, (CounterlensError, OSError, MemoryError)) and not type(e).__module__.startswith("ray"):
+        if isinstance(e, (CounterlensError, OSError, MemoryError, sqlite3.Error)) \
+                and not type(e).__module__.startswith("ray"):
             return e
         stack += [n for n in (e.__cause__, e.__context__) if isinstance(n, BaseException)]
-    first = str(exc).strip().splitlines()
-    return RunFailedError(f"a Ray worker failed ({type(exc).__name__}: {first[0] if first else ''}); results written "
-                          "so far are kept, re-run to resume")
-
-
-# -- what runs in the actors ------------------------------------------------------------------------------
-def _on_device(clf, device: str):
-    """A pickled classifier moved to this actor's device."""
-    import torch
-    dev = torch.device(device)
-    if clf.device != dev:
-        clf.device = dev
-        for part in (clf.module, clf.preprocess):
-            if isinstance(part, torch.nn.Module):
-                part.to(dev)
-    return clf
-
-
-class _Actor:
-    """One actor of the pool: the classifier built once, then ``work(clf, payload)`` per descriptor."""
-
-    def __init__(self, model: dict, work, threads: int, device: str, cwd: str):
-        import torch
-        torch.set_num_threads(threads)
-        if cwd and os.path.isdir(cwd):             # relative data paths mean what they meant to the driver
-            os.chdir(cwd)
-        if "classifier" in model:
-            self.clf = _on_device(model["classifier"], device)
-        else:
-            from ..worker import load_classifier
-            self.clf = load_classifier(model["bytes"], device=device, sha256=model["sha256"], **model["kwargs"])
-        self.work = work
-
-    def __call__(self, batch: dict) -> dict:
-        results = [pickle.dumps(self.work(self.clf, pickle.loads(p)), protocol=5) for p in batch["payload"]]
-        return {"index": np.asarray(batch["index"]), "result": np.array(results, dtype=object)}
-
-
-class _JobClaims(Claims):
-    """Claims of one Ray run: a claim held by another actor of the same run is stale (Ray gives a
-    batch to one actor at a time and again only when that one failed: its actor died)."""
-
-    def __init__(self, root, stage: str, *, since: float, token: str):
-        super().__init__(root, stage, since=since)
-        self.me = {**self.me, "job": token}
-
-    def stale(self, key: str) -> bool:
-        holder = self._holder(key)
-        if holder and not holder.get("done") and holder.get("job") == self.me["job"]:
-            return True
-        return super().stale(key)
-
-
-@dataclass
-class _RunBatch:
-    """The work of an explain or counterfactual run, per batch: claim, read, compute, write, mark done."""
-
-    root: str
-    job: Job
-    map_dtype: str
-    listed: float
-    token: str
-    _state: dict = field(default_factory=dict, repr=False)
-
-    def __call__(self, clf, payload) -> dict:
-        key, cases = payload
-        if not self._state:
-            self._state.update(writer=ShardWriter(self.root, map_dtype=self.map_dtype),
-                               claims=_JobClaims(self.root, self.job.stage, since=self.listed, token=self.token),
-                               job=_job_on(self.job, clf.device))
-        writer, claims, job = self._state["writer"], self._state["claims"], self._state["job"]
-        while not claims.claim(key):
-            if claims.is_done(key):              # another command on the same run did it
-                return {"done": 0, "failures": [], "others": len(cases)}
-            time.sleep(0.2)
-        results = job.run(clf, pipeline.read_batch(cases, job.read))
-        writer.write(results)
-        claims.mark_done(key)
-        return {"done": sum(r.status == "done" for r in results), "others": 0,
-                "failures": [(r.case.id, r.error) for r in results if r.status != "done"]}
-
-
-def _job_on(job: Job, device) -> Job:
-    """The job with its tensors and modules (a counterfactual's prior, prototypes) on ``device``."""
-    import torch
-    if not job.params or torch.device(device).type == "cpu":
-        return job
-    params = {k: v.to(device) if isinstance(v, (torch.Tensor, torch.nn.Module)) else v for k, v in job.params.items()}
-    return replace(job, params=params)
+    said = [line for line in str(innermost).splitlines() if line.strip()]
+    return RunFailedError(f"a Ray worker failed ({type(innermost).__name__}: {said[0].strip() if said else ''}); "
+                          "results written so far are kept, re-run to resume (--debug shows where)")
