@@ -264,3 +264,25 @@ def test_values_outside_the_models_range_warn(tmp_path):
     with pytest.warns(UserWarning, match=r"outside the range the model takes \(0..1"):
         explain_folder(clf, ImageFolder(tmp_path / "ct", channels=1, size=48), tmp_path / "run",
                        methods=["saliency"], progress=False)
+
+
+def test_counterfactual_stage_keeps_the_cases_ground_truth_mask(tmp_path):
+    """Counterfactuals into an explain run's folder write the cases again (without the ground-truth
+    mask, or with an editable one): the case as the explain stage read it must stay the case."""
+    from conftest import TinyCNN
+    from counterlens.runs.dataset import counterfactual_folder
+    data = make_images(tmp_path / "data", n_per_class=3, size=32, masks=True)
+    torch.manual_seed(0)
+    clf = cl.Classifier(TinyCNN(n_classes=2), classes=["a", "b"], device="cpu", input_size=(32, 32),
+                        value_range=(0, 1))
+    with_masks = ImageFolder(data, channels=1, size=32, classes=clf.classes, masks=tmp_path / "masks")
+    explain_folder(clf, with_masks, tmp_path / "run", methods=["gradcam"], progress=False)
+    before = cl.open_run(tmp_path / "run")
+    truth = {p: before.mask(p) for p in before.cases["path"]}
+    assert all(m is not None and m.any() for m in truth.values())
+    counterfactual_folder(clf, ImageFolder(data, channels=1, size=32, classes=clf.classes), tmp_path / "run",
+                          params={"steps": 5}, progress=False)
+    after = cl.open_run(tmp_path / "run")
+    assert len(after.counterfactuals) == len(truth)
+    for path, mask in truth.items():
+        assert np.array_equal(after.mask(path), mask), path
