@@ -146,3 +146,28 @@ class Box:
         x0 = self.x0 if idx is None else self.x0[idx]
         hit = self.col_feat[None, :] == features[:, None]
         return torch.where(hit, x0, x)
+
+
+class Neighbours:
+    """Plausibility: a row of class ``t`` is plausible when at least ``share`` of its ``n`` nearest
+    reference rows (MAD-L1 distance, as :func:`counterlens.metrics.tabular.ynn` measures it) are
+    put in class ``t`` by the model (``ref_class``)."""
+
+    def __init__(self, reference: Tensor, ref_class: Tensor, unit: Tensor, n: int, share: float,
+                 chunk: int = 2 ** 24):
+        self.unit, self.n, self.share = unit, int(n), float(share)
+        self.raw, self.ref = reference, reference * unit
+        self.ref_class = ref_class
+        self.chunk = max(1, chunk // max(1, self.ref.shape[0]))     # rows per distance matrix
+
+    def fraction(self, x: Tensor, cls: Tensor) -> Tensor:
+        """``[R]`` share of each row's ``n`` nearest reference rows in class ``cls [R]``."""
+        out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+        for a in range(0, x.shape[0], self.chunk):
+            d = torch.cdist(x[a:a + self.chunk] * self.unit, self.ref, p=1)
+            idx = d.topk(self.n, dim=1, largest=False).indices
+            out[a:a + self.chunk] = (self.ref_class[idx] == cls[a:a + self.chunk, None]).to(x.dtype).mean(dim=1)
+        return out
+
+    def __call__(self, x: Tensor, cls: Tensor) -> Tensor:
+        return self.fraction(x, cls) >= self.share - 1e-9

@@ -21,37 +21,12 @@ import math
 import torch
 from torch import Tensor
 
-from .tabular_box import Box
+from .tabular_box import Box, Neighbours  # noqa: F401  (Neighbours re-exported)
 from .tabular_refine import REACH_FACTORS, check, repair, shrink, sparsify
 from .tabular_search import Goal
 
 SHRINK_POINTS = 4   # grid per bisection round when pulling plausible changes back
 SHRINK_LEVELS = 1   # rounds (precision 1/5 of each change: every trial costs a neighbour search)
-
-
-class Neighbours:
-    """Plausibility: a row of class ``t`` is plausible when at least ``share`` of its ``n`` nearest
-    reference rows (MAD-L1 distance, as :func:`counterlens.metrics.tabular.ynn` measures it) are
-    put in class ``t`` by the model (``ref_class``)."""
-
-    def __init__(self, reference: Tensor, ref_class: Tensor, unit: Tensor, n: int, share: float,
-                 chunk: int = 2 ** 24):
-        self.unit, self.n, self.share = unit, int(n), float(share)
-        self.raw, self.ref = reference, reference * unit
-        self.ref_class = ref_class
-        self.chunk = max(1, chunk // max(1, self.ref.shape[0]))     # rows per distance matrix
-
-    def fraction(self, x: Tensor, cls: Tensor) -> Tensor:
-        """``[R]`` share of each row's ``n`` nearest reference rows in class ``cls [R]``."""
-        out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
-        for a in range(0, x.shape[0], self.chunk):
-            d = torch.cdist(x[a:a + self.chunk] * self.unit, self.ref, p=1)
-            idx = d.topk(self.n, dim=1, largest=False).indices
-            out[a:a + self.chunk] = (self.ref_class[idx] == cls[a:a + self.chunk, None]).to(x.dtype).mean(dim=1)
-        return out
-
-    def __call__(self, x: Tensor, cls: Tensor) -> Tensor:
-        return self.fraction(x, cls) >= self.share - 1e-9
 
 
 def reach(probs_fn, box: Box, goal: Goal, cand: Tensor, valid: Tensor, sparse: bool = True):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +32,7 @@ from torch import Tensor
 
 from ..attribution.noise import counter_normal
 from ..data.tabular import TabularSchema
-from .tabular_box import Box
-
-if TYPE_CHECKING:
-    from .tabular_plausible import Neighbours
+from .tabular_box import Box, Neighbours
 
 MARGIN = 1e-3        # the hinge aims this far past the boundary (logit units)
 RECORD_MARGIN = 5e-4
