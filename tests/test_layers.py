@@ -24,7 +24,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "counterlens"
 # subpackage of counterlens missing here fails the test: place it.
 LAYERS = [
     {"errors"},
-    {"model", "models", "cards", "loading"},       # the wrapped model; architectures, model cards, loading
+    {"model", "heads", "models", "cards", "loading"},  # the wrapped model, its output head; architectures, cards, loading
     {"data", "attribution", "training"},          # training fits a model on data
     {"metrics", "counterfactual"},
     {"runs"},                                     # the application layer

@@ -8,12 +8,14 @@ the user sees.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .errors import InputError
+from .heads import Capture, activation_modules, check_output, head_scores, probabilities, resolve_head
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -129,6 +131,20 @@ class Classifier:
     logits_output : int or str, optional
         Which element of a model's tuple, list or dict output holds the logits (a tuple output
         is refused without it, rather than guessed).
+    output : "auto" (default), "logits", "probabilities", "sigmoid" or "multilabel"
+        What the module's output is (see :mod:`counterlens.heads`). Every method differentiates
+        the *scores* :meth:`logits` returns: the module's logits; for a softmax-ended module the
+        pre-softmax logits (a final softmax is stripped, else log-probabilities; never softmaxed
+        twice); for one sigmoid output the logit ``z`` as the two classes ``[-z/2, z/2]``
+        (``"not X"`` / ``"X"``); for ``"multilabel"`` (one sigmoid per finding) the ``K`` per-finding
+        logits. ``"auto"`` detects a final ``nn.Softmax`` / ``nn.LogSoftmax`` / ``nn.Sigmoid`` module
+        or softmax / sigmoid call on the first forward pass; :attr:`output` is the resolved head.
+    precision : None, "bf16" or "fp16"
+        None (default): the module runs in its own dtype (a ``module.to(torch.bfloat16)`` model in
+        bfloat16). ``"bf16"`` / ``"fp16"``: the module runs under ``torch.autocast`` in that dtype
+        (on the CPU prefer ``"bf16"``: fp16 autocast runs there but is not faster). Either way the
+        input is cast to the module's dtype where it enters the module and the logits come back as
+        float32, so every method's maths, baselines, masks and thresholds stay float32.
 
     Calls run the module in eval mode (dropout off, BatchNorm running statistics) and give it
     back its own mode afterwards. ``logits`` keeps the autograd graph; ``probs`` and ``predict``
@@ -138,7 +154,7 @@ class Classifier:
     def __init__(self, module: nn.Module, preprocess=None, classes: Sequence[str] | None = None,
                  device: str | torch.device | None = "auto", in_channels: int | None = None,
                  input_size: Sequence[int] | None = None, value_range: tuple[float, float] | None = None,
-                 logits_output: int | str | None = None):
+                 logits_output: int | str | None = None, precision: str | None = None, output: str = "auto"):
         if not isinstance(module, nn.Module) and not callable(module):
             raise InputError(f"Classifier needs an nn.Module, got {type(module).__name__}")
         self.device = resolve_device(device)
@@ -155,7 +171,55 @@ class Classifier:
         self.input_size = tuple(int(s) for s in input_size) if input_size is not None else None
         self.value_range = tuple(float(v) for v in value_range) if value_range is not None else None
         self.logits_output = logits_output
+        self.precision = check_precision(precision)
         self.n_classes: int | None = None     # known after the first forward pass
+        # the head: asked for, resolved on the first forward pass (see counterlens.heads)
+        self._output_asked = check_output(output)
+        self._output: str | None = None
+        self._activation: str | None = None   # the final activation undone ("softmax", "sigmoid", ...)
+        self._final = None                    # its module (hooked on every pass), or None
+        self._functional = False              # or a function call (watched by a TorchFunctionMode)
+        self.head_note: str | None = None     # how the scores are obtained, in words
+
+    # -- the output head -------------------------------------------------------------------------
+    @property
+    def output(self) -> str:
+        """The resolved head: ``"logits"``, ``"probabilities"``, ``"sigmoid"`` or ``"multilabel"``.
+
+        Resolved on the first forward pass; asked before one, a probe of zeros resolves it when
+        ``in_channels`` and ``input_size`` are known (else ``"auto"`` until the first pass).
+        """
+        if self._output is None and self.in_channels and self.input_size:
+            try:
+                with torch.no_grad():
+                    self.logits(torch.zeros(1, self.in_channels, *self.input_size))
+            except Exception:      # noqa: BLE001 - the real first pass will say what is wrong
+                pass
+        return self._output or self._output_asked
+
+    @property
+    def multilabel(self) -> bool:
+        """True for a multi-label head (one sigmoid per finding)."""
+        return self.output == "multilabel"
+
+    def _capture(self):
+        if self._output is None:    # the probe: every activation module and function call
+            return Capture(activation_modules(self.module), functions=True)
+        if self._activation is None:
+            return contextlib.nullcontext()
+        return Capture([self._final] if self._final is not None else [], functions=self._functional)
+
+    def _scores(self, raw: torch.Tensor, cap) -> torch.Tensor:
+        """The head's float32 scores from the module's output (resolving the head on the first pass)."""
+        found = cap.find(raw) if cap is not None else None
+        if self._output is None:
+            output, act, note = resolve_head(self._output_asked, found, raw.detach())
+            self._final = found[2] if (found and act and found[0] == act) else None
+            self._functional = bool(found and act and found[0] == act and found[2] is None)
+            self._activation, self.head_note, self._output = act, note, output
+        pre = found[1] if (found and self._activation and found[0] == self._activation) else None
+        raw, pre = (_float32(t) for t in (raw, pre))
+        return head_scores(self._output, self._activation, raw, pre)
 
     # -- mode handling ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -187,18 +251,20 @@ class Classifier:
         return x.to(self.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of data-space ``x`` on the current autograd tape, without touching modes.
+        """Scores ("logits") of data-space ``x`` on the current autograd tape, without touching modes.
 
-        A model with one output is a binary classifier with a sigmoid: its logit ``z`` becomes the
-        two logits ``[-z/2, z/2]`` (softmax of which is ``[1 - sigmoid(z), sigmoid(z)]``, and each
-        class has a gradient). A tuple or list output must be named with ``logits_output`` (which
-        element holds the logits); an output object or dict with ``logits`` is taken by that name.
-        Non-finite logits raise an :class:`InputError` instead of giving NaN maps.
+        The scores of the head (see ``output``): logits, pre-softmax logits of a softmax-ended
+        module, ``[-z/2, z/2]`` for one sigmoid output ``z`` (softmax of which is
+        ``[1 - sigmoid(z), sigmoid(z)]``, and each class has a gradient), per-finding logits for a
+        multi-label module; always float32. A tuple or list output must be named with
+        ``logits_output`` (which element holds the logits); an output object or dict with
+        ``logits`` is taken by that name. Non-finite logits raise an :class:`InputError` instead of
+        giving NaN maps.
         """
         z = self.preprocess(x) if self.preprocess is not None else x
-        out = _pick_logits(self.module(z), self.logits_output)
-        if out.dim() == 2 and out.shape[1] == 1:
-            out = torch.cat([-0.5 * out, 0.5 * out], dim=1)
+        with autocast(self.precision, z.device), self._capture() as cap:
+            out = _pick_logits(self.module(to_module_dtype(self.module, z)), self.logits_output)
+        out = self._scores(out, cap)      # the head's scores, float32 (see `output`)
         if not torch.isfinite(out).all():
             bad = int((~torch.isfinite(out)).any(dim=1).sum()) if out.dim() == 2 else -1
             raise InputError(f"the model returned NaN or infinite logits for {bad} of {out.shape[0]} inputs (data "
@@ -214,13 +280,28 @@ class Classifier:
 
     @torch.no_grad()
     def probs(self, x) -> torch.Tensor:
-        """Softmax probabilities ``[B, n_classes]``."""
-        return torch.softmax(self.logits(x), dim=1)
+        """Probabilities ``[B, n_classes]``: softmax, or per-finding sigmoid for ``"multilabel"``."""
+        return self.probs_of(self.logits(x))
+
+    def probs_of(self, scores: torch.Tensor) -> torch.Tensor:
+        """Probabilities of scores already computed by :meth:`logits` / :meth:`forward`."""
+        return probabilities(scores, self.multilabel)
 
     @torch.no_grad()
     def predict(self, x) -> torch.Tensor:
-        """Predicted class index per row, ``[B]`` (int64)."""
+        """Predicted class index per row, ``[B]`` (int64); multi-label: the most probable finding."""
         return self.logits(x).argmax(dim=1)
+
+    @torch.no_grad()
+    def positive(self, x, threshold: float = 0.5) -> torch.Tensor:
+        """``[B, K]`` bool: the findings whose sigmoid probability is at least ``threshold`` (multi-label)."""
+        if not 0.0 < float(threshold) < 1.0:
+            raise InputError(f"threshold={threshold!r}; pass a probability between 0 and 1, e.g. 0.5")
+        probs = self.probs(x)
+        if not self.multilabel:
+            raise InputError(f"positive() is for multi-label models; this one's head is {self.output!r} "
+                             "(use predict(), or Classifier(..., output='multilabel'))")
+        return probs >= float(threshold)
 
     __call__ = logits
 
@@ -238,7 +319,48 @@ class Classifier:
 
     def __repr__(self) -> str:
         name = type(self.module).__name__
-        return f"Classifier({name}, classes={self.classes}, device={self.device})"
+        return f"Classifier({name}, classes={self.classes}, output={self.output!r}, device={self.device})"
+
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision) -> str | None:
+    """``None``, ``"bf16"`` or ``"fp16"`` (also ``"bfloat16"``, ``"float16"``, ``"half"``, ``"fp32"``)."""
+    if precision is None:
+        return None
+    key = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "fp32": None, "float32": None}.get(
+        str(precision).lower(), str(precision).lower())
+    if key is not None and key not in PRECISIONS:
+        raise InputError(f"precision={precision!r}; pass None (the module's own dtype), 'bf16' or 'fp16'")
+    return key
+
+
+def autocast(precision: str | None, device: torch.device):
+    """``torch.autocast`` in ``precision`` on ``device`` (a no-op context for None)."""
+    if precision is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
+
+
+def module_dtype(module) -> torch.dtype | None:
+    """The floating dtype of the module's first floating parameter or buffer (None: no tensors)."""
+    if not isinstance(module, nn.Module):
+        return None
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def to_module_dtype(module, z):
+    """``z`` cast to the module's floating dtype (bf16 / fp16 / float64 models), differentiably."""
+    dtype = module_dtype(module) if isinstance(z, torch.Tensor) and z.is_floating_point() else None
+    return z.to(dtype) if dtype is not None and dtype != z.dtype else z
+
+
+def _float32(t):
+    return t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float32 else t
 
 
 def _pick_logits(out, which) -> torch.Tensor:
