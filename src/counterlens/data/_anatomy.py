@@ -14,6 +14,7 @@ import numpy as np
 F32 = np.float32
 BRAIN_CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 CHEST_CLASSES = ("normal", "pneumonia")
+CHEST_FINDINGS = ("opacity", "effusion", "cardiomegaly")
 
 
 @lru_cache(maxsize=8)
@@ -219,13 +220,21 @@ def _glyphs(text: str, scale: int) -> np.ndarray:
     return np.kron(bm, np.ones((scale, scale), bool))
 
 
-def render_chest(labels: np.ndarray, markers: np.ndarray, rng: np.random.Generator, size: int):
+def render_chest(labels: np.ndarray, markers: np.ndarray, rng: np.random.Generator, size: int,
+                 findings: np.ndarray | None = None):
     """PA chest films. labels, markers [B] -> images [B, H, W], masks opacity/lungs/marker.
 
     x [B, 1, W] runs to the image right (the patient's left), y [B, H, 1] downwards; terms
     that depend on one of them only stay 1D, so most of the work is on rows and columns.
+
+    ``findings`` (bool [B, 3], columns :data:`CHEST_FINDINGS`): the multi-finding films instead
+    of ``labels``: an opacity, a pleural effusion (fluid with a meniscus at a lung base) and an
+    enlarged heart, each independently, each with its own mask (``opacity``, ``effusion``,
+    ``cardiomegaly``). Without it the random stream is the one of the two-class films.
     """
     b = len(labels)
+    if findings is not None:
+        labels = findings[:, 0].astype(np.int64)
     gx, gy = grid(size)
     px = F32(2.0 / size)
     scale = param(rng, b, 0.94, 1.06)
@@ -252,6 +261,9 @@ def render_chest(labels: np.ndarray, markers: np.ndarray, rng: np.random.Generat
     # heart (tilted ellipse, apex to the image right), mediastinum with the aortic knob
     hx, hy, th = param(rng, b, 0.08, 0.14), param(rng, b, 0.33, 0.4), param(rng, b, -0.55, -0.35)
     ha, hb = param(rng, b, 0.28, 0.35), param(rng, b, 0.22, 0.27)
+    if findings is not None:                  # cardiomegaly: a heart 30-45% wider and taller
+        grow = np.where(findings[:, 2, None, None], param(rng, b, 1.3, 1.45), F32(1))
+        ha, hb = ha * grow, hb * grow
     c, sn = np.cos(th), np.sin(th)
     ha = ha * (0.72 + 0.28 * smoothstep(hy - 0.3, hy + 0.1, y))      # pear: narrow on top
     hu = (x - hx) * (c / ha) + (y - hy) * (sn / ha)
@@ -297,6 +309,15 @@ def render_chest(labels: np.ndarray, markers: np.ndarray, rng: np.random.Generat
         op = _opacity(rng, len(sel), size, x[sel], y[sel], m[sel], w[sel]) * lung[sel]
         dens[sel] += param(rng, len(sel), 0.25, 0.34) * op
         opacity[sel] = (op > 0.3) & (lung[sel] > 0.5)
+    extra = {}
+    if findings is not None:
+        extra["effusion"] = np.zeros((b, size, size), bool)
+        sel = np.flatnonzero(findings[:, 1])
+        if len(sel):
+            fluid = _effusion(rng, len(sel), size, y[sel], u[sel], base[sel], lung[sel], left[sel])
+            dens[sel] += param(rng, len(sel), 0.28, 0.36) * fluid
+            extra["effusion"][sel] = fluid > 0.5
+        extra["cardiomegaly"] = (heart > 0.5) & findings[:, 2, None, None]
     img = dens * (1 - param(rng, b, 0.1, 0.2) * (x * x + y * y) / 2)   # vignetting
     img += white_noise(rng, img.shape, param(rng, b, 0.008, 0.02))
     img += 0.012 * smooth_noise(rng, b, size, 40)
@@ -311,7 +332,18 @@ def render_chest(labels: np.ndarray, markers: np.ndarray, rng: np.random.Generat
         marker[i, r0:r0 + h, c0:c0 + w_] = bm
         img[i][marker[i]] = rng.uniform(0.93, 1.0)
     np.clip(img, 0, 1, out=img)
-    return img, {"opacity": opacity, "lungs": lung > 0.5, "marker": marker}
+    return img, {"opacity": opacity, "lungs": lung > 0.5, "marker": marker, **extra}
+
+
+def _effusion(rng, n, size, y, u, base, lung, left):
+    """Pleural fluid [n, H, W] in [0, 1] at the base of one or both lungs: it fills the lung from
+    the dome up to a level that rises towards the chest wall (the meniscus) and blunts the
+    costophrenic angle. ``u`` [n, 1, W] runs 0 (medial) to 1 (lateral) in each lung."""
+    which = rng.choice(3, size=(n, 1, 1), p=[0.4, 0.4, 0.2])    # right, left, both lungs
+    use = np.where(left, which != 0, which != 1)
+    depth = param(rng, n, 0.2, 0.32)
+    level = base - depth - 0.12 * np.clip(u, 0, 1) ** 2             # higher laterally
+    return ramp(level - y, F32(3.0 / size)) * np.clip(lung, 0, 1) * use
 
 
 def _opacity(rng, n, size, x, y, m, w):

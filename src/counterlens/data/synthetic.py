@@ -34,6 +34,7 @@ from ..errors import InputError
 from . import _anatomy
 
 KINDS = ("brain-mri", "chest-xray")
+MULTILABEL_KIND = "chest-multilabel"     # several findings per film: see counterlens.data.chest_findings
 CLASSES = {"brain-mri": list(_anatomy.BRAIN_CLASSES), "chest-xray": list(_anatomy.CHEST_CLASSES)}
 MASKS = {"brain-mri": ("tumor", "head", "brain"), "chest-xray": ("opacity", "lungs", "marker")}
 PIXELS_PER_CHUNK = 8 * 128 * 128    # images are drawn in chunks of about this many pixels
@@ -132,25 +133,10 @@ def _marker_flags(rng, labels, split, shortcut_rate):
     return flags
 
 
-def generate(kind: str, n: int, *, size: int = 128, seed: int = 0, split: str = "train",
-             shortcut_rate: float | None = None, class_balance=None) -> SyntheticSet:
-    """Generate ``n`` images of ``kind`` (``"brain-mri"`` or ``"chest-xray"``), size x size.
-
-    Classes are balanced (round robin, then shuffled with the seed) unless ``class_balance``
-    gives per-class weights (sequence in class order, or dict class -> weight). The RNG is
-    derived from (seed, kind, split), so train and test differ for the same seed.
-    ``shortcut_rate`` (chest-xray only): in the train split the corner marker agrees with
-    the label (present iff pneumonia) for this fraction of each class; in other splits half
-    of each class has a marker; None draws no markers.
-    """
-    n, size, seed = _check_args(kind, n, size, seed, split, shortcut_rate)
-    classes = CLASSES[kind]
-    kind_id, split_id = KINDS.index(kind), zlib.crc32(split.encode())
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(kind_id, split_id, 0)))
-    counts = _class_counts(n, len(classes), class_balance, classes)
-    labels = rng.permutation(np.repeat(np.arange(len(classes)), counts)).astype(np.int64)
-    markers = _marker_flags(rng, labels, split, shortcut_rate)
-
+def render_chunks(render, n: int, size: int, seed: int, key: tuple, mask_names) -> tuple[np.ndarray, dict]:
+    """Draw ``n`` images in chunks, each with its own RNG from ``(seed, *key, 1 + chunk index)``, on up
+    to two threads: ``render(start, stop, rng) -> (images [b, H, W], {mask: [b, H, W]})``.
+    Returns ``(images [n, 1, size, size] float32, {mask: bool [n, size, size]})``."""
     # glibc gives freed heap pages back to the OS eagerly until a large block has been freed,
     # and faulting them in again for every chunk costs more than the maths. Freeing one 30 MiB
     # block raises its dynamic mmap/trim thresholds (as any program freeing such a buffer
@@ -159,16 +145,12 @@ def generate(kind: str, n: int, *, size: int = 128, seed: int = 0, split: str = 
     del _warm
     chunk = max(1, PIXELS_PER_CHUNK // (size * size))
     images = np.empty((n, 1, size, size), np.float32)
-    masks = {name: np.empty((n, size, size), bool) for name in MASKS[kind]}
+    masks = {name: np.empty((n, size, size), bool) for name in mask_names}
 
-    def render(start):
+    def one(start):
         stop = min(start + chunk, n)
-        crng = np.random.default_rng(
-            np.random.SeedSequence(seed, spawn_key=(kind_id, split_id, 1 + start // chunk)))
-        if kind == "brain-mri":
-            img, m = _anatomy.render_brain(labels[start:stop], crng, size)
-        else:
-            img, m = _anatomy.render_chest(labels[start:stop], markers[start:stop], crng, size)
+        crng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(*key, 1 + start // chunk)))
+        img, m = render(start, stop, crng)
         images[start:stop, 0] = img
         for name, out in masks.items():
             out[start:stop] = m[name]
@@ -177,10 +159,45 @@ def generate(kind: str, n: int, *, size: int = 128, seed: int = 0, split: str = 
     workers = min(2, os.cpu_count() or 1, len(starts))
     if workers > 1:
         with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(render, starts))
+            list(pool.map(one, starts))
     else:
         for s in starts:
-            render(s)
+            one(s)
+    return images, masks
+
+
+def generate(kind: str, n: int, *, size: int = 128, seed: int = 0, split: str = "train",
+             shortcut_rate: float | None = None, class_balance=None) -> SyntheticSet:
+    """Generate ``n`` images of ``kind`` (``"brain-mri"``, ``"chest-xray"`` or ``"chest-multilabel"``,
+    see :mod:`counterlens.data.chest_findings`), size x size.
+
+    Classes are balanced (round robin, then shuffled with the seed) unless ``class_balance``
+    gives per-class weights (sequence in class order, or dict class -> weight). The RNG is
+    derived from (seed, kind, split), so train and test differ for the same seed.
+    ``shortcut_rate`` (chest-xray only): in the train split the corner marker agrees with
+    the label (present iff pneumonia) for this fraction of each class; in other splits half
+    of each class has a marker; None draws no markers.
+    """
+    if kind == MULTILABEL_KIND:
+        from .chest_findings import generate_findings
+        if shortcut_rate is not None or class_balance is not None:
+            raise InputError(f"kind={kind!r} draws each finding independently; leave shortcut_rate and "
+                             "class_balance out")
+        return generate_findings(n, size=size, seed=seed, split=split)
+    n, size, seed = _check_args(kind, n, size, seed, split, shortcut_rate)
+    classes = CLASSES[kind]
+    kind_id, split_id = KINDS.index(kind), zlib.crc32(split.encode())
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(kind_id, split_id, 0)))
+    counts = _class_counts(n, len(classes), class_balance, classes)
+    labels = rng.permutation(np.repeat(np.arange(len(classes)), counts)).astype(np.int64)
+    markers = _marker_flags(rng, labels, split, shortcut_rate)
+
+    def render(start, stop, crng):
+        if kind == "brain-mri":
+            return _anatomy.render_brain(labels[start:stop], crng, size)
+        return _anatomy.render_chest(labels[start:stop], markers[start:stop], crng, size)
+
+    images, masks = render_chunks(render, n, size, seed, (kind_id, split_id), MASKS[kind])
     width = max(5, len(str(n - 1)))
     names = [f"{split}_{classes[c]}_{i:0{width}d}" for i, c in enumerate(labels)]
     return SyntheticSet(kind, images, labels, list(classes), masks, names, split, seed,
@@ -207,6 +224,9 @@ def write_dataset(sets: dict[str, SyntheticSet], out_dir) -> Path:
     Layout: ``Training/<class>/<stem>.png`` (split "train"), ``Testing/<class>/<stem>.png``
     (split "test"; other splits: the split name capitalised), ``masks/<mask>/<stem>.png``
     (0/255) and ``dataset.json`` describing kind, classes, size, seed, counts and masks.
+    ``chest-multilabel``: ``Training/<stem>.png`` in one flat folder per split with
+    ``Training/labels.csv`` (``path,opacity,effusion,cardiomegaly``, 0/1 per finding), which
+    :class:`~counterlens.data.images.ImageFolder` reads; one mask folder per finding.
     """
     if not isinstance(sets, dict) or not sets or not all(isinstance(s, SyntheticSet) for s in sets.values()):
         raise InputError("sets must be a non-empty dict split -> SyntheticSet (as make_dataset returns)")
@@ -217,21 +237,29 @@ def write_dataset(sets: dict[str, SyntheticSet], out_dir) -> Path:
     if len(set(stems)) != len(stems):
         raise InputError("sets hold duplicate file stems; give each split a different name")
     out = Path(out_dir)
+    multilabel = first.kind == MULTILABEL_KIND
     for split, s in sets.items():
         top = out / SPLIT_DIRS.get(split, split.capitalize())
-        for c in s.classes:
+        if multilabel:                          # one flat folder per split and its labels table
+            from .chest_findings import LABELS_FILE, labels_csv
+            top.mkdir(parents=True, exist_ok=True)
+            (top / LABELS_FILE).write_text(labels_csv(s.names, s.labels, s.classes), encoding="utf-8")
+        for c in ([] if multilabel else s.classes):
             (top / c).mkdir(parents=True, exist_ok=True)
         pixels = np.round(np.clip(s.images[:, 0], 0, 1) * 255).astype(np.uint8)
         for i, stem in enumerate(s.names):
-            _to_png(pixels[i], top / s.classes[s.labels[i]] / f"{stem}.png")
+            _to_png(pixels[i], top / f"{stem}.png" if multilabel else top / s.classes[s.labels[i]] / f"{stem}.png")
         for name, m in s.masks.items():
             (out / "masks" / name).mkdir(parents=True, exist_ok=True)
             for i, stem in enumerate(s.names):
                 _to_png(m[i].astype(np.uint8) * 255, out / "masks" / name / f"{stem}.png")
     meta = {"kind": first.kind, "classes": list(first.classes), "size": int(first.images.shape[-1]),
             "seed": first.seed, "shortcut_rate": first.shortcut_rate,
-            "counts": {split: {c: int((s.labels == k).sum()) for k, c in enumerate(s.classes)}
-                       for split, s in sets.items()},
+            "counts": {split: {c: int((s.labels[:, k] if multilabel else s.labels == k).sum())
+                               for k, c in enumerate(s.classes)} for split, s in sets.items()},
             "masks": list(first.masks), "generator": "counterlens.data.synthetic"}
+    if multilabel:       # counts are positives per finding; a film may have several or none
+        meta.update(multilabel=True, images={split: len(s) for split, s in sets.items()},
+                    labels_file=LABELS_FILE)
     (out / "dataset.json").write_text(json.dumps(meta, indent=2))
     return out
