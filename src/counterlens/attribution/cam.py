@@ -136,8 +136,8 @@ def layer_gradients(clf, x, tgt, layer, batch_size, combine: Combine | None = No
                 raise MethodError(f"layer {type(layer).__name__} was not called by the model's forward; "
                                   "name another one with layer=...")
             act = store["act"]
-            g = gradient_of(target_score(logits, tgt[a:b]), act) if grad else None
-            act = act.detach()
+            g = gradient_of(target_score(logits, tgt[a:b]), act).float() if grad else None
+            act = act.detach().float()      # a bf16 / fp16 / autocast layer: the CAM maths in float32
         parts.append(combine(act, g) if combine is not None else (act, g))
 
     with clf.eval_mode():
