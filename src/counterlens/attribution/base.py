@@ -24,8 +24,12 @@ def resolve_targets(clf: Classifier, x: torch.Tensor, target, logits: torch.Tens
     """One class index per row, ``LongTensor[B]`` on ``clf.device``.
 
     ``target`` may be ``"predicted"``, a class name, an int, or one of those per row
-    (list / tensor of length B).
+    (list / tensor of length B). Multi-label models: a finding (index or name) per row;
+    ``"predicted"`` is the most probable finding (``"all-positive"``: see :func:`expand_targets`).
     """
+    if isinstance(target, str) and target.lower() in ("all-positive", "all_positive"):
+        raise TargetError("target 'all-positive' gives a variable number of targets per image; expand it first "
+                          "with counterlens.attribution.base.expand_targets(clf, x, 'all-positive')")
     batch = x.shape[0]
     predicted = isinstance(target, str) and target == "predicted"
     if logits is None and (predicted or clf.n_classes is None):
@@ -149,14 +153,15 @@ class Evaluator:
         """Target scores of each row of ``x`` (``[N]``), and their input gradients if ``grad``.
 
         ``x``: ``[N, C, *spatial]`` data-space rows; ``target``: ``[N]`` class per row.
-        ``output``: ``"logit"`` (default) or ``"prob"`` (softmax probability).
+        ``output``: ``"logit"`` (default) or ``"prob"`` (the head's probability: softmax, or the
+        finding's sigmoid for a multi-label model).
         """
         score_parts, grad_parts = [], []
 
         def work(a: int, b: int):
             xb = x[a:b].detach().requires_grad_(grad)
             with torch.set_grad_enabled(grad):
-                s = target_score(self.clf.forward(xb), target[a:b], output)
+                s = target_score(self.clf.forward(xb), target[a:b], output, self.clf.multilabel)
                 g = gradient_of(s, xb) if grad else None
             score_parts.append(s.detach())
             if grad:
@@ -168,13 +173,43 @@ class Evaluator:
         return (s, torch.cat(grad_parts)) if grad else s
 
 
-def target_score(logits: torch.Tensor, target: torch.Tensor, output: str = "logit") -> torch.Tensor:
-    """``[N]`` score of each row's target class from logits ``[N, K]``."""
-    if output == "prob":
+def target_score(logits: torch.Tensor, target: torch.Tensor, output: str = "logit",
+                 multilabel: bool = False) -> torch.Tensor:
+    """``[N]`` score of each row's target class (or finding) from scores ``[N, K]``.
+
+    ``output``: ``"logit"`` (the score itself) or ``"prob"`` / ``"probability"``: the softmax
+    probability, or with ``multilabel=True`` (pass ``clf.multilabel``) the finding's own sigmoid.
+    """
+    if output in ("prob", "probability"):
+        if multilabel:
+            return torch.sigmoid(logits.gather(1, target.view(-1, 1)).squeeze(1))
         logits = torch.softmax(logits, dim=1)
     elif output != "logit":
         raise InputError(f"output={output!r}; pass 'logit' or 'prob'")
     return logits.gather(1, target.view(-1, 1)).squeeze(1)
+
+
+def expand_targets(clf: Classifier, x, target="all-positive", *, threshold: float = 0.5,
+                   batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and targets to explain: ``(rows LongTensor[M], targets LongTensor[M])`` on ``clf.device``.
+
+    ``"all-positive"`` (multi-label models): one pair per image and finding whose sigmoid
+    probability is at least ``threshold``, in image then finding order; an image with no positive
+    finding gets no pair (not an error: compare ``rows`` with ``range(B)`` to report it). Any other
+    ``target`` is resolved by :func:`resolve_targets` into one pair per image.
+    """
+    x = clf.as_input(x)
+    if not (isinstance(target, str) and target.lower() in ("all-positive", "all_positive")):
+        tgt = resolve_targets(clf, x, target, batch_size=batch_size)
+        return torch.arange(x.shape[0], device=clf.device), tgt
+    if not 0.0 < float(threshold) < 1.0:
+        raise InputError(f"threshold={threshold!r}; pass a probability between 0 and 1, e.g. 0.5")
+    logits = Evaluator(clf, batch_size).logits(x)
+    if not clf.multilabel:
+        raise TargetError(f"target 'all-positive' is for multi-label models; this one's head is {clf.output!r} "
+                          "(pass 'predicted' or a class, or load the model with output='multilabel')")
+    rows, targets = (torch.sigmoid(logits) >= float(threshold)).nonzero(as_tuple=True)
+    return rows.to(clf.device), targets.to(clf.device)
 
 
 def gradient_of(score: torch.Tensor, wrt: torch.Tensor) -> torch.Tensor:

@@ -271,7 +271,7 @@ def scorecam(clf, x, target="predicted", *, layer: str | None = None, baseline="
         span = high - low
         mask = torch.where(span > 0, (mask - low) / span.clamp_min(torch.finfo(mask.dtype).tiny), 0.0)
         xb = base[img] + mask.view(-1, 1, *size) * (x[img] - base[img])
-        scores[a:b] = target_score(clf.forward(xb), tgt[img], output)
+        scores[a:b] = target_score(clf.forward(xb), tgt[img], output, clf.multilabel)
 
     with torch.no_grad(), clf.eval_mode():
         Evaluator(clf, batch_size).run(scores.numel(), work)

@@ -110,7 +110,7 @@ def occlusion(clf, x, target="predicted", *, window=None, stride=None, baseline=
         img, widx = rows // n_win, rows % n_win
         mask = inside(widx)
         hidden = torch.where(mask[:, None], base[img], x[img])
-        drop = score0[img] - target_score(clf.forward(hidden), tgt[img], output)
+        drop = score0[img] - target_score(clf.forward(hidden), tgt[img], output, clf.multilabel)
         total.index_add_(0, img, drop.view(-1, *([1] * nd)) * mask)
 
     with torch.no_grad(), clf.eval_mode():
@@ -205,7 +205,7 @@ def rise(clf, x, target="predicted", *, samples: int = 2000, cells=8, p_keep: fl
         m = masks.get(lo, (b - 1) // batch + 1)[rows // batch - lo]
         img = rows % batch
         kept = m[:, None]
-        score = target_score(clf.forward(x[img] * kept + base[img] * (1 - kept)), tgt[img], output)
+        score = target_score(clf.forward(x[img] * kept + base[img] * (1 - kept)), tgt[img], output, clf.multilabel)
         total.index_add_(0, img, score.view(-1, *([1] * nd)) * m)
 
     with torch.no_grad(), clf.eval_mode():

@@ -212,7 +212,7 @@ def fit_surrogate(clf, x, target="predicted", *, kind: str = "lime", segmentatio
     def work(a: int, b: int):
         img, s = row_img[a:b], row_s[a:b]
         on = z[img, s].gather(1, lab_flat[img]).view(b - a, 1, *x.shape[2:])
-        score = target_score(clf.forward(torch.where(on, x[img], base[img])), tgt[img], output)
+        score = target_score(clf.forward(torch.where(on, x[img], base[img])), tgt[img], output, clf.multilabel)
         y[img, s] = score.to(dtype)
 
     evaluator = Evaluator(clf, batch_size)

@@ -177,7 +177,7 @@ def perturbation_curve(clf, x, maps, target="predicted", *, kind: str = "deletio
         changed = (ranks[img] < counts[k, None]).view(spatial_view)
         start, end = (x, base) if kind == "deletion" else (base, x)
         xb = torch.where(changed, end[img], start[img])
-        y[a:b] = target_score(clf.forward(xb), tgt[img], output).float()
+        y[a:b] = target_score(clf.forward(xb), tgt[img], output, clf.multilabel).float()
 
     evaluator = Evaluator(clf, batch_size)
     with torch.no_grad(), clf.eval_mode():
@@ -243,7 +243,7 @@ def mufidelity(clf, x, maps, target="predicted", *, n_subsets: int = 32, subset_
         chosen.scatter_(1, keys.topk(size, dim=1).indices, True)
         chosen &= (s > 0)[:, None]
         xb = torch.where(chosen.view(spatial_view), base[img], x[img])
-        scores[a:b] = target_score(clf.forward(xb), tgt[img], output).double()
+        scores[a:b] = target_score(clf.forward(xb), tgt[img], output, clf.multilabel).double()
         mass[a:b] = (flat[img] * chosen).sum(dim=1)
 
     evaluator = Evaluator(clf, batch_size)

@@ -228,7 +228,7 @@ def audit(clf, x, region_masks, methods=("gradcam", "integrated_gradients"), lab
         rows = torch.cat([xb, _fill(xb, rb, inpaint), _fill(xb.repeat_interleave(n_random, 0), rnd, inpaint)])
         logits = evaluator.logits(rows).cpu()
         p, b = logits.argmax(1), len(xb)
-        probs.append(torch.softmax(logits[:b].double(), 1))
+        probs.append(clf.probs_of(logits[:b].double()))      # softmax, or per-finding sigmoid
         pred.append(p[:b])
         pred_region.append(p[b:2 * b])
         random_flips.append((p[2 * b:].view(b, n_random) != p[:b, None]).double().mean(1))
