@@ -33,7 +33,8 @@ from torch import nn
 from .errors import InputError
 
 __all__ = ["ARCHITECTURES", "PlainCNN", "BasicBlock", "SmallResNet", "build_model", "pneumonia_cnn",
-           "brain_tumor_cnn", "small_resnet"]
+           "brain_tumor_cnn", "brain_tumor_cnn3d", "small_resnet",
+           "chest_findings_cnn"]
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -150,6 +151,52 @@ def brain_tumor_cnn(num_classes: int = 4, in_channels: int = 1, input_size=(128,
     return _plain_cnn("brain_tumor_cnn", [[32, 64], [128, 128]], 64, num_classes, in_channels, input_size, width)
 
 
+def brain_tumor_cnn3d(num_classes: int = 4, in_channels: int = 1, input_size=(32, 32, 32),
+                      width: float = 1.0) -> PlainCNN:
+    """The reference 3D CNN for MRI volumes (``[B, C, D, H, W]``), light enough for the CPU.
+
+    conv3x3x3 16 - ReLU - maxpool2, conv 32 - ReLU - maxpool2, conv 64 - ReLU (``features``, the
+    last spatial module at 1/4 of the input side, where CAM methods look), then global average pool,
+    dense 64 - ReLU - dropout 0.3 - dense ``num_classes``. About 80 k parameters at any size; about
+    0.1 GFLOP a 32^3 volume. ``input_size``: an int (a cube) or (D, H, W); sides at least 4.
+    """
+    _check("brain_tumor_cnn3d", num_classes, in_channels, width)
+    size = (int(input_size),) * 3 if isinstance(input_size, int) else _size(input_size, "brain_tumor_cnn3d", 4)
+    if len(size) != 3 or min(size) < 4:
+        raise InputError(f"brain_tumor_cnn3d: input_size={input_size!r}; pass an int or (D, H, W), each at least 4")
+    c1, c2, c3, hidden = _w(16, width), _w(32, width), _w(64, width), _w(64, width)
+    features = nn.Sequential(
+        nn.Conv3d(int(in_channels), c1, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
+        nn.Conv3d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
+        nn.Conv3d(c2, c3, 3, padding=1), nn.ReLU())
+    head = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(c3, hidden), nn.ReLU(), nn.Dropout(0.3),
+                         nn.Linear(hidden, int(num_classes)))
+    return PlainCNN(features, head, size, tuple(s // 4 for s in size))
+
+
+def chest_findings_cnn(num_classes: int = 3, in_channels: int = 1, input_size=(64, 64),
+                       width: float = 1.0) -> PlainCNN:
+    """The reference multi-label chest CNN: one logit per finding (train it with a sigmoid per
+    finding, ``BCEWithLogits``; load it with ``output="multilabel"``), as CheXNet on a small scale.
+
+    conv3x3 16 - ReLU - maxpool2, conv 32 - ReLU - maxpool2, conv 64 - ReLU - conv 64 - ReLU
+    (``features``, at 1/4 of the input side, where CAM methods look), global average pool,
+    dropout 0.2, dense ``num_classes``: each finding's logit is a spatial average of evidence, so
+    its maps point at the finding. About 65 k parameters at any size (2D; 1D or 3D by
+    ``input_size``); sides at least 4.
+    """
+    _check("chest_findings_cnn", num_classes, in_channels, width)
+    size = _size(input_size, "chest_findings_cnn", 4)
+    conv, pool = _conv(len(size)), _pool(len(size))
+    c1, c2, c3 = _w(16, width), _w(32, width), _w(64, width)
+    features = nn.Sequential(conv(int(in_channels), c1, 3, padding=1), nn.ReLU(), pool(2),
+                             conv(c1, c2, 3, padding=1), nn.ReLU(), pool(2),
+                             conv(c2, c3, 3, padding=1), nn.ReLU(), conv(c3, c3, 3, padding=1), nn.ReLU())
+    gap = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)[len(size) - 1](1)
+    head = nn.Sequential(gap, nn.Flatten(), nn.Dropout(0.2), nn.Linear(c3, int(num_classes)))
+    return PlainCNN(features, head, size, tuple(s // 4 for s in size))
+
+
 # -- small ResNet --------------------------------------------------------------------------------
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN plus shortcut (1x1 conv + BN when the shape changes), then ReLU."""
@@ -209,7 +256,9 @@ def small_resnet(num_classes: int = 2, in_channels: int = 1, input_size=(128, 12
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "pneumonia-cnn": pneumonia_cnn,
     "brain-tumor-cnn": brain_tumor_cnn,
+    "brain-tumor-cnn3d": brain_tumor_cnn3d,
     "small-resnet": small_resnet,
+    "chest-findings-cnn": chest_findings_cnn,
 }
 
 

@@ -327,18 +327,25 @@ def read_dicom(path, window: str = "auto") -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- NIfTI
-def read_nifti(path) -> np.ndarray:
-    """NIfTI via nibabel -> ``[1, D, H, W]`` in RAS+ (``as_closest_canonical``).
+def read_nifti(path, frame: int = 0) -> np.ndarray:
+    """NIfTI (``.nii``, ``.nii.gz``) via nibabel -> ``[1, D, H, W]`` in RAS+ (``as_closest_canonical``).
 
     Axis order: D = inferior -> superior (axial slices), H = anterior -> posterior
     (the nose points up in an ``imshow``), W = patient left -> right (neurological
     convention: the patient's left is on the image left).
+    A 4-D file (a time series, e.g. fMRI or DWI) gives its volume number ``frame`` (default 0, the
+    first; :func:`nifti_description` says so); only that frame is read from disk.
     """
     import nibabel as nib
 
     try:
         img = nib.load(str(path))
         check_size(path, img.shape, "NIfTI volume")
+        if len(img.shape) == 4 and img.shape[3] > 1:
+            if not -img.shape[3] <= frame < img.shape[3]:
+                raise DataFileError(path, f"frame={frame} does not fit this 4-D file of {img.shape[3]} volumes; "
+                                          f"use 0..{img.shape[3] - 1}")
+            img = img.slicer[..., frame]
         img = nib.as_closest_canonical(img)
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except DataFileError:
@@ -354,3 +361,29 @@ def read_nifti(path) -> np.ndarray:
                                   "volume) are supported. Extract one volume, e.g. with nibabel.four_to_three")
     vol = data.transpose(2, 1, 0)[:, ::-1, :]  # (R, A, S) -> (S, P, R)
     return np.ascontiguousarray(vol)[None]
+
+
+def nifti_spacing(path) -> tuple[float, float, float]:
+    """Voxel size (D, H, W) in mm of a NIfTI file as :func:`read_nifti` orients it (header only)."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    ras = nib.orientations.io_orientation(img.affine)          # per voxel axis: (RAS axis, flip)
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    by_ras = {int(ax): zooms[i] for i, (ax, _) in enumerate(ras[:3])}
+    return by_ras.get(2, 1.0), by_ras.get(1, 1.0), by_ras.get(0, 1.0)
+
+
+def nifti_description(path, frame: int = 0) -> str:
+    """One line: what :func:`read_nifti` reads from this file, e.g. ``NIfTI 4-D, 12 volumes: volume 0
+    taken; 30 x 64 x 64 voxels of 4 x 3 x 3 mm``."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    head = f"NIfTI {len(img.shape)}-D"
+    if len(img.shape) == 4 and img.shape[3] > 1:
+        head += f", {img.shape[3]} volumes: volume {frame} taken"
+    d, h, w = nifti_spacing(path)
+    ras = nib.orientations.io_orientation(img.affine)
+    n = {int(ax): int(img.shape[i]) for i, (ax, _) in enumerate(ras[:3])}
+    return f"{head}; {n.get(2, 1)} x {n.get(1, 1)} x {n.get(0, 1)} voxels of {d:.3g} x {h:.3g} x {w:.3g} mm"

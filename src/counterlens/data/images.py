@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import DataFileError, InputError
 from . import _readers as R
+from .label_table import finding_mask_folders, has_label_table, read_label_table, unlisted_images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".nii", ".nii.gz", ".npy")
 
@@ -72,16 +73,29 @@ def _hint(size) -> tuple[int, int] | None:
     return size if len(size) == 2 else None
 
 
+def _slice_mode(slice_index, size):
+    """``slice_index="auto"``: the whole volume when ``size`` has 3 values (a 3-D model), else the
+    middle slice of a volume; any other value as given."""
+    if not (isinstance(slice_index, str) and slice_index == "auto"):
+        return slice_index
+    three = size is not None and not isinstance(size, (int, np.integer, str)) and len(tuple(size)) == 3
+    return None if three else "middle"
+
+
 def _read(path, slice_index="middle", window="auto", hint=None) -> np.ndarray:
     """Read any supported file into ``[C, *S]`` float32 data space (no resize, no channel change)."""
     path = Path(path)
     if not path.exists():
         raise DataFileError(path, "file does not exist; check the path")
-    if path.is_dir():
-        raise DataFileError(path, "is a folder, not an image file; use ImageFolder for folders")
+    from .series import dicom_files, read_series
+    if path.is_dir() and not dicom_files(path):
+        raise DataFileError(path, "is a folder, not an image file (nor a DICOM series folder); use ImageFolder for "
+                                  "folders")
     suffix = R.suffix_of(path)
     try:
-        if suffix in R.PIL_SUFFIXES:
+        if path.is_dir():                                  # a DICOM series: one file per slice, one volume
+            arr = read_series(path, window=window).volume
+        elif suffix in R.PIL_SUFFIXES:
             arr = R.read_pil(path, hint)
         elif suffix in R.TIFF_SUFFIXES:
             arr = R.read_tiff(path)
@@ -134,19 +148,20 @@ def _finish(arr: np.ndarray, path, channels, size) -> np.ndarray:
 
 
 def load_image(path, *, channels: int | None = None, size: tuple[int, ...] | int | None = None,
-               slice_index: int | str | None = "middle", window: str = "auto") -> np.ndarray:
+               slice_index: int | str | None = "auto", window: str = "auto") -> np.ndarray:
     """Load an image or volume as float32 ``[C, *S]`` in data space (see the module docstring).
 
     ``S`` is ``(H, W)`` or, for volumes with ``slice_index=None``, ``(D, H, W)``.
     ``channels``: 1 (RGB -> luminance 0.299 R + 0.587 G + 0.114 B), 3 (grey repeated) or None.
     ``size``: int or tuple matching the spatial dims; anti-aliased linear resize keeping values.
-    ``slice_index``: for volumes (NIfTI, multi-frame DICOM, TIFF/.npy stacks): "middle", an int
-    (axial slice) or None (whole volume); ignored by 2-D files.
+    ``slice_index``: for volumes (NIfTI, DICOM series folders, multi-frame DICOM, TIFF/.npy stacks):
+    "middle", an int (axial slice), None (whole volume) or "auto" (default: None when ``size`` has
+    3 values, as for a 3-D model, else "middle"); ignored by 2-D files.
     ``window``: "auto" applies the DICOM VOI window when present, "none" keeps modality values.
     Raises DataFileError for any unusable file and InputError for bad arguments.
     """
     _check_args(channels, size, window)
-    return _finish(_read(path, slice_index, window, _hint(size)), path, channels, size)
+    return _finish(_read(path, _slice_mode(slice_index, size), window, _hint(size)), path, channels, size)
 
 
 def _mask_from(arr: np.ndarray) -> np.ndarray:
@@ -157,18 +172,34 @@ def _resize_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return _resize(mask[None].astype(np.uint8), shape, order=0)[0] > 0
 
 
-def load_mask(path, *, size: tuple[int, ...] | int | None = None, slice_index: int | str | None = "middle") -> np.ndarray:
+def load_mask(path, *, size: tuple[int, ...] | int | None = None, slice_index: int | str | None = "auto") -> np.ndarray:
     """Load a mask as bool ``[*S]``: any nonzero value (in any channel) is inside.
 
     Resized with nearest neighbour (no anti-aliasing) so it stays a clean mask.
     DICOM masks are read without windowing.
     """
     _check_args(None, size, "none")
-    mask = _mask_from(_read(path, slice_index, "none"))
+    mask = _mask_from(_read(path, _slice_mode(slice_index, size), "none"))
     return _resize_mask(mask, _target_shape(path, mask.shape, size))
 
 
+def _series_cases(found: list[tuple[Path, str | None]], root: Path) -> list[tuple[Path, str | None]]:
+    """Volume mode: the DICOM slices of one folder become one case, the folder (a series, read by
+    :func:`counterlens.data.series.read_series`). When every "class folder" is itself one series, the
+    folder is a flat set of series (no labels)."""
+    from .series import group_series
+    by_class: dict[str | None, list[Path]] = {}
+    for p, name in found:
+        by_class.setdefault(name, []).append(p)
+    out = [(p, name) for name, paths in by_class.items() for p in group_series(paths)]
+    if out and all(name is not None and p == root / name for p, name in out):
+        out = [(p, None) for p, _ in out]
+    return out
+
+
 def _stem(path: Path) -> str:
+    if path.is_dir():
+        return path.name
     name = path.name
     return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
 
@@ -187,11 +218,12 @@ def _images_under(folder: Path, recursive: bool) -> list[Path]:
     return sorted(found, key=lambda q: q.relative_to(folder).as_posix())
 
 
-def load_case(path, mask_path=None, *, channels=None, size=None, slice_index="middle",
+def load_case(path, mask_path=None, *, channels=None, size=None, slice_index="auto",
               window="auto") -> tuple[np.ndarray, np.ndarray | None]:
     """One image and its mask as a dataset run reads them: ``(image [C, *S] float32, mask bool
     [*S] or None)``. The mask must cover the image's field of view and is resized (nearest) to
     the image's final shape. Errors are :class:`DataFileError` naming the file."""
+    slice_index = _slice_mode(slice_index, size)
     img = _read(path, slice_index, window, _hint(size))
     native = img.shape[1:]
     img = _finish(img, path, channels, size)
@@ -213,6 +245,8 @@ class ImageRecord:
     path: Path
     label: int | None  #: index into ``ImageFolder.classes``; None without class subfolders
     mask_path: Path | None
+    findings: tuple[int, ...] | None = None          #: multi-label folders: 1, 0 or -1 (unknown) per class
+    finding_masks: dict[str, Path] | None = None     #: multi-label folders: a mask per finding
 
 
 class ImageFolder:
@@ -234,15 +268,21 @@ class ImageFolder:
     """
 
     def __init__(self, root, *, channels=None, size=None, classes=None, masks=None,
-                 slice_index="middle", window="auto", limit=None):
+                 slice_index="auto", window="auto", limit=None):
         _check_args(channels, size, window)
         self.root = Path(root)
-        self.channels, self.size, self.slice_index, self.window = channels, size, slice_index, window
+        self.channels, self.size, self.window = channels, size, window
+        self.slice_index = _slice_mode(slice_index, size)          # None: volumes (series folders are cases)
         if not self.root.exists():
             raise DataFileError(self.root, "does not exist; give an image file or a folder of images")
         mask_dir = Path(masks) if masks is not None else None
         if mask_dir is not None and not mask_dir.is_dir():
             raise DataFileError(mask_dir, "mask folder does not exist or is not a folder")
+        self.multilabel = has_label_table(self.root)
+        if self.multilabel:                      # labels.csv: one 0/1 column per finding (see label_table)
+            self.classes, self.records = self._multilabel(classes, mask_dir)
+            self._limit(limit)
+            return
         found: list[tuple[Path, str | None]] = []  # (image, class folder name)
         rel_base = self.root
         if self.root.is_file():
@@ -264,6 +304,9 @@ class ImageFolder:
                 found = [(p, name) for name in sorted(per_class) for p in per_class[name]]
             else:
                 found = [(p, None) for p in loose]
+        if self.slice_index is None and not self.root.is_file():
+            found = _series_cases(found, self.root)
+            rel_base = self.root.parent if any(p == self.root for p, _ in found) else rel_base
         if not found:
             raise DataFileError(self.root, f"contains no images ({', '.join(IMAGE_SUFFIXES)}, DICOM); "
                                            "check the path, or put images in it or in class subfolders")
@@ -283,10 +326,25 @@ class ImageFolder:
         mask_of = self._match_masks(mask_dir, [p for p, _ in found], rel_base) if mask_dir else {}
         self.records: list[ImageRecord] = [
             ImageRecord(p, label_of[name] if name is not None else None, mask_of.get(p)) for p, name in found]
+        self._limit(limit)
+
+    def _limit(self, limit) -> None:
         if limit is not None:
             if not isinstance(limit, (int, np.integer)) or limit < 1:
                 raise InputError(f"limit={limit!r}: give a positive int or None")
             self.records = self._balanced(self.records, int(limit))
+
+    def _multilabel(self, classes, mask_dir) -> tuple[list[str], list[ImageRecord]]:
+        """The classes (findings) and records of a folder with a labels table."""
+        findings, rows = read_label_table(self.root, classes)
+        images = [p for p, _ in rows]
+        unlisted_images(self.root, images, _images_under(self.root, True))
+        per_finding = finding_mask_folders(mask_dir, findings)
+        masks = {f: self._match_masks(d, images, self.root) for f, d in (per_finding or {}).items()}
+        single = self._match_masks(mask_dir, images, self.root) if mask_dir is not None and not per_finding else {}
+        return findings, [ImageRecord(p, None, single.get(p), labels,
+                                      {f: m[p] for f, m in masks.items() if p in m} if per_finding else None)
+                          for p, labels in rows]
 
     @staticmethod
     def _match_masks(mask_dir: Path, images: list[Path], base: Path) -> dict[Path, Path]:
@@ -328,11 +386,12 @@ class ImageFolder:
         return f"ImageFolder({str(self.root)!r}, {len(self)} images, classes={self.classes})"
 
     def load(self, i: int) -> tuple[np.ndarray, int | None, np.ndarray | None]:
-        """``(image [C, *S] float32, label, mask bool [*S] or None)``; errors name the file."""
+        """``(image [C, *S] float32, label, mask bool [*S] or None)``; errors name the file. A
+        multi-label folder's label is the record's ``findings`` (1, 0 or -1 per class)."""
         rec = self.records[i]
         img, mask = load_case(rec.path, rec.mask_path, channels=self.channels, size=self.size,
                               slice_index=self.slice_index, window=self.window)
-        return img, rec.label, mask
+        return img, rec.findings if self.multilabel else rec.label, mask
 
     @property
     def read_options(self) -> dict:

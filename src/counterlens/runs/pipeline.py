@@ -34,6 +34,8 @@ def cases_of(folder) -> list[Case]:
             rel = Path(rec.path).relative_to(root).as_posix()
         except ValueError:
             rel = Path(rec.path).name
+        if rel == ".":                      # the data root is itself the case (a DICOM series folder)
+            rel = Path(rec.path).name
         label_name = folder.classes[rec.label] if rec.label is not None and folder.classes else None
         out.append(Case(id=text_of(rel), file=str(rec.path), label=rec.label, label_name=label_name,
                         mask_file=str(rec.mask_path) if rec.mask_path is not None else None))
