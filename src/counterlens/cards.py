@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 from .errors import InputError, ModelLoadError
-from .model import preprocess_to_spec
+from .heads import check_output
+from .model import Classifier, preprocess_to_spec
 from .models import ARCHITECTURES
 
 FORMAT = "counterlens-model/1"
 CARD_FILE = "model.json"
-_RESERVED = {"format", "architecture", "factory", "kwargs", "weights", "weights_sha256"}
+_RESERVED = {"format", "architecture", "factory", "kwargs", "weights", "weights_sha256", "output"}
 
 def file_sha256(path) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks."""
@@ -99,13 +100,17 @@ def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
 def save_model_card(module: nn.Module, out_dir, *, architecture: str | None = None, factory=None,
                     kwargs: Mapping | None = None, classes: Sequence[str], preprocess=None,
                     in_channels: int | None = None, input_size: Sequence[int] | int | None = None,
-                    value_range: Sequence[float] | None = (0, 1), extra: Mapping | None = None) -> Path:
+                    value_range: Sequence[float] | None = (0, 1), output: str | None = None,
+                    extra: Mapping | None = None) -> Path:
     """Write ``out_dir/weights.safetensors`` (the state_dict) and ``out_dir/model.json``.
 
     ``architecture`` (a key of ``ARCHITECTURES``) or ``factory`` (``"package.module:function"`` or an
     importable callable) says how to rebuild the network with ``kwargs``. ``preprocess`` is a
     module built from ``Normalize`` / ``RepeatChannels``, its JSON spec, or None. ``in_channels``
-    and ``input_size`` default to ``kwargs``' values. ``extra`` adds metadata (e.g.
+    and ``input_size`` default to ``kwargs``' values. ``output`` is the head (``"logits"``,
+    ``"probabilities"``, ``"sigmoid"``, ``"multilabel"``; see :class:`~counterlens.model.Classifier`);
+    None: detected from the module on a probe of zeros when ``in_channels`` and ``input_size`` are
+    known, else ``"auto"`` (detected again on load). ``extra`` adds metadata (e.g.
     ``test_accuracy``, ``trained_on``). Returns ``out_dir``.
     """
     if (architecture is None) == (factory is None):
@@ -120,6 +125,7 @@ def save_model_card(module: nn.Module, out_dir, *, architecture: str | None = No
     if isinstance(input_size, int):
         input_size = (input_size, input_size)
     spec = preprocess if isinstance(preprocess, list) or preprocess is None else preprocess_to_spec(preprocess)
+    output = check_output(output) if output is not None else _detect_output(module, in_channels, input_size)
     bad = _RESERVED.intersection(extra or {})
     if bad:
         raise InputError(f"save_model_card: extra may not set {sorted(bad)}; they are written by the card itself")
@@ -132,6 +138,7 @@ def save_model_card(module: nn.Module, out_dir, *, architecture: str | None = No
         "in_channels": int(in_channels) if in_channels is not None else None,
         "input_size": [int(s) for s in input_size] if input_size is not None else None,
         "value_range": [float(v) for v in value_range] if value_range is not None else None,
+        "output": output,
         "weights": "weights.safetensors",
         "weights_sha256": None,
         "test_accuracy": None,
@@ -159,6 +166,15 @@ def save_model_card(module: nn.Module, out_dir, *, architecture: str | None = No
     return out
 
 
+def _detect_output(module: nn.Module, in_channels, input_size) -> str:
+    """The head of ``module`` from a probe of zeros (``"auto"`` when the input shape is unknown)."""
+    if not in_channels or not input_size:
+        return "auto"
+    tensor = next(iter(module.parameters()), None)
+    device = tensor.device if tensor is not None else "cpu"
+    return Classifier(module, device=device, in_channels=in_channels, input_size=input_size).output
+
+
 def read_model_card(model_dir) -> dict:
     """Read and check ``model_dir/model.json`` (``model_dir`` may also be the JSON file itself)."""
     path = Path(model_dir)
@@ -178,4 +194,8 @@ def read_model_card(model_dir) -> dict:
     for key in ("weights", "classes"):
         if not card.get(key):
             raise ModelLoadError(f"{path}: missing {key!r}")
+    try:
+        check_output(card.get("output") or "auto")
+    except InputError as exc:
+        raise ModelLoadError(f"{path}: 'output': {exc}") from exc
     return card

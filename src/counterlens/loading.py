@@ -30,6 +30,8 @@ The model card, ``MODEL_DIR/model.json``::
       "in_channels": 1,
       "input_size": [128, 128],
       "value_range": [0, 1],                     # valid data-space values
+      "output": "logits",                        # the head: logits | probabilities | sigmoid | multilabel
+                                                 # (or auto: detected on the first forward pass)
       "weights": "weights.safetensors",          # or "weights.pt" (a state_dict), in MODEL_DIR
       "weights_sha256": "...",                   # checked on load
       "test_accuracy": 0.95 or null,
@@ -333,12 +335,13 @@ def _load_export(path: Path, trust: bool) -> nn.Module:
 def load_model(source, *, factory=None, factory_kwargs: Mapping | None = None, trust_model_file: bool = False,
                device="auto", classes: Sequence[str] | None = None, preprocess=None,
                in_channels: int | None = None, input_size: Sequence[int] | None = None,
-               value_range: Sequence[float] | None = None) -> Classifier:
+               value_range: Sequence[float] | None = None, output: str | None = None) -> Classifier:
     """Load ``source`` (a model directory or a model file, see the module doc) as a ``Classifier``.
 
     ``factory`` builds the network for a state_dict file (with ``factory_kwargs``); it overrides a
     card's architecture. ``classes``, ``preprocess`` (a module or its JSON spec), ``in_channels``,
-    ``input_size`` and ``value_range`` override the card's. The result has ``card`` (the card dict
+    ``input_size``, ``value_range`` and ``output`` (the head, see :class:`Classifier`; default the
+    card's, else ``"auto"``) override the card's. The result has ``card`` (the card dict
     or None) and ``source_hash`` (SHA-256 of the weights / model file). Raises
     :class:`ModelLoadError` (:class:`UntrustedModelError` for code the caller did not allow).
     """
@@ -370,7 +373,8 @@ def load_model(source, *, factory=None, factory_kwargs: Mapping | None = None, t
                      classes=classes if classes is not None else card.get("classes"),
                      in_channels=in_channels if in_channels is not None else card.get("in_channels"),
                      input_size=input_size if input_size is not None else card.get("input_size"),
-                     value_range=value_range if value_range is not None else card.get("value_range"))
+                     value_range=value_range if value_range is not None else card.get("value_range"),
+                     output=output if output is not None else (card.get("output") or "auto"))
     clf.card = card or None
     clf.source_hash = digest
     return clf

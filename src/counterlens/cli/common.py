@@ -73,7 +73,7 @@ def load_classifier(args):
     """The model of ``--model`` (with ``--factory``, ``--trust-model-file``, ``--device``, ``--classes``)."""
     from ..loading import load_model
     clf = load_model(args.model, factory=args.factory, trust_model_file=args.trust_model_file,
-                     device=args.device, classes=args.classes)
+                     device=args.device, classes=args.classes, output=getattr(args, "output_head", None))
     which = getattr(args, "logits_output", None)
     if which is not None:
         clf.logits_output = int(which) if str(which).lstrip("-").isdigit() else which

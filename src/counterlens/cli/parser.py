@@ -25,6 +25,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="'auto' (a GPU when present), 'cpu' or 'cuda[:N]' (default: auto)")
     p.add_argument("--logits-output", metavar="INDEX|KEY",
                    help="for a model that returns several outputs (a tuple, list or dict): which one holds the logits")
+    p.add_argument("--output-head", choices=("auto", "logits", "probabilities", "sigmoid", "multilabel"), default=None,
+                   help="what the model outputs: logits, softmax probabilities (explained on the pre-softmax logits), "
+                        "one sigmoid (a binary classifier) or one sigmoid per finding (multilabel) "
+                        "(default: the model card's, else auto: detected from a final Softmax/Sigmoid)")
 
 
 def _add_run_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -61,11 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
         "synth", help="write a synthetic brain-mri or chest-xray dataset with ground-truth masks",
         description="Write a seeded synthetic dataset as PNG folders in class-subfolder layout "
                     "(OUT/Training/<class>/, OUT/Testing/<class>/) with masks in OUT/masks/<name>/.")
-    synth.add_argument("kind", choices=["brain-mri", "chest-xray"])
+    synth.add_argument("kind", choices=["brain-mri", "chest-xray", "brain-mri-3d"],
+                       help="brain-mri-3d: brain MRI volumes with 3-D tumour masks, as NIfTI (.nii.gz) files")
     synth.add_argument("--out", required=True, type=Path, help="output folder")
     synth.add_argument("--n-train", type=int, default=1600, help="training images (default: 1600)")
     synth.add_argument("--n-test", type=int, default=400, help="test images (default: 400)")
-    synth.add_argument("--size", type=int, default=128, help="image side in pixels (default: 128)")
+    synth.add_argument("--size", type=int, default=None,
+                       help="image side in pixels (default: 128; brain-mri-3d: 32, the volume's side)")
+    synth.add_argument("--slices", type=int, default=None,
+                       help="brain-mri-3d: axial slices per volume, for anisotropic voxels (default: --size)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     synth.add_argument("--shortcut-rate", type=float, default=None,
                        help="chest-xray only: plant a marker that agrees with the label at this rate in training "
