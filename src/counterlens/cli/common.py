@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import CounterlensError
+from ..errors import CounterlensError, InputError
 
 
 def comma_list(text: str) -> list[str]:
@@ -72,11 +72,16 @@ def has_class_folders(root: Path) -> bool:
 def load_classifier(args):
     """The model of ``--model`` (with ``--factory``, ``--trust-model-file``, ``--device``, ``--classes``)."""
     from ..loading import load_model
+    overrides = model_overrides(args)
     clf = load_model(args.model, factory=args.factory, trust_model_file=args.trust_model_file,
-                     device=args.device, classes=args.classes, output=getattr(args, "output_head", None))
+                     device=args.device, classes=args.classes, output=getattr(args, "output_head", None), **overrides)
+    clf.overrides = overrides              # recorded in run.yaml (model.overrides) and said before the run
     which = getattr(args, "logits_output", None)
     if which is not None:
         clf.logits_output = int(which) if str(which).lstrip("-").isdigit() else which
+    if getattr(args, "precision", None) is not None:
+        from ..model import check_precision
+        clf.precision = check_precision(args.precision)
     return clf
 
 
@@ -89,3 +94,86 @@ def print_summary(verb: str, summary, out) -> None:
         print(f"  failed: {case}: {reason}")
     if summary.failed > 10:
         print(f"  ... and {summary.failed - 10} more failed files (column error of counterlens.open_run(RUN).cases)")
+
+
+# -- describing a model on the command line: --size, --channels, --value-range, --preprocess ---------------
+_IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+PREPROCESS_SYNTAX = ("normalize:MEAN,STD (per channel: normalize:M1/M2/M3,S1/S2/S3), imagenet, none, or the JSON list "
+                     "of a model card, e.g. '[{\"normalize\": {\"mean\": [0.5], \"std\": [0.5]}}]'")
+
+
+def preprocess_arg(text: str) -> list[dict]:
+    """argparse type of ``--preprocess``: the JSON form of :func:`counterlens.model.preprocess_from_spec`.
+
+    ``normalize:MEAN,STD`` (``(x - MEAN) / STD``; per channel ``normalize:0.485/0.456/0.406,0.229/0.224/0.225``),
+    ``imagenet`` (that per-channel normalisation), ``none`` (no preprocessing, not even the card's), or a JSON list as
+    in ``model.json``.
+    """
+    import json
+    text = text.strip()
+    if text.lower() == "none":
+        return []
+    if text.lower() == "imagenet":
+        return [{"normalize": dict(_IMAGENET)}]
+    if text.startswith("["):
+        try:
+            spec = json.loads(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({exc}); write {PREPROCESS_SYNTAX}") from None
+        from ..model import preprocess_from_spec
+        try:
+            preprocess_from_spec(spec)
+        except (InputError, KeyError, TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+        return spec
+    name, colon, rest = text.partition(":")
+    parts = rest.split(",")
+    if name.lower() != "normalize" or not colon or len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: write {PREPROCESS_SYNTAX}")
+    try:
+        mean, std = ([float(v) for v in p.split("/")] for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: MEAN and STD must be numbers (several separated by /)") from None
+    if len(mean) != len(std) or not all(v > 0 and v < float("inf") for v in std) \
+            or not all(abs(v) < float("inf") for v in mean):
+        raise argparse.ArgumentTypeError(f"{text!r}: give as many MEANs as STDs, finite, each STD above 0")
+    return [{"normalize": {"mean": mean, "std": std}}]
+
+
+def model_overrides(args) -> dict:
+    """The model description given by ``--channels``, ``--size``, ``--value-range``, ``--preprocess``
+    (only those given), as :func:`counterlens.loading.load_model` takes it; each replaces the card's."""
+    out = {}
+    channels = getattr(args, "channels", None)
+    if channels is not None:
+        out["in_channels"] = int(channels)
+    size = getattr(args, "size", None)
+    if size is not None:
+        if len(size) not in (2, 3):
+            raise InputError(f"--size {' '.join(map(str, size))}: give the model's input size as H W (images) or "
+                             "D H W (volumes)")
+        out["input_size"] = [int(v) for v in size]
+    value_range = getattr(args, "value_range", None)
+    if value_range is not None:
+        low, high = (float(v) for v in value_range)
+        if not low < high:
+            raise InputError(f"--value-range {low:g} {high:g}: LOW must be below HIGH (the data values the model takes)")
+        out["value_range"] = [low, high]
+    preprocess = getattr(args, "preprocess", None)
+    if preprocess is not None:
+        out["preprocess"] = preprocess
+    return out
+
+
+def image_dataset(clf, data, *, masks=None, limit=None, one_size: bool = False):
+    """The ImageFolder of ``data`` read as the model needs it, checked against the model before the
+    first image (:func:`counterlens.runs.diagnose.diagnose`); prints what the model expects and what
+    the loader does to the images. Returns ``(dataset, diagnosis)``."""
+    from ..data.images import ImageFolder
+    from ..runs.diagnose import diagnose
+    dataset = ImageFolder(data, classes=clf.classes if has_class_folders(data) else None, masks=masks, limit=limit)
+    found = diagnose(clf, dataset, one_size=one_size)
+    dataset.channels, dataset.size = found.channels, found.size
+    for line in found.lines:
+        print(line)
+    return dataset, found

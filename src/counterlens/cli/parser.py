@@ -29,6 +29,26 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="what the model outputs: logits, softmax probabilities (explained on the pre-softmax logits), "
                         "one sigmoid (a binary classifier) or one sigmoid per finding (multilabel) "
                         "(default: the model card's, else auto: detected from a final Softmax/Sigmoid)")
+    p.add_argument("--precision", choices=("bf16", "fp16"), default=None,
+                   help="run the model under autocast in bfloat16 or float16 (maps, baselines and thresholds stay "
+                        "float32; on the CPU bf16 is the one that can be faster) (default: the model's own dtype)")
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    """What the model takes, for a model file without a card (TorchScript, .pt2) or to correct a card."""
+    p.add_argument("--size", nargs="+", type=positive_int, metavar="N",
+                   help="the model's input size, H W (or D H W for volumes): every image is resized to it (default: "
+                        "the model card's input_size, else each image's own size when the model takes it)")
+    p.add_argument("--channels", type=positive_int, metavar="N",
+                   help="the model's input channels: 3 repeats grey images, 1 turns RGB into grey (default: the card's "
+                        "in_channels, else the model's first layer when the data already has that many)")
+    p.add_argument("--value-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                   help="the data values the model takes, in data space (default: the card's value_range); "
+                        "counterfactuals stay inside it and data outside it is warned about")
+    p.add_argument("--preprocess", type=preprocess_arg, metavar="SPEC",
+                   help="what the model does to the data before its first layer, replacing the card's: "
+                        "normalize:MEAN,STD (per channel normalize:M1/M2/M3,S1/S2/S3), imagenet, none, or a model "
+                        "card's JSON list (e.g. normalize:-1000,4000 maps CT values -1000..3000 onto 0..1)")
 
 
 def _add_run_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -83,7 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train a reference CNN on DATA/Training (or DATA itself), test on DATA/Testing "
                                        "when present, and save a model directory (weights + model.json card).")
     train.add_argument("--data", required=True, type=Path, help="dataset folder in class-subfolder layout")
-    train.add_argument("--arch", required=True, help="pneumonia-cnn, brain-tumor-cnn or small-resnet")
+    train.add_argument("--arch", required=True,
+                       help="pneumonia-cnn, brain-tumor-cnn, small-resnet or brain-tumor-cnn3d (volumes)")
+    train.add_argument("--volume", action="store_true",
+                       help="train on whole volumes (NIfTI, DICOM series folders) resized to SIZE^3 with the 3-D "
+                            "version of --arch (implied by brain-tumor-cnn3d)")
     train.add_argument("--out", required=True, type=Path, help="model directory to write")
     train.add_argument("--size", type=int, default=64, help="input side the model is built for (default: 64)")
     train.add_argument("--width", type=float, default=1.0, help="channel-width multiplier (default: 1.0)")
@@ -100,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "the same command resumes where it stopped; other settings are refused "
                                          "unless --overwrite. Read it back with counterlens.open_run(RUN).")
     _add_model_args(explain)
+    _add_input_args(explain)
     explain.add_argument("--data", required=True, type=Path,
                          help="an image file, a flat folder, or a folder in class-subfolder layout")
     explain.add_argument("--out", required=True, type=Path, help="run directory")
@@ -127,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "each image's distance weight adapted step by step) into the run directory "
                                     "and RUN/report.html. Re-running into the same RUN resumes.")
     _add_model_args(cf)
+    _add_input_args(cf)
     cf.add_argument("--data", type=Path, help="an image file or folder (class subfolders give labels); or use --table")
     cf.add_argument("--table", type=Path, help="a CSV table: counterfactuals of its rows (tabular search) instead of --data")
     cf.add_argument("--label", help="--table: the label column (not a feature)")
@@ -185,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "and write RUN/audit.json, RUN/audit.md and a run directory. Prints a "
                                        "plain-language verdict.")
     _add_model_args(audit)
+    _add_input_args(audit)
     audit.add_argument("--data", required=True, type=Path, help="an image file or folder (class subfolders give labels)")
     audit.add_argument("--region", required=True, metavar="MASKS_DIR|x0,y0,x1,y1",
                        help="folder of masks matched to images by file stem, or a box x0,y0,x1,y1 in pixels of the "
@@ -222,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--trust-model-file", action="store_true",
                     help="allow a fully pickled model (can run code when loaded)")
     ev.add_argument("--classes", type=comma_list, help="class names, comma-separated")
+    _add_input_args(ev)
     ev.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda[:N]")
     ev.add_argument("--metrics", type=comma_list, help="comma-separated metric names (default: all that apply)")
     ev.add_argument("--steps", type=positive_int, default=20, help="deletion/insertion steps (default: 20)")

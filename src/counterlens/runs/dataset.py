@@ -15,7 +15,7 @@ from .spec import model_spec, package_versions, resolved_methods
 from .store import prepare_run
 
 MODEL_KEYS = ("model.sha256", "model.weights_sha256", "model.classes", "model.in_channels", "model.input_size",
-              "model.value_range", "model.preprocess", "model.logits_output")
+              "model.value_range", "model.preprocess", "model.logits_output", "model.precision")
 EXPLAIN_KEYS = (*MODEL_KEYS, "data", "target", "methods")
 COUNTERFACTUAL_KEYS = (*MODEL_KEYS, "data", "counterfactual")
 

@@ -48,6 +48,7 @@ def model_spec(clf, source: str) -> dict:
             "input_size": list(clf.input_size) if clf.input_size else None,
             "value_range": list(clf.value_range) if clf.value_range else None,
             "preprocess": card.get("preprocess"), "logits_output": getattr(clf, "logits_output", None),
+            "precision": getattr(clf, "precision", None),
             "test_accuracy": card.get("test_accuracy")}
 
 

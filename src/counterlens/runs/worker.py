@@ -81,7 +81,7 @@ def _unpack(data: bytes, folder: Path) -> Path:
 
 
 def load_classifier(source, *, factory=None, trust_model_file: bool = False, device="auto", classes=None,
-                    logits_output=None, sha256: str | None = None, **overrides):
+                    logits_output=None, sha256: str | None = None, precision: str | None = None, **overrides):
     """A :class:`~counterlens.model.Classifier` from ``source``: a model directory or file (a path
     that this worker can read), or its bytes (a model file's, or :func:`pack_model`'s).
 
@@ -108,6 +108,9 @@ def load_classifier(source, *, factory=None, trust_model_file: bool = False, dev
                              "model): every worker must load the same model file")
     if logits_output is not None:
         clf.logits_output = logits_output
+    if precision is not None:
+        from ..model import check_precision
+        clf.precision = check_precision(precision)
     return clf
 
 
