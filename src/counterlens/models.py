@@ -262,6 +262,10 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+#: Architectures that take volumes ``[B, C, D, H, W]`` only (``counterlens train`` reads 3-D data for them).
+VOLUME_ARCHITECTURES = ("brain-tumor-cnn3d",)
+
+
 def architecture_name(name: str) -> str:
     """The key of :data:`ARCHITECTURES` for ``name`` (``Small_ResNet`` -> ``small-resnet``)."""
     key = str(name).strip().lower().replace("_", "-")

@@ -29,13 +29,22 @@ __all__ = ["train_classifier", "evaluate_accuracy", "random_flip_shift", "train_
 
 
 def _as_xy(x, y, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate ``x [N, C, *spatial]`` (float) and ``y [N]`` (int class indices)."""
+    """Validate ``x [N, C, *spatial]`` (float) and ``y [N]`` (int class indices) or, multi-label,
+    ``y [N, K]`` (1 present, 0 absent, -1 unknown per finding)."""
     x = torch.as_tensor(x)
     y = torch.as_tensor(y)
     if x.dim() < 3:
         raise InputError(f"{name}: x has shape {tuple(x.shape)}; expected [N, channels, *spatial]")
+    if y.dim() == 2 and y.shape[0] == x.shape[0]:
+        if not torch.isin(y, torch.tensor([-1, 0, 1], dtype=y.dtype)).all():
+            raise InputError(f"{name}: multi-label y [N, K] holds values other than 1, 0 and -1 (unknown)")
+        x = x.float() if not torch.is_floating_point(x) or x.dtype == torch.float64 else x
+        if not torch.isfinite(x).all():
+            raise InputError(f"{name}: x contains NaN or infinite values")
+        return x, y.long()
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
-        raise InputError(f"{name}: y has shape {tuple(y.shape)}; expected [{x.shape[0]}] (one label per row of x)")
+        raise InputError(f"{name}: y has shape {tuple(y.shape)}; expected [{x.shape[0]}] (one label per row of x) or "
+                         f"[{x.shape[0]}, K] (multi-label: 0/1 per finding)")
     if x.shape[0] == 0:
         raise InputError(f"{name}: x is empty")
     if torch.is_floating_point(y) and not torch.equal(y, y.round()):
@@ -63,7 +72,8 @@ def _batched_logits(forward: Callable, x: torch.Tensor, device, batch_size: int)
 
 @torch.no_grad()
 def evaluate_accuracy(classifier_or_module, x, y, batch_size: int = 256, preprocess=None) -> float:
-    """Fraction of rows of ``x [N, C, *spatial]`` (data space) whose argmax logit equals ``y [N]``.
+    """Fraction of rows of ``x [N, C, *spatial]`` (data space) whose argmax logit equals ``y [N]``
+    (multi-label ``y [N, K]``: of the known labels whose logit has the label's sign).
 
     A :class:`Classifier` uses its own preprocessing and device; a bare module gets ``preprocess``
     first and runs on its parameters' device. Runs in eval mode and restores the module's modes.
@@ -91,7 +101,24 @@ def evaluate_accuracy(classifier_or_module, x, y, batch_size: int = 256, preproc
     else:
         raise InputError(f"evaluate_accuracy: expected a Classifier or nn.Module, got "
                          f"{type(classifier_or_module).__name__}")
-    return (logits.argmax(dim=1).cpu() == y).float().mean().item()
+    right, counted = hits(logits.cpu(), y)
+    return right.item() / max(1, counted)
+
+
+def multilabel_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of each finding's logit, over the known labels (``y`` -1: unknown, left out)."""
+    known = (y >= 0).to(logits.dtype)
+    loss = F.binary_cross_entropy_with_logits(logits, y.clamp(min=0).to(logits.dtype), weight=known, reduction="sum")
+    return loss / known.sum().clamp(min=1)
+
+
+def hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(correct, counted)``: rows whose argmax is ``y [N]``; multi-label (``y [N, K]``): known
+    labels whose sigmoid side (logit > 0) agrees, each finding of each row counted once."""
+    if y.dim() == 2:
+        known = y >= 0
+        return ((logits > 0) == (y > 0))[known].sum(), int(known.sum())
+    return (logits.argmax(dim=1) == y).sum(), len(y)
 
 
 def random_flip_shift(flip_axes: Sequence[int] = (-1,), max_shift: float = 0.0625) -> Callable:
@@ -124,7 +151,8 @@ def train_classifier(module, x_train, y_train, *, x_val=None, y_val=None, epochs
                      batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
                      preprocess=None, augment: Callable | None = None, progress: bool = True,
                      device="auto", log: Callable[[str], None] | None = None) -> dict:
-    """Train ``module`` with Adam and cross-entropy; return the per-epoch history.
+    """Train ``module`` with Adam and cross-entropy (multi-label ``y [N, K]``: binary cross-entropy
+    of each finding's logit, unknown labels left out); return the per-epoch history.
 
     Parameters
     ----------
@@ -132,7 +160,8 @@ def train_classifier(module, x_train, y_train, *, x_val=None, y_val=None, epochs
         Maps ``preprocess(x)`` to logits ``[B, n_classes]``; trained in place. A callable is built
         right after ``torch.manual_seed(seed)``, so its initial weights depend on ``seed`` only. A
         Classifier contributes its module and (unless ``preprocess`` is given) its preprocessing.
-    x_train, y_train : ``[N, C, *spatial]`` data-space values and ``[N]`` class indices.
+    x_train, y_train : ``[N, C, *spatial]`` data-space values and ``[N]`` class indices, or ``[N, K]``
+        findings (1 present, 0 absent, -1 unknown) for a multi-label model (one logit per finding).
     x_val, y_val : optional validation split, scored after every epoch in eval mode.
     epochs, batch_size, lr, weight_decay : the usual; defaults 10, 32, 1e-3, 0.
     seed : seeds the shuffling generator and (inside ``torch.random.fork_rng``, so the caller's
@@ -196,7 +225,7 @@ def train_classifier(module, x_train, y_train, *, x_val=None, y_val=None, epochs
                 order = torch.randperm(n, generator=shuffle)
                 loss_sum = torch.zeros((), device=dev)
                 correct = torch.zeros((), device=dev, dtype=torch.long)
-                seen = 0
+                seen = counted = 0
                 for step, i in enumerate(range(0, n, bs)):
                     idx = order[i:i + bs]
                     if len(idx) == 1 and n > 1:  # BatchNorm cannot train on one row; skip the remainder
@@ -206,23 +235,25 @@ def train_classifier(module, x_train, y_train, *, x_val=None, y_val=None, epochs
                     if augment is not None:
                         xb = augment(xb)
                     logits = forward(xb)
-                    loss = F.cross_entropy(logits, yb)
+                    loss = multilabel_loss(logits, yb) if yb.dim() == 2 else F.cross_entropy(logits, yb)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     loss_sum += loss.detach() * len(idx)
-                    correct += (logits.detach().argmax(dim=1) == yb).sum()
+                    right, n_labels = hits(logits.detach(), yb)
+                    correct += right
                     seen += len(idx)
+                    counted += n_labels
                     bar.update(1)
                     if progress and (step % 10 == 0 or step == steps - 1):
                         bar.set_postfix(epoch=epoch, loss=f"{loss_sum.item() / seen:.4f}",
-                                        acc=f"{correct.item() / seen:.3f}")
+                                        acc=f"{correct.item() / max(counted, 1):.3f}")
                 val_acc = None
                 if has_val:
                     val_acc = evaluate_accuracy(module, x_val, y_val, batch_size=max(bs, 256), preprocess=pre)
                 history["epoch"].append(epoch)
                 history["loss"].append(loss_sum.item() / max(seen, 1))
-                history["train_acc"].append(correct.item() / max(seen, 1))
+                history["train_acc"].append(correct.item() / max(counted, 1))
                 history["val_acc"].append(val_acc)
                 history["seconds"].append(time.perf_counter() - start)
                 if progress and has_val:
@@ -255,45 +286,75 @@ def _check_fit(module: nn.Module, forward: Callable, x: torch.Tensor, y: torch.T
             m.training = flag
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise InputError("train_classifier: the module must return logits [batch, n_classes]")
-    if int(y.max()) >= out.shape[1]:
+    if y.dim() == 2:
+        if y.shape[1] != out.shape[1]:
+            raise InputError(f"train_classifier: y_train has {y.shape[1]} findings per row but the module has "
+                             f"{out.shape[1]} outputs; give it one output per finding")
+    elif int(y.max()) >= out.shape[1]:
         raise InputError(f"train_classifier: y_train has label {int(y.max())} but the module has only "
                          f"{out.shape[1]} outputs; labels must be 0..{out.shape[1] - 1}")
 
 
 def train_model(data: Path, arch: str, out: Path, *, size: int, width: float, epochs: int, batch_size: int,
-                lr: float, seed: int, device: str, progress: bool, log=print) -> dict:
-    """Train ``arch`` on ``data`` and write a model directory; returns the model card."""
+                lr: float, seed: int, device: str, progress: bool, log=print, volume: bool | None = None) -> dict:
+    """Train ``arch`` on ``data`` and write a model directory; returns the model card.
+
+    ``volume``: train on whole volumes resized to ``size``^3 (NIfTI files, DICOM series folders) and
+    build the 3-D network; default: when ``arch`` is a 3-D architecture (``brain-tumor-cnn3d``)."""
     from .data.folders import load_arrays, split_folders
     from .data.images import ImageFolder
     from .loading import save_model_card
     from .models import architecture_name, build_model
 
     arch = architecture_name(arch)   # fail before loading any data
+    from .models import VOLUME_ARCHITECTURES
+    shape = (size,) * (3 if (arch in VOLUME_ARCHITECTURES if volume is None else volume) else 2)
     train_dir, test_dir = split_folders(Path(data))
-    train_set = ImageFolder(train_dir, channels=1, size=size)
+    train_set = ImageFolder(train_dir, channels=1, size=shape)
     classes = train_set.classes
     x, y = load_arrays(train_set, progress)
     x_test = y_test = None
     if test_dir is not None:
-        x_test, y_test = load_arrays(ImageFolder(test_dir, channels=1, size=size, classes=classes), progress)
+        x_test, y_test = load_arrays(ImageFolder(test_dir, channels=1, size=shape, classes=classes), progress)
     else:   # hold out 20%, seeded
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
         n_test = max(1, len(x) // 5)
         x_test, y_test, x, y = x[perm[:n_test]], y[perm[:n_test]], x[perm[n_test:]], y[perm[n_test:]]
-    kwargs = {"num_classes": len(classes), "in_channels": 1, "input_size": [size, size], "width": width}
+    kwargs = {"num_classes": len(classes), "in_channels": 1, "input_size": list(shape), "width": width}
     torch.manual_seed(seed)
     module = build_model(arch, **kwargs)
     preprocess = Normalize([0.5], [0.25])
-    log(f"training {arch} on {len(x)} images of {size}x{size} ({', '.join(classes)}), {epochs} epochs")
+    log(f"training {arch} on {len(x)} images of {'x'.join(map(str, shape))} ({', '.join(classes)}"
+        f"{'; multi-label: a sigmoid per finding' if train_set.multilabel else ''}), {epochs} epochs")
     result = train_classifier(module, x, y, x_val=x_test, y_val=y_test, epochs=epochs, batch_size=batch_size,
                                lr=lr, seed=seed, preprocess=preprocess, progress=progress, device=device)
     clf = Classifier(module, preprocess=preprocess, classes=classes, device=device)
     accuracy = evaluate_accuracy(clf, x_test, y_test)
+    head = {}
+    if train_set.multilabel:         # the card says how to read the outputs, and how well each finding does
+        scores = _batched_logits(clf.logits, x_test, clf.device, 256).detach().cpu()
+        head = {"output": "multilabel", "test_auc": {c: finding_auc(scores[:, k], y_test[:, k])
+                                                      for k, c in enumerate(classes)}}
     save_model_card(module.cpu(), out, architecture=arch, kwargs=kwargs, classes=classes, preprocess=preprocess,
-                    in_channels=1, input_size=[size, size], value_range=[0, 1],
-                    extra={"test_accuracy": accuracy, "n_test": len(x_test), "trained_on": str(Path(data).resolve()),
+                    in_channels=1, input_size=list(shape), value_range=[0, 1],
+                    extra={**head, "test_accuracy": accuracy, "n_test": len(x_test),
+                           "trained_on": str(Path(data).resolve()),
                            "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
                                         "seconds": round(float(result["seconds"]), 1),
                                         "val_acc_per_epoch": [round(a, 4) for a in result["history"]["val_acc"]]}})
-    log(f"test accuracy {100 * accuracy:.1f}% on {len(x_test)} images; model written to {out}")
+    auc = ", ".join(f"{c} {v:.3f}" for c, v in head.get("test_auc", {}).items() if v is not None)
+    log(f"test accuracy {100 * accuracy:.1f}%{' per finding' if head else ''} on {len(x_test)} images"
+        f"{f' (AUC {auc})' if auc else ''}; model written to {out}")
     return json.loads((Path(out) / "model.json").read_text())
+
+
+def finding_auc(scores: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Area under the ROC curve of ``scores [N]`` for the known labels of ``y [N]`` (1, 0; -1
+    unknown left out), ties counted half; None without both a positive and a negative."""
+    known = y >= 0
+    s, t = scores[known].double(), y[known] > 0
+    n_pos, n_neg = int(t.sum()), int((~t).sum())
+    if not n_pos or not n_neg:
+        return None
+    greater = (s[t][:, None] > s[~t][None]).double().sum() + 0.5 * (s[t][:, None] == s[~t][None]).double().sum()
+    return round(float(greater / (n_pos * n_neg)), 4)

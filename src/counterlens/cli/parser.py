@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import batch_size_arg, comma_list, positive_int, share
+from .common import batch_size_arg, comma_list, positive_int, preprocess_arg, share
 from .engine import add_engine_args
 
 DEFAULT_METHODS = "gradcam,integrated_gradients"

@@ -6,5 +6,6 @@ from ..training import train_model
 
 def train(args) -> int:
     train_model(args.data, args.arch, args.out, size=args.size, width=args.width, epochs=args.epochs,
-                batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, progress=not args.quiet)
+                batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, progress=not args.quiet,
+                volume=True if getattr(args, "volume", False) else None)
     return 0
