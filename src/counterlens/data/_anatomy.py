@@ -261,8 +261,8 @@ def render_chest(labels: np.ndarray, markers: np.ndarray, rng: np.random.Generat
     # heart (tilted ellipse, apex to the image right), mediastinum with the aortic knob
     hx, hy, th = param(rng, b, 0.08, 0.14), param(rng, b, 0.33, 0.4), param(rng, b, -0.55, -0.35)
     ha, hb = param(rng, b, 0.28, 0.35), param(rng, b, 0.22, 0.27)
-    if findings is not None:                  # cardiomegaly: a heart 30-45% wider and taller
-        grow = np.where(findings[:, 2, None, None], param(rng, b, 1.3, 1.45), F32(1))
+    if findings is not None:                  # cardiomegaly: a heart 40-60% wider and taller
+        grow = np.where(findings[:, 2, None, None], param(rng, b, 1.4, 1.6), F32(1))
         ha, hb = ha * grow, hb * grow
     c, sn = np.cos(th), np.sin(th)
     ha = ha * (0.72 + 0.28 * smoothstep(hy - 0.3, hy + 0.1, y))      # pear: narrow on top

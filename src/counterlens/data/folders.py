@@ -14,7 +14,8 @@ __all__ = ["load_arrays", "split_folders"]
 
 def load_arrays(dataset, progress: bool = False, labels: bool = True):
     """Every image of an ImageFolder in memory: ``x [N, C, *S]`` float32 and, with ``labels``,
-    ``y [N]`` int64 (then every image must have a label)."""
+    ``y [N]`` int64 (then every image must have a label); of a multi-label folder (``labels.csv``)
+    ``y [N, K]`` int64, 1 / 0 / -1 (unknown) per finding."""
     from tqdm.auto import tqdm
     images, ys = [], []
     for i in tqdm(range(len(dataset)), desc=f"loading {dataset.root.name}", unit="img", disable=not progress):
@@ -24,6 +25,8 @@ def load_arrays(dataset, progress: bool = False, labels: bool = True):
         images.append(image)
         ys.append(label)
     x = torch.from_numpy(np.stack(images))
+    if labels and getattr(dataset, "multilabel", False):
+        return x, torch.tensor(ys, dtype=torch.long).reshape(len(ys), len(dataset.classes))
     return (x, torch.tensor(ys, dtype=torch.long)) if labels else x
 
 

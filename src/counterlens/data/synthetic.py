@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from . import _anatomy
+from . import _anatomy, chest_findings
 
 KINDS = ("brain-mri", "chest-xray")
-MULTILABEL_KIND = "chest-multilabel"     # several findings per film: see counterlens.data.chest_findings
+MULTILABEL_KIND = chest_findings.KIND     # several findings per film: see counterlens.data.chest_findings
 CLASSES = {"brain-mri": list(_anatomy.BRAIN_CLASSES), "chest-xray": list(_anatomy.CHEST_CLASSES)}
 MASKS = {"brain-mri": ("tumor", "head", "brain"), "chest-xray": ("opacity", "lungs", "marker")}
 PIXELS_PER_CHUNK = 8 * 128 * 128    # images are drawn in chunks of about this many pixels
@@ -179,11 +179,10 @@ def generate(kind: str, n: int, *, size: int = 128, seed: int = 0, split: str = 
     of each class has a marker; None draws no markers.
     """
     if kind == MULTILABEL_KIND:
-        from .chest_findings import generate_findings
         if shortcut_rate is not None or class_balance is not None:
             raise InputError(f"kind={kind!r} draws each finding independently; leave shortcut_rate and "
                              "class_balance out")
-        return generate_findings(n, size=size, seed=seed, split=split)
+        return _generate_findings(n, size=size, seed=seed, split=split)
     n, size, seed = _check_args(kind, n, size, seed, split, shortcut_rate)
     classes = CLASSES[kind]
     kind_id, split_id = KINDS.index(kind), zlib.crc32(split.encode())
@@ -202,6 +201,29 @@ def generate(kind: str, n: int, *, size: int = 128, seed: int = 0, split: str = 
     names = [f"{split}_{classes[c]}_{i:0{width}d}" for i, c in enumerate(labels)]
     return SyntheticSet(kind, images, labels, list(classes), masks, names, split, seed,
                         None if shortcut_rate is None else float(shortcut_rate))
+
+
+def _generate_findings(n: int, *, size: int = 128, seed: int = 0, split: str = "train", prevalence: float = 0.4):
+    """``n`` multi-finding chest films of ``size`` x ``size`` (a :class:`~counterlens.data.synthetic.SyntheticSet`
+    of kind ``chest-multilabel``: ``labels [n, 3]``, ``classes`` the finding names). Drawn in the
+    chunks and threads of :func:`counterlens.data.synthetic.generate`."""
+    if isinstance(prevalence, bool) or not isinstance(prevalence, (int, float)) or not 0 < prevalence < 1:
+        raise InputError(f"prevalence={prevalence!r}: give the share of images with each finding, in (0, 1)")
+    n, size, seed = _check_args("chest-xray", n, size, seed, split, None)
+    key = (103, zlib.crc32(split.encode()))       # a random stream of its own, not chest-xray's
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(*key, 0)))
+    flags = chest_findings.finding_flags(rng, n, float(prevalence))
+    no_marker = np.zeros(n, bool)
+
+    def render(start, stop, crng):
+        return _anatomy.render_chest(flags[start:stop, 0].astype(np.int64), no_marker[start:stop], crng, size,
+                                     findings=flags[start:stop])
+
+    images, masks = render_chunks(render, n, size, seed, key, chest_findings.MASKS)
+    width = max(5, len(str(n - 1)))
+    names = [f"{split}_{i:0{width}d}" for i in range(n)]
+    return SyntheticSet(MULTILABEL_KIND, images, flags.astype(np.int64), list(chest_findings.FINDINGS), masks, names,
+                        split, seed)
 
 
 def make_dataset(kind: str, *, n_train: int, n_test: int, size: int = 128, seed: int = 0,
@@ -241,9 +263,9 @@ def write_dataset(sets: dict[str, SyntheticSet], out_dir) -> Path:
     for split, s in sets.items():
         top = out / SPLIT_DIRS.get(split, split.capitalize())
         if multilabel:                          # one flat folder per split and its labels table
-            from .chest_findings import LABELS_FILE, labels_csv
             top.mkdir(parents=True, exist_ok=True)
-            (top / LABELS_FILE).write_text(labels_csv(s.names, s.labels, s.classes), encoding="utf-8")
+            (top / chest_findings.LABELS_FILE).write_text(chest_findings.labels_csv(s.names, s.labels, s.classes),
+                                                        encoding="utf-8")
         for c in ([] if multilabel else s.classes):
             (top / c).mkdir(parents=True, exist_ok=True)
         pixels = np.round(np.clip(s.images[:, 0], 0, 1) * 255).astype(np.uint8)
@@ -260,6 +282,6 @@ def write_dataset(sets: dict[str, SyntheticSet], out_dir) -> Path:
             "masks": list(first.masks), "generator": "counterlens.data.synthetic"}
     if multilabel:       # counts are positives per finding; a film may have several or none
         meta.update(multilabel=True, images={split: len(s) for split, s in sets.items()},
-                    labels_file=LABELS_FILE)
+                    labels_file=chest_findings.LABELS_FILE)
     (out / "dataset.json").write_text(json.dumps(meta, indent=2))
     return out
