@@ -61,6 +61,7 @@ from torch import nn
 
 from .cards import CARD_FILE, FORMAT, _build, file_sha256, import_factory, read_model_card, save_model_card
 from .errors import InputError, ModelLoadError, UntrustedModelError
+from .keras_models import keras_file_kind, load_keras
 from .model import Classifier, preprocess_from_spec
 from .models import build_model
 
@@ -355,7 +356,10 @@ def load_model(source, *, factory=None, factory_kwargs: Mapping | None = None, t
             module, card, digest = _load_card(card_dir, factory, factory_kwargs, trust_model_file)
         else:
             digest = file_sha256(path)
-            module = _load_file(path, factory, factory_kwargs, trust_model_file)
+            if keras_file_kind(path):      # .keras / .h5 (by content): converted to torch, or wrapped
+                module, card = load_keras(path, trust_model_file, factory=factory)
+            else:
+                module = _load_file(path, factory, factory_kwargs, trust_model_file)
     except (ModelLoadError, InputError):
         raise
     except Exception as exc:  # anything torch raises on a damaged or foreign file

@@ -305,6 +305,21 @@ class Classifier:
 
     __call__ = logits
 
+    @classmethod
+    def from_keras(cls, model, *, convert: bool = True, **kwargs) -> "Classifier":
+        """A Keras 3 ``keras.Model`` as a classifier (see :mod:`counterlens.keras_models`): converted
+        to native torch modules (``convert=False``, or a layer it cannot convert: the Keras model
+        wrapped, with a warning). ``in_channels``, ``input_size`` and ``output`` default to the
+        Keras model's input shape and final activation; other ``kwargs`` as for ``Classifier``."""
+        from .keras_models import keras_module
+        module, info = keras_module(model, convert=convert)
+        for key in ("in_channels", "input_size", "output"):
+            if kwargs.get(key) is None:
+                kwargs[key] = info[key]
+        clf = cls(module, **kwargs)
+        clf.keras = info
+        return clf
+
     # -- description -----------------------------------------------------------------------------
     def class_names(self, n_classes: int) -> list[str]:
         """Class names, checked against the model's output size."""

@@ -1,0 +1,384 @@
+"""Keras layers as native torch modules: one converter per Keras layer class.
+
+A converter gets the Keras layer, the Keras shapes of its inputs (batch axis included, as Keras
+sees them) and, per input, its *layout* in torch: ``moved`` when the torch tensor holds the Keras
+tensor with its last axis moved to position 1 (a channels-last ``[B, H, W, C]`` image held as
+``[B, C, H, W]``), plain otherwise. It returns :class:`Converted`: the modules to run in order
+(named ``layer`` or ``layer_<part>``), the layout they want their inputs in and the layout of their
+output. Keras layers with ``data_format="channels_last"`` (the default) run as native NCHW torch
+layers on moved tensors; Flatten, Dense on feature maps, Reshape and Permute get the Keras order.
+
+Nothing here imports keras: layers are read through their ``get_config()`` and weights.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .keras_modules import (Affine, AvgPoolSame, ChannelNorm, Crop, Exp, FlattenChannelsFirst, GlobalPool, KerasReLU,
+                            LayerNorm, Merge, Permute, PReLU, Reshape, SamePad)
+
+
+class Unconvertible(Exception):
+    """This Keras layer (or this use of it) has no native torch equivalent here; says why."""
+
+
+@dataclass
+class Converted:
+    parts: list[tuple[str, nn.Module]]   # ("", module) is named after the layer; ("relu", ...) -> layer_relu
+    want: bool                           # inputs moved (channels first) or in Keras order
+    moved: bool                          # the output's layout
+
+
+CONVERTERS: dict[str, Callable] = {}
+
+
+def converts(*class_names: str):
+    def register(fn):
+        for name in class_names:
+            CONVERTERS[name] = fn
+        return fn
+    return register
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def torch_axis(axis: int, rank: int, moved: bool) -> int:
+    """Where Keras axis ``axis`` of a rank-``rank`` tensor is in torch (moved or not)."""
+    axis = axis % rank
+    if not moved or rank < 3 or axis == 0:
+        return axis
+    return 1 if axis == rank - 1 else axis + 1
+
+
+def broadcast_in_layout(value, rank: int, moved: bool, axis: int = -1) -> torch.Tensor:
+    """A per-``axis`` vector (or a scalar) as a tensor that broadcasts against the torch tensor."""
+    t = torch.as_tensor(value, dtype=torch.float32)
+    if t.dim() == 0:
+        return t
+    t = t.reshape(-1)
+    shape = [1] * rank
+    shape[torch_axis(axis, rank, moved)] = t.numel()
+    return t.reshape(shape)
+
+
+ACTIVATIONS: dict[str, Callable[[int], nn.Module | None]] = {
+    "linear": lambda dim: None, "relu": lambda dim: nn.ReLU(), "relu6": lambda dim: nn.ReLU6(),
+    "sigmoid": lambda dim: nn.Sigmoid(), "softmax": lambda dim: nn.Softmax(dim=dim),
+    "log_softmax": lambda dim: nn.LogSoftmax(dim=dim), "tanh": lambda dim: nn.Tanh(),
+    "elu": lambda dim: nn.ELU(), "selu": lambda dim: nn.SELU(), "gelu": lambda dim: nn.GELU(),
+    "silu": lambda dim: nn.SiLU(), "swish": lambda dim: nn.SiLU(),
+    "leaky_relu": lambda dim: nn.LeakyReLU(0.2), "softplus": lambda dim: nn.Softplus(),
+    "softsign": lambda dim: nn.Softsign(), "hard_sigmoid": lambda dim: nn.Hardsigmoid(),
+    "hard_silu": lambda dim: nn.Hardswish(), "hard_swish": lambda dim: nn.Hardswish(),
+    "mish": lambda dim: nn.Mish(), "celu": lambda dim: nn.CELU(), "log_sigmoid": lambda dim: nn.LogSigmoid(),
+    "hard_tanh": lambda dim: nn.Hardtanh(), "tanh_shrink": lambda dim: nn.Tanhshrink(),
+    "exponential": lambda dim: Exp(),
+}
+
+
+def activation_name(activation) -> str:
+    """The Keras name of an ``activation=`` config entry (a string, or a serialized dict)."""
+    if activation is None:
+        return "linear"
+    if isinstance(activation, dict):
+        activation = activation.get("config") if activation.get("class_name") == "function" else activation
+    if isinstance(activation, str):
+        return activation.lower()
+    raise Unconvertible(f"custom activation {activation!r}")
+
+
+def activation_part(activation, rank: int, moved: bool) -> list[tuple[str, nn.Module]]:
+    name = activation_name(activation)
+    if name not in ACTIVATIONS:
+        raise Unconvertible(f"activation {name!r}")
+    module = ACTIVATIONS[name](torch_axis(-1, rank, moved))
+    return [] if module is None else [(name, module)]
+
+
+def weight(layer, name: str) -> torch.Tensor | None:
+    """The layer's variable ``name`` (``kernel``, ``bias``, ``gamma`` ...) as a float32 tensor, or None."""
+    w = getattr(layer, name, None)
+    if w is None:
+        return None
+    if isinstance(w, torch.Tensor):
+        w = w.detach().cpu()
+    elif hasattr(w, "numpy"):
+        w = w.numpy()
+    return torch.as_tensor(w, dtype=torch.float32).clone()
+
+
+def _tuple(value, n: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * n
+
+
+def _channels_last(cfg: dict) -> bool:
+    data_format = cfg.get("data_format") or "channels_last"
+    if data_format not in ("channels_last", "channels_first"):
+        raise Unconvertible(f"data_format={data_format!r}")
+    return data_format == "channels_last"
+
+
+def _spatial(class_name: str) -> int:
+    return int(class_name.rstrip("D")[-1])
+
+
+def _set(module: nn.Module, **tensors) -> nn.Module:
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if value is not None:
+                getattr(module, name).copy_(value)
+    return module
+
+
+def _same_or_valid(cfg: dict, k, s, d, causal_ok: bool = False):
+    """``(padding for the torch layer, a padding module or None)`` of a Keras ``padding=``."""
+    padding = cfg.get("padding", "valid")
+    if padding == "valid":
+        return 0, None
+    if padding == "causal" and causal_ok:
+        return 0, nn.ConstantPad1d(((k[0] - 1) * d[0], 0), 0.0)
+    if padding != "same":
+        raise Unconvertible(f"padding={padding!r}")
+    totals = [(k[i] - 1) * d[i] for i in range(len(k))]
+    if all(si == 1 for si in s) and all(t % 2 == 0 for t in totals):
+        return tuple(t // 2 for t in totals), None           # symmetric: the torch layer pads itself
+    return 0, SamePad(k, s, d)
+
+
+# -- converters ---------------------------------------------------------------------------------
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+@converts("Conv1D", "Conv2D", "Conv3D", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D")
+def _conv(layer, cfg, shapes, moved):
+    cls, last, rank = type(layer).__name__, _channels_last(cfg), len(shapes[0])
+    n = _spatial(cls)
+    c_in = shapes[0][-1] if last else shapes[0][1]
+    k, s, d = _tuple(cfg["kernel_size"], n), _tuple(cfg["strides"], n), _tuple(cfg["dilation_rate"], n)
+    if not isinstance(c_in, int):
+        raise Unconvertible("input channels unknown")
+    pad, pad_module = _same_or_valid(cfg, k, s, d, causal_ok=(n == 1))
+    parts = [("pad", pad_module)] if pad_module is not None else []
+    bias = weight(layer, "bias") if cfg.get("use_bias", True) else None
+    Conv = _CONVS[n]
+    if cls.startswith("Conv"):
+        w = weight(layer, "kernel")                               # (*k, in / groups, out)
+        w = w.permute(n + 1, n, *range(n))
+        conv = Conv(c_in, w.shape[0], k, s, pad, d, groups=int(cfg.get("groups", 1)), bias=bias is not None)
+        parts.append(("", _set(conv, weight=w, bias=bias)))
+    else:
+        mult = int(cfg["depth_multiplier"])
+        dw = weight(layer, "kernel" if cls.startswith("Depthwise") else "depthwise_kernel")   # (*k, in, mult)
+        dw = dw.reshape(*k, c_in * mult).permute(n, *range(n)).unsqueeze(1)
+        if cls.startswith("Depthwise"):
+            conv = Conv(c_in, c_in * mult, k, s, pad, d, groups=c_in, bias=bias is not None)
+            parts.append(("", _set(conv, weight=dw, bias=bias)))
+        else:
+            pw = weight(layer, "pointwise_kernel")                # (1, ..., in * mult, out)
+            pw = pw.reshape(c_in * mult, -1).t().reshape(-1, c_in * mult, *([1] * n))
+            parts.append(("depthwise", _set(Conv(c_in, c_in * mult, k, s, pad, d, groups=c_in, bias=False), weight=dw)))
+            parts.append(("", _set(Conv(c_in * mult, pw.shape[0], 1, bias=bias is not None), weight=pw, bias=bias)))
+    parts += activation_part(cfg.get("activation"), rank, last)
+    return Converted(parts, last, last)
+
+
+@converts(*(f"{kind}Pooling{n}D" for kind in ("Max", "Average") for n in (1, 2, 3)))
+def _pool(layer, cfg, shapes, moved):
+    cls, last = type(layer).__name__, _channels_last(cfg)
+    n, is_max = _spatial(cls), cls.startswith("Max")
+    k = _tuple(cfg["pool_size"], n)
+    s = _tuple(cfg.get("strides") or k, n)
+    pool = {1: (nn.MaxPool1d, nn.AvgPool1d), 2: (nn.MaxPool2d, nn.AvgPool2d),
+            3: (nn.MaxPool3d, nn.AvgPool3d)}[n][0 if is_max else 1](k, s)
+    if cfg.get("padding", "valid") == "valid":
+        return Converted([("", pool)], last, last)
+    if cfg["padding"] != "same":
+        raise Unconvertible(f"padding={cfg['padding']!r}")
+    pad = SamePad(k, s, (1,) * n, value=-math.inf if is_max else 0.0)
+    parts = [("pad", pad), ("", pool)] if is_max else [("", AvgPoolSame(pool, pad))]
+    return Converted(parts, last, last)
+
+
+@converts(*(f"Global{kind}Pooling{n}D" for kind in ("Max", "Average") for n in (1, 2, 3)))
+def _global_pool(layer, cfg, shapes, moved):
+    last, keep = _channels_last(cfg), bool(cfg.get("keepdims", False))
+    mode = "max" if type(layer).__name__.startswith("GlobalMax") else "mean"
+    return Converted([("", GlobalPool(mode, keep))], last, last and keep)
+
+
+@converts("BatchNormalization")
+def _batchnorm(layer, cfg, shapes, moved):
+    rank, m = len(shapes[0]), moved[0]
+    axis = cfg["axis"]
+    if isinstance(axis, (list, tuple)):
+        if len(axis) != 1:
+            raise Unconvertible(f"axis={axis}")
+        axis = axis[0]
+    ta = torch_axis(axis, rank, m)
+    mean, var = weight(layer, "moving_mean"), weight(layer, "moving_variance")
+    gamma = weight(layer, "gamma") if cfg.get("scale", True) else torch.ones_like(mean)
+    beta = weight(layer, "beta") if cfg.get("center", True) else torch.zeros_like(mean)
+    eps = float(cfg["epsilon"])
+    if ta == 1 and 2 <= rank <= 5:
+        bn = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[rank](mean.numel(), eps=eps)
+        module = _set(bn, running_mean=mean, running_var=var, weight=gamma, bias=beta)
+    else:
+        shape = [1] * rank
+        shape[ta] = -1
+        module = ChannelNorm(*(t.reshape(shape) for t in (mean, var, gamma, beta)), eps)
+    return Converted([("", module)], m, m)
+
+
+@converts("LayerNormalization")
+def _layernorm(layer, cfg, shapes, moved):
+    if cfg.get("rms_scaling"):
+        raise Unconvertible("rms_scaling=True")
+    rank, m = len(shapes[0]), moved[0]
+    axes = cfg["axis"] if isinstance(cfg["axis"], (list, tuple)) else [cfg["axis"]]
+    axes = sorted(a % rank for a in axes)
+    shape = [1] * rank
+    for a in axes:
+        shape[a] = shapes[0][a]
+    ones = torch.ones([s for s in shape])
+    gamma = weight(layer, "gamma").reshape(shape) if cfg.get("scale", True) else ones
+    beta = weight(layer, "beta").reshape(shape) if cfg.get("center", True) else torch.zeros_like(ones)
+    if m and rank >= 3:
+        gamma, beta = gamma.movedim(-1, 1), beta.movedim(-1, 1)
+    dims = [torch_axis(a, rank, m) for a in axes]
+    return Converted([("", LayerNorm(dims, gamma, beta, float(cfg["epsilon"])))], m, m)
+
+
+@converts("Dense")
+def _dense(layer, cfg, shapes, moved):
+    if getattr(layer, "quantization_mode", None):
+        raise Unconvertible(f"quantized ({layer.quantization_mode})")
+    kernel, bias = weight(layer, "kernel"), weight(layer, "bias") if cfg.get("use_bias", True) else None
+    linear = _set(nn.Linear(kernel.shape[0], kernel.shape[1], bias=bias is not None), weight=kernel.t(), bias=bias)
+    return Converted([("", linear)] + activation_part(cfg.get("activation"), len(shapes[0]), False), False, False)
+
+
+@converts("Flatten")
+def _flatten(layer, cfg, shapes, moved):
+    first = not _channels_last(cfg) and len(shapes[0]) > 2
+    return Converted([("", FlattenChannelsFirst() if first else nn.Flatten(1))], False, False)
+
+
+@converts("Activation", "ReLU", "LeakyReLU", "ELU", "Softmax", "PReLU")
+def _activation(layer, cfg, shapes, moved):
+    cls, rank, m = type(layer).__name__, len(shapes[0]), moved[0]
+    if cls == "Activation":
+        parts = activation_part(cfg["activation"], rank, m)
+        module = parts[0][1] if parts else nn.Identity()
+    elif cls == "ReLU":
+        top, slope, threshold = cfg.get("max_value"), float(cfg.get("negative_slope") or 0), float(cfg.get("threshold") or 0)
+        if slope == 0 and threshold == 0 and top is None:
+            module = nn.ReLU()
+        elif slope == 0 and threshold == 0 and float(top) == 6.0:
+            module = nn.ReLU6()
+        else:
+            module = KerasReLU(None if top is None else float(top), slope, threshold)
+    elif cls == "LeakyReLU":
+        module = nn.LeakyReLU(float(cfg["negative_slope"]))
+    elif cls == "ELU":
+        module = nn.ELU(float(cfg.get("alpha", 1.0)))
+    elif cls == "Softmax":
+        axis = cfg.get("axis", -1)
+        if isinstance(axis, (list, tuple)):
+            if len(axis) != 1:
+                raise Unconvertible(f"axis={axis}")
+            axis = axis[0]
+        module = nn.Softmax(dim=torch_axis(axis, rank, m))
+    else:
+        alpha = weight(layer, "alpha").unsqueeze(0)
+        module = PReLU(alpha.movedim(-1, 1) if m and rank >= 3 else alpha)
+    return Converted([("", module)], m, m)
+
+
+_IDENTITY = ("GaussianNoise", "GaussianDropout", "AlphaDropout", "ActivityRegularization", "Identity",
+             "RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast", "RandomBrightness")
+
+
+@converts("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", *_IDENTITY)
+def _dropout(layer, cfg, shapes, moved):
+    cls, m = type(layer).__name__, moved[0]
+    if cls == "Dropout":
+        return Converted([("", nn.Dropout(float(cfg["rate"])))], m, m)
+    if cls.startswith("SpatialDropout"):
+        last = _channels_last(cfg)
+        module = {1: nn.Dropout1d, 2: nn.Dropout2d, 3: nn.Dropout3d}[_spatial(cls)](float(cfg["rate"]))
+        return Converted([("", module)], last, last)
+    return Converted([("", nn.Identity())], m, m)              # identity at inference
+
+
+def _pairs(value, n: int) -> list[tuple[int, int]]:
+    if isinstance(value, int):
+        return [(value, value)] * n
+    return [tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v)) for v in value] \
+        if n > 1 else [tuple(value) if isinstance(value, (tuple, list)) else (value, value)]
+
+
+@converts("ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D", "Cropping1D", "Cropping2D", "Cropping3D")
+def _pad_crop(layer, cfg, shapes, moved):
+    cls, last = type(layer).__name__, _channels_last(cfg)
+    n = _spatial(cls)
+    if cls.startswith("ZeroPadding"):
+        pads = [p for pair in reversed(_pairs(cfg["padding"], n)) for p in pair]
+        module = {1: nn.ConstantPad1d, 2: nn.ConstantPad2d, 3: nn.ConstantPad3d}[n](tuple(pads), 0.0)
+    else:
+        module = Crop(_pairs(cfg["cropping"], n))
+    return Converted([("", module)], last, last)
+
+
+@converts("UpSampling1D", "UpSampling2D", "UpSampling3D")
+def _upsample(layer, cfg, shapes, moved):
+    cls, last = type(layer).__name__, _channels_last(cfg)
+    if cfg.get("interpolation", "nearest") != "nearest":
+        raise Unconvertible(f"interpolation={cfg['interpolation']!r}")
+    size = _tuple(cfg["size"], _spatial(cls))
+    return Converted([("", nn.Upsample(scale_factor=tuple(float(v) for v in size), mode="nearest"))], last, last)
+
+
+@converts("Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate")
+def _merge(layer, cfg, shapes, moved):
+    ranks = {len(s) for s in shapes}
+    if len(ranks) != 1:
+        raise Unconvertible(f"inputs of different ranks {sorted(ranks)}")
+    m = moved[0]
+    op = type(layer).__name__.lower()
+    dim = torch_axis(int(cfg.get("axis", -1)), len(shapes[0]), m) if op == "concatenate" else 1
+    return Converted([("", Merge(op, dim))], m, m)
+
+
+@converts("Rescaling", "Normalization")
+def _rescale(layer, cfg, shapes, moved):
+    rank, m = len(shapes[0]), moved[0]
+    if type(layer).__name__ == "Rescaling":
+        scale = broadcast_in_layout(cfg["scale"], rank, m)
+        module = Affine(scale, 0.0, broadcast_in_layout(cfg.get("offset", 0.0), rank, m))
+    else:
+        if cfg.get("invert"):
+            raise Unconvertible("invert=True")
+        mean, var = weight(layer, "mean"), weight(layer, "variance")
+        if mean is None or var is None:
+            raise Unconvertible("not adapted (no mean / variance)")
+        mean, var = mean.reshape(shapes_like(mean, rank)), var.reshape(shapes_like(var, rank))
+        if m and rank >= 3:
+            mean, var = mean.movedim(-1, 1), var.movedim(-1, 1)
+        module = Affine(1.0 / var.sqrt().clamp(min=1e-7), mean, 0.0)
+    return Converted([("", module)], m, m)
+
+
+def shapes_like(t: torch.Tensor, rank: int) -> list[int]:
+    """``t``'s shape left-padded with ones to ``rank`` axes (a Keras broadcast shape)."""
+    return [1] * (rank - t.dim()) + list(t.shape)
+
+
+@converts("Reshape", "Permute")
+def _reshape(layer, cfg, shapes, moved):
+    if type(layer).__name__ == "Reshape":
+        return Converted([("", Reshape(cfg["target_shape"]))], False, False)
+    return Converted([("", Permute(cfg["dims"]))], False, False)
