@@ -34,6 +34,12 @@ class CounterfactualResult:
         lambda reached, and (both columns) whether the row found a valid counterfactual.
     classes : class names, when known.
     params : the search settings, for records.
+    target_on : ``[B]`` bool, multi-label only: the state the target finding was asked to reach
+        (True: switched on, False: switched off); None otherwise.
+    multilabel : the model is multi-label: ``target`` is a finding, ``probs_before`` /
+        ``probs_after`` are every finding's own sigmoid probability (the other findings, reported,
+        not constrained; see :meth:`findings`), and ``valid`` means the target finding's probability
+        is ``>= threshold`` (on) or ``<= 1 - threshold`` (off).
     """
 
     x: Tensor
@@ -52,6 +58,8 @@ class CounterfactualResult:
     lam_valid: Tensor | None = None
     classes: list[str] | None = None
     params: dict = field(default_factory=dict)
+    target_on: Tensor | None = None
+    multilabel: bool = False
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -73,8 +81,26 @@ class CounterfactualResult:
     def class_name(self, index: int) -> str:
         return self.classes[index] if self.classes is not None and 0 <= index < len(self.classes) else str(index)
 
+    def findings(self, index: int, threshold: float = 0.5) -> list[dict]:
+        """Multi-label: every finding of row ``index`` before and after, the target first.
+
+        ``[{"finding", "target", "prob_before", "prob_after", "positive_before", "positive_after"}]``
+        (``positive``: probability >= ``threshold``).
+        """
+        if not self.multilabel:
+            raise ValueError("findings() is for multi-label results; use probs_before / probs_after")
+        t = int(self.target[index])
+        order = [t] + [k for k in range(self.probs_before.shape[1]) if k != t]
+        before, after = self.probs_before[index].tolist(), self.probs_after[index].tolist()
+        return [{"finding": self.class_name(k), "target": k == t, "prob_before": before[k], "prob_after": after[k],
+                 "positive_before": before[k] >= threshold, "positive_after": after[k] >= threshold} for k in order]
+
     def summary(self) -> list[dict]:
-        """One plain dict per row (ints, floats, strings) for tables, JSON or SQLite."""
+        """One plain dict per row (ints, floats, strings) for tables, JSON or SQLite.
+
+        Multi-label rows add ``target_state`` (``"on"`` / ``"off"``), ``others_changed`` (other findings
+        whose state at 0.5 changed) and ``others_max_change`` (largest change of another finding's
+        probability)."""
         rows = []
         before, after = self.pred_before.tolist(), self.pred_after.tolist()
         for i in range(len(self)):
@@ -95,6 +121,13 @@ class CounterfactualResult:
                 "iterations": int(self.iterations[i]),
                 "reason": self.reason[i],
             })
+            if self.multilabel:
+                other = torch.ones(self.probs_before.shape[1], dtype=torch.bool)
+                other[t] = False
+                b, a = self.probs_before[i][other], self.probs_after[i][other]
+                rows[-1].update(target_state="on" if bool(self.target_on[i]) else "off",
+                                others_changed=int(((b >= 0.5) != (a >= 0.5)).sum()),
+                                others_max_change=float((a - b).abs().max()) if other.any() else 0.0)
         return rows
 
     def select(self, index) -> CounterfactualResult:

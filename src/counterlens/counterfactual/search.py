@@ -57,6 +57,7 @@ from ..attribution.base import Evaluator, resolve_targets
 from ..attribution.noise import counter_normal
 from ..errors import InputError, MethodError
 from ..model import Classifier
+from . import multilabel as ml
 from .adaptive import prune_edits, run_adaptive
 from .bisection import run_bisection
 from .constraints import (
@@ -92,7 +93,10 @@ def counterfactual(clf: Classifier, x, target="other", *, threshold: float = 0.5
     clf : Classifier
     x : ``[B, C, *S]`` data-space images (2D, 3D or 1D spatial).
     target : ``"other"`` (default: any class but the current prediction), a class index or name,
-        or one per row (list / tensor of length B).
+        or one per row (list / tensor of length B). Multi-label models: a finding and the state
+        it should reach, ``"pneumonia:off"`` / ``"pneumonia:on"`` (``"other"``: the most probable
+        finding switched; see :mod:`.multilabel`); ``threshold`` then applies to that finding's
+        sigmoid and the other findings are reported, not constrained.
     threshold : 0.5. Probability the target must reach (and be the argmax).
     loss : ``"hinge"`` (default: ``max(0, max_{j!=t} z_j - z_t + kappa)`` plus a hinge on
         ``log p_t`` at ``log threshold``) or ``"ce"`` (``-log p_t``, zero once the row is valid).
@@ -156,16 +160,25 @@ def counterfactual(clf: Classifier, x, target="other", *, threshold: float = 0.5
     logits0 = ev.logits(x)
     n_images, n_classes = logits0.shape
     names = clf.class_names(n_classes)
-    orig = logits0.argmax(dim=1)
-    other = isinstance(target, str) and target.lower() == "other"
-    tgt = orig if other else resolve_targets(clf, x, target, logits=logits0)
+    multilabel = clf.multilabel
+    if multilabel:     # a finding per image and the state it should reach ("orig": True for on)
+        if prototypes is not None or proto_weight:
+            raise InputError("prototypes / proto_weight guide towards a class; a multi-label counterfactual switches "
+                             "one finding: leave them out (prior_weight works)")
+        ml.logit_threshold(p["threshold"])
+        tgt, orig = ml.goals(target, names, torch.sigmoid(logits0))
+        other = False
+    else:
+        orig = logits0.argmax(dim=1)
+        other = isinstance(target, str) and target.lower() == "other"
+        tgt = orig if other else resolve_targets(clf, x, target, logits=logits0)
     low, high = resolve_box(clf, x, value_range)
     mask = resolve_editable(editable, x)
     protos = check_prior(clf, x, prior, prior_weight, prototypes, proto_weight, latent, n_classes)
     k = candidates
     rows_img = torch.arange(n_images, device=x.device).repeat_interleave(k)
     rows_cand = torch.arange(k, device=x.device).repeat(n_images)
-    search = _Search(clf, p, other, prior, protos, latent)
+    search = _Search(clf, p, other, prior, protos, latent, multilabel)
 
     def work(a: int, b: int) -> dict:
         i = rows_img[a:b]
@@ -175,14 +188,19 @@ def counterfactual(clf: Classifier, x, target="other", *, threshold: float = 0.5
     with clf.eval_mode(), prior_eval_mode(prior):
         parts = ev.run(n_images * k, work)
     out = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
-    return _assemble(ev, x, out, orig, tgt, other, low, high, mask, k, p, names, logits0)
+    return _assemble(ev, x, out, orig, tgt, other, low, high, mask, k, p, names, logits0, multilabel)
 
 
 # -- the optimisation of one chunk of rows --------------------------------------------------------
 class _Search:
-    def __init__(self, clf, p: dict, other: bool, prior, protos, latent: bool):
+    """One chunk's optimisation. Multi-label (``multilabel=True``): ``tgt`` is the finding and
+    ``orig`` the state it should reach (True: on), see :mod:`.multilabel`."""
+
+    def __init__(self, clf, p: dict, other: bool, prior, protos, latent: bool, multilabel: bool = False):
         self.clf, self.p, self.other, self.prior, self.protos, self.latent = clf, p, other, prior, protos, latent
         self.log_thr = math.log(p["threshold"]) if p["threshold"] > 0 else -math.inf
+        self.multilabel = multilabel
+        self.ml_thr = ml.logit_threshold(p["threshold"]) if multilabel else None
 
     def run(self, x0, tgt, orig, low, high, mask, img, cand) -> dict:
         run = run_adaptive if self.p["schedule"] == "adaptive" else run_bisection
@@ -226,6 +244,8 @@ class _Search:
 
     def is_valid(self, logits: Tensor, tgt: Tensor, orig: Tensor) -> Tensor:
         """``[r]`` bool: the row's logits meet the target (with the recording margin)."""
+        if self.multilabel:
+            return ml.margin(logits, tgt, orig, self.ml_thr) > RECORD_MARGIN
         if self.other:
             t = logits.scatter(1, orig[:, None], -math.inf).argmax(dim=1)
         else:
@@ -249,6 +269,30 @@ class _Search:
         if not logits.requires_grad:
             raise MethodError("the model's output does not depend differentiably on x (no autograd graph); "
                               "a counterfactual search needs gradients")
+        pred, strict, violation = self._prediction_loss(logits, idx, s)
+        d = (xp - s["x0"][idx]) / rows_of(s["scale"], idx)
+        dist = elastic_distance(d, p["l1"], p["l2"])
+        obj = pred + lam * dist
+        if p["tv"]:
+            obj = obj + p["tv"] * total_variation(d)
+        if p["prior_weight"]:
+            obj = obj + p["prior_weight"] * self.prior.reconstruction_error(xp)
+        if p["proto_weight"]:
+            code = self.prior.encode(xp).flatten(1)
+            obj = obj + p["proto_weight"] * (code - s["protos"][idx]).square().mean(dim=1)
+        sel = dist.detach() if (p["l1"] or p["l2"]) else elastic_distance(d.detach(), 1.0, 1.0)
+        return obj, pred, sel, strict.detach(), violation
+
+    def _prediction_loss(self, logits: Tensor, idx: Tensor, s: dict):
+        """``(loss [r], strict [r] bool, violation [r])`` of the rows' target from their logits."""
+        p = self.p
+        if self.multilabel:      # the finding's signed logit past logit(threshold)
+            margin = ml.margin(logits, s["tgt"][idx], s["orig"][idx], self.ml_thr)
+            strict, violation = margin > RECORD_MARGIN, F.relu(-margin).detach()
+            if p["loss"] == "hinge":
+                return F.relu(p["kappa"] + MARGIN - margin), strict, violation
+            ce = F.softplus(-(margin + self.ml_thr))          # -log sigmoid(s z_k)
+            return torch.where(strict & (margin >= p["kappa"]), torch.zeros_like(ce), ce), strict, violation
         logp = torch.log_softmax(logits, dim=1)
         if self.other:   # the best class other than the original prediction, step by step
             t = logits.detach().scatter(1, s["orig"][idx, None], -math.inf).argmax(dim=1)
@@ -263,18 +307,7 @@ class _Search:
             pred = F.relu(p["kappa"] + MARGIN - margin) + F.relu(self.log_thr + MARGIN - lp_t)
         else:
             pred = torch.where(strict & (margin >= p["kappa"]), torch.zeros_like(lp_t), -lp_t)
-        d = (xp - s["x0"][idx]) / rows_of(s["scale"], idx)
-        dist = elastic_distance(d, p["l1"], p["l2"])
-        obj = pred + lam * dist
-        if p["tv"]:
-            obj = obj + p["tv"] * total_variation(d)
-        if p["prior_weight"]:
-            obj = obj + p["prior_weight"] * self.prior.reconstruction_error(xp)
-        if p["proto_weight"]:
-            code = self.prior.encode(xp).flatten(1)
-            obj = obj + p["proto_weight"] * (code - s["protos"][idx]).square().mean(dim=1)
-        sel = dist.detach() if (p["l1"] or p["l2"]) else elastic_distance(d.detach(), 1.0, 1.0)
-        return obj, pred, sel, strict.detach(), violation
+        return pred, strict, violation
 
     def _auto_lam(self, init: Tensor, s: dict) -> Tensor:
         """Start weight per row from the prediction-loss gradient ``g`` at the start (range units,
@@ -315,35 +348,46 @@ class _Search:
 
 
 # -- assembling the result ------------------------------------------------------------------------
-def _assemble(ev, x, out, orig, tgt, other, low, high, mask, k, p, names, logits0) -> CounterfactualResult:
+def _assemble(ev, x, out, orig, tgt, other, low, high, mask, k, p, names, logits0,
+              multilabel: bool = False) -> CounterfactualResult:
     """Re-evaluate every row's returned iterate, pick the best candidate per image, build the result."""
     n_images, scale = x.shape[0], high - low
     rows_x, rows_orig, orig_rows = out["x"], x.repeat_interleave(k, dim=0), orig.repeat_interleave(k)
-    logits = ev.logits(rows_x)
-    probs, logp = torch.softmax(logits, dim=1), torch.log_softmax(logits, dim=1)
-    # "other": the class reached, or the most probable other class
-    t_rows = logits.scatter(1, orig_rows[:, None], -math.inf).argmax(dim=1) if other else tgt.repeat_interleave(k)
-    valid = (logits.argmax(dim=1) == t_rows) & (probs.gather(1, t_rows[:, None]).squeeze(1) >= p["threshold"])
+    logits = ev.logits(rows_x).float()
+    if multilabel:        # the finding's sigmoid on the asked side of the threshold; the others reported
+        probs, probs0, t_rows = torch.sigmoid(logits), torch.sigmoid(logits0.float()), tgt.repeat_interleave(k)
+        valid = ml.valid(logits, t_rows, orig_rows, p["threshold"])
+        violation = F.relu(-ml.margin(logits, t_rows, orig_rows, ml.logit_threshold(p["threshold"])))
+    else:
+        probs, logp, probs0 = torch.softmax(logits, dim=1), torch.log_softmax(logits, dim=1), torch.softmax(logits0, 1)
+        # "other": the class reached, or the most probable other class
+        t_rows = logits.scatter(1, orig_rows[:, None], -math.inf).argmax(dim=1) if other else tgt.repeat_interleave(k)
+        valid = (logits.argmax(dim=1) == t_rows) & (probs.gather(1, t_rows[:, None]).squeeze(1) >= p["threshold"])
+        log_thr = math.log(p["threshold"]) if p["threshold"] > 0 else -math.inf
+        z_t, lp = logits.gather(1, t_rows[:, None]).squeeze(1), logp.gather(1, t_rows[:, None]).squeeze(1)
+        violation = F.relu(logits.scatter(1, t_rows[:, None], -math.inf).amax(dim=1) - z_t) + F.relu(log_thr - lp)
     d = (rows_x - rows_orig) / (scale if scale.shape[0] == 1 else scale.repeat_interleave(k, dim=0))
     sel = elastic_distance(d, p["l1"], p["l2"]) if (p["l1"] or p["l2"]) else elastic_distance(d, 1.0, 1.0)
-    log_thr = math.log(p["threshold"]) if p["threshold"] > 0 else -math.inf
-    z_t, lp = logits.gather(1, t_rows[:, None]).squeeze(1), logp.gather(1, t_rows[:, None]).squeeze(1)
-    violation = F.relu(logits.scatter(1, t_rows[:, None], -math.inf).amax(dim=1) - z_t) + F.relu(log_thr - lp)
     key = torch.where(valid, sel, math.inf).view(n_images, k)   # valid first (closest), else the closest miss
     choice = torch.where(torch.isfinite(key).any(dim=1), key.argmin(dim=1), violation.view(n_images, k).argmin(dim=1))
     pick = torch.arange(n_images, device=x.device) * k + choice
     x_cf = rows_x[pick]
-    reasons = invalid_reasons(valid[pick], out["found"][pick], probs[pick], t_rows[pick], orig, other, mask, p,
-                              out["lam_tried"][pick], names)
+    if multilabel:
+        reasons = ml.reasons(valid[pick], out["found"][pick], probs[pick], t_rows[pick], orig, mask, p,
+                             out["lam_tried"][pick], names)
+    else:
+        reasons = invalid_reasons(valid[pick], out["found"][pick], probs[pick], t_rows[pick], orig, other, mask, p,
+                                  out["lam_tried"][pick], names)
     per_image = {name: _cpu(out[name].view(n_images, k, -1)) for name in ("lam_tried", "lam_valid")}
     return CounterfactualResult(
         x=_cpu(x_cf), x_orig=_cpu(x), target=_cpu(t_rows[pick]), valid=_cpu(valid[pick]),
-        probs_before=_cpu(torch.softmax(logits0, dim=1)), probs_after=_cpu(probs[pick]),
+        probs_before=_cpu(probs0), probs_after=_cpu(probs[pick]),
         distance={name: _cpu(v) for name, v in distances(x_cf, x, scale).items()},
         lam=_cpu(out["lam"][pick]), iterations=_cpu(out["iterations"][pick]), reason=reasons,
         candidates=_cpu(rows_x.view(n_images, k, *x.shape[1:])) if k > 1 else None,
         candidates_valid=_cpu(valid.view(n_images, k)) if k > 1 else None,
-        **per_image, classes=list(names), params=dict(p))
+        **per_image, classes=list(names), params=dict(p),
+        target_on=_cpu(orig) if multilabel else None, multilabel=multilabel)
 
 
 # -- helpers --------------------------------------------------------------------------------------
