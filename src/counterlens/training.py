@@ -328,15 +328,16 @@ def train_model(data: Path, arch: str, out: Path, *, size: int, width: float, ep
         f"{'; multi-label: a sigmoid per finding' if train_set.multilabel else ''}), {epochs} epochs")
     result = train_classifier(module, x, y, x_val=x_test, y_val=y_test, epochs=epochs, batch_size=batch_size,
                                lr=lr, seed=seed, preprocess=preprocess, progress=progress, device=device)
-    clf = Classifier(module, preprocess=preprocess, classes=classes, device=device)
+    clf = Classifier(module, preprocess=preprocess, classes=classes, device=device,
+                     output="multilabel" if train_set.multilabel else "auto")
     accuracy = evaluate_accuracy(clf, x_test, y_test)
     head = {}
     if train_set.multilabel:         # the card says how to read the outputs, and how well each finding does
         scores = _batched_logits(clf.logits, x_test, clf.device, 256).detach().cpu()
-        head = {"output": "multilabel", "test_auc": {c: finding_auc(scores[:, k], y_test[:, k])
-                                                      for k, c in enumerate(classes)}}
+        head = {"test_auc": {c: finding_auc(scores[:, k], y_test[:, k]) for k, c in enumerate(classes)}}
     save_model_card(module.cpu(), out, architecture=arch, kwargs=kwargs, classes=classes, preprocess=preprocess,
                     in_channels=1, input_size=list(shape), value_range=[0, 1],
+                    output="multilabel" if train_set.multilabel else None,
                     extra={**head, "test_accuracy": accuracy, "n_test": len(x_test),
                            "trained_on": str(Path(data).resolve()),
                            "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,

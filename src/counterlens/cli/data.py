@@ -19,9 +19,11 @@ def data_synth(args) -> int:
     sets = make_dataset(args.kind, n_train=args.n_train, n_test=args.n_test, size=args.size, seed=args.seed,
                         shortcut_rate=args.shortcut_rate)
     out = write_dataset(sets, args.out)
+    what = "findings" if args.kind == "chest-multilabel" else "classes"
     print(f"wrote {args.n_train} training and {args.n_test} test {args.kind} images to {out} "
-          f"in {time.perf_counter() - t0:.1f} s (classes: {', '.join(sets['train'].classes)}; "
-          f"masks in {out / 'masks'})")
+          f"in {time.perf_counter() - t0:.1f} s ({what}: {', '.join(sets['train'].classes)}; "
+          f"masks in {out / 'masks'}" + ("; labels in Training/labels.csv and Testing/labels.csv)"
+                                          if what == "findings" else ")"))
     return 0
 
 

@@ -85,8 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         "synth", help="write a synthetic brain-mri or chest-xray dataset with ground-truth masks",
         description="Write a seeded synthetic dataset as PNG folders in class-subfolder layout "
                     "(OUT/Training/<class>/, OUT/Testing/<class>/) with masks in OUT/masks/<name>/.")
-    synth.add_argument("kind", choices=["brain-mri", "chest-xray", "brain-mri-3d"],
-                       help="brain-mri-3d: brain MRI volumes with 3-D tumour masks, as NIfTI (.nii.gz) files")
+    synth.add_argument("kind", choices=["brain-mri", "chest-xray", "chest-multilabel", "brain-mri-3d"],
+                       help="brain-mri-3d: brain MRI volumes with 3-D tumour masks, as NIfTI (.nii.gz) files; "
+                            "chest-multilabel: chest films with any of opacity, effusion, cardiomegaly, written "
+                            "flat (OUT/Training/*.png) with OUT/Training/labels.csv (path,opacity,effusion,"
+                            "cardiomegaly; 1/0 per finding) and one mask folder per finding (OUT/masks/<finding>/)")
     synth.add_argument("--out", required=True, type=Path, help="output folder")
     synth.add_argument("--n-train", type=int, default=1600, help="training images (default: 1600)")
     synth.add_argument("--n-test", type=int, default=400, help="test images (default: 400)")
