@@ -14,7 +14,7 @@ import torch
 from ..attribution.base import get_method
 from ..errors import DataFileError, InputError
 from ..metrics.shortcut import _num, audit
-from .common import has_class_folders, load_classifier, parse_params
+from .common import image_dataset, load_classifier, parse_params
 
 
 def _parse_box(text: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -32,7 +32,6 @@ def _parse_box(text: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 def audit_cmd(args) -> int:
     """``counterlens audit``: load model and images, audit the region, write ``RUN/audit.json``/``audit.md``."""
-    from ..data.images import ImageFolder
     from ..runs.dataset import MODEL_KEYS, data_info, data_spec
     from ..runs.pipeline import cases_of
     from ..runs.records import CaseResult
@@ -45,9 +44,8 @@ def audit_cmd(args) -> int:
                          "stem) or a box x0,y0,x1,y1 in pixels")
     clf = load_classifier(args)
     data = Path(args.data)
-    dataset = ImageFolder(data, channels=1 if (clf.in_channels or 1) == 1 else clf.in_channels, size=clf.input_size,
-                          classes=clf.classes if has_class_folders(data) else None,
-                          masks=None if is_box else Path(args.region), limit=getattr(args, "limit", None))
+    dataset, diagnosis = image_dataset(clf, data, masks=None if is_box else Path(args.region),
+                                       limit=getattr(args, "limit", None), one_size=True)
     images, masks, labels, rows, failed = [], [], [], [], []
     for i in range(len(dataset)):
         try:
@@ -73,7 +71,7 @@ def audit_cmd(args) -> int:
     resolved = resolved_methods(methods, params, batch_size, seed)     # fails early on a bad parameter
     out = Path(args.out)
     spec = {"model": model_spec(clf, str(args.model)), "target": "predicted", "seed": seed,
-            "data": data_spec(dataset, data), "data_info": data_info(dataset), "methods": resolved, "device": str(clf.device),
+            "data": data_spec(dataset, data), "data_info": data_info(dataset, diagnosis.loading), "methods": resolved, "device": str(clf.device),
             "versions": package_versions()}
     prepare_run(out, spec, compare=(*MODEL_KEYS, "data", "methods"), overwrite=getattr(args, "overwrite", False),
                 force=getattr(args, "force", False))

@@ -171,9 +171,10 @@ def image_dataset(clf, data, *, masks=None, limit=None, one_size: bool = False):
     the loader does to the images. Returns ``(dataset, diagnosis)``."""
     from ..data.images import ImageFolder
     from ..runs.diagnose import diagnose
-    dataset = ImageFolder(data, classes=clf.classes if has_class_folders(data) else None, masks=masks, limit=limit)
+    dataset = ImageFolder(data, size=clf.input_size, classes=clf.classes if has_class_folders(data) else None,
+                          masks=masks, limit=limit)
     found = diagnose(clf, dataset, one_size=one_size)
-    dataset.channels, dataset.size = found.channels, found.size
+    dataset.channels = found.channels
     for line in found.lines:
         print(line)
     return dataset, found

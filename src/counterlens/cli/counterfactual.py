@@ -3,7 +3,7 @@ every row of a table: :mod:`.tabular`) into a run directory."""
 from __future__ import annotations
 
 from ..errors import CounterlensError, InputError
-from .common import has_class_folders, load_classifier, print_summary, target_arg
+from .common import has_class_folders, image_dataset, load_classifier, print_summary, target_arg
 from .engine import engine_of, model_args
 from .tabular import tabular_counterfactual_cmd
 
@@ -27,10 +27,7 @@ def counterfactual_cmd(args) -> int:
     from ..viz.report import write_report
     engine = engine_of(args, model_args(args))
     clf = load_classifier(args)
-    channels = 1 if (clf.in_channels or 1) == 1 else clf.in_channels
-    dataset = ImageFolder(args.data, channels=channels,
-                          size=clf.input_size, classes=clf.classes if has_class_folders(args.data) else None,
-                          masks=args.editable_masks, limit=args.limit)
+    dataset, diagnosis = image_dataset(clf, args.data, masks=args.editable_masks, limit=args.limit)
     params = {"threshold": args.threshold, "steps": args.steps, "candidates": args.candidates,
               "l1": args.l1, "l2": args.l2, "tv": args.tv, "schedule": args.schedule, "early_stop": args.early_stop,
               "batch_size": args.batch_size, "seed": args.seed}
@@ -44,7 +41,7 @@ def counterfactual_cmd(args) -> int:
     if args.train_data is not None:
         if not has_class_folders(args.train_data):
             raise InputError(f"--train-data {args.train_data}: expected a folder with one subfolder per class")
-        train_set = ImageFolder(args.train_data, channels=channels, size=clf.input_size, classes=clf.classes)
+        train_set = ImageFolder(args.train_data, channels=dataset.channels, size=dataset.size, classes=clf.classes)
         train = load_arrays(train_set, progress=not args.quiet)
     if args.prior is not None:
         from ..counterfactual.prior import AutoencoderPrior, class_prototypes
@@ -63,7 +60,7 @@ def counterfactual_cmd(args) -> int:
                                     train=train, images_per_batch=args.images_per_batch, workers=args.workers,
                                     threads=args.threads, progress=not args.quiet, model_source=str(args.model),
                                     data_source=str(args.data), overwrite=args.overwrite, force=args.force,
-                                    engine=engine)
+                                    engine=engine, loading=diagnosis.loading)
     print_summary("counterfactuals for", summary, args.out)
     if not args.no_report:
         print(f"report: {write_report(args.out)}")

@@ -69,6 +69,7 @@ def engine_of(args, model: dict):
 
 def model_args(args) -> dict:
     """How ``--model`` and its flags load the model, for the Ray actors."""
-    return {"source": str(args.model), "factory": args.factory, "trust_model_file": args.trust_model_file,
+    from .common import model_overrides
+    return {**model_overrides(args), "source": str(args.model), "factory": args.factory, "trust_model_file": args.trust_model_file,
             "classes": args.classes, "logits_output": getattr(args, "logits_output", None), "device": args.device,
             "output": getattr(args, "output_head", None), "precision": getattr(args, "precision", None)}

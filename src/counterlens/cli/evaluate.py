@@ -27,7 +27,8 @@ def evaluate_cmd(args) -> int:
         raise InputError(f"the model of {run} ({source or 'not recorded'}) is not found; pass --model PATH")
     if getattr(args, "engine", "local") == "local" and getattr(args, "workers", None) is not None:
         raise InputError("--workers applies to --engine ray (locally, evaluate runs in this process)")
-    engine = engine_of(args, {"source": str(source), "factory": getattr(args, "factory", None),
+    described = run_overrides(args, model, run)
+    engine = engine_of(args, {**described, "source": str(source), "factory": getattr(args, "factory", None),
                               "trust_model_file": getattr(args, "trust_model_file", False),
                               "classes": getattr(args, "classes", None) or model.get("classes"),
                               "device": getattr(args, "device", "auto"),
@@ -35,7 +36,8 @@ def evaluate_cmd(args) -> int:
     clf = load_model(source, factory=getattr(args, "factory", None),
                      trust_model_file=getattr(args, "trust_model_file", False), device=getattr(args, "device", "auto"),
                      classes=getattr(args, "classes", None) or model.get("classes"),
-                     output=getattr(args, "output_head", None) or model.get("output"))
+                     output=getattr(args, "output_head", None) or model.get("output"), **described)
+    clf.overrides = described
     if model.get("sha256") and getattr(clf, "source_hash", None) and model["sha256"] != clf.source_hash:
         raise CounterlensError(f"{source} is not the model {run} was made with (SHA-256 differs); pass the run's model")
     sanity_images = int(getattr(args, "sanity_images", 8))
@@ -58,3 +60,19 @@ def evaluate_cmd(args) -> int:
           f"metrics to {run} (counterlens.open_run(RUN).metrics), metrics.csv, metrics_summary.csv, curves.json"
           + (", sanity.json" if sanity_images > 0 else ""))
     return 0
+
+
+def run_overrides(args, model: dict, run) -> dict:
+    """The model as the run described it on the command line (``model.overrides`` in run.yaml: --size,
+    --channels, --value-range, --preprocess), so its maps are scored on the same model; a flag given
+    here that differs from the run's is refused."""
+    from .common import model_overrides
+    recorded = dict(model.get("overrides") or {})
+    for key, value in model_overrides(args).items():
+        if key in recorded and recorded[key] != value:
+            flag = {"in_channels": "--channels", "input_size": "--size", "value_range": "--value-range"}.get(
+                key, "--preprocess")
+            raise InputError(f"{flag}: {value} differs from the run's {recorded[key]} (recorded in {run}/run.yaml); its "
+                             f"maps were made with that model: leave {flag} out")
+        recorded[key] = value
+    return recorded

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 from ..attribution.base import METHODS, get_method
-from ..data.images import ImageFolder
 from ..errors import InputError
 from ..runs.dataset import explain_folder
 from ..runs.spec import resolved_methods
-from .common import has_class_folders, load_classifier, parse_params, print_summary, target_arg
+from .common import image_dataset, load_classifier, parse_params, print_summary, target_arg
 from .engine import engine_of, model_args
 
 
@@ -18,15 +17,16 @@ def explain(args) -> int:
         raise InputError(f"--clip-percentile {args.clip_percentile}: pass a percentage in [0, 50), e.g. 0.5")
     engine = engine_of(args, model_args(args))
     clf = load_classifier(args)
-    dataset = ImageFolder(args.data, channels=1 if (clf.in_channels or 1) == 1 else clf.in_channels,
-                          size=clf.input_size, classes=clf.classes if has_class_folders(args.data) else None,
-                          masks=args.masks, limit=args.limit)
+    dataset, diagnosis = image_dataset(clf, args.data, masks=args.masks, limit=args.limit)
     summary = explain_folder(clf, dataset, args.out, methods=methods, params=params, target=target_arg(args.target),
                              batch_size=args.batch_size, seed=args.seed, images_per_batch=args.images_per_batch,
                              workers=args.workers, threads=args.threads, progress=not args.quiet,
                              model_source=str(args.model), data_source=str(args.data), overwrite=args.overwrite, force=args.force,
-                             map_dtype=args.map_dtype, engine=engine)
+                             map_dtype=args.map_dtype, engine=engine, loading=diagnosis.loading)
     print_summary("explained", summary, args.out)
+    from ..runs.store import open_run
+    for method, reason in open_run(args.out).skipped.items():     # could not run on this model; the others ran
+        print(f"  skipped {method}: {reason}")
     if not args.no_report:
         from ..viz.report import write_report
         print(f"report: {write_report(args.out, clip_percentile=args.clip_percentile)}")

@@ -60,15 +60,19 @@ def data_spec(dataset, source) -> dict:
             "read": {k: list(v) if isinstance(v, tuple) else v for k, v in dataset.read_options.items()}}
 
 
-def data_info(dataset) -> dict:
-    return {"images": len(dataset), "with_masks": sum(r.mask_path is not None for r in dataset.records)}
+def data_info(dataset, loading: dict | None = None) -> dict:
+    """How many images, how many with masks, and what the loader does to them (``loading``, from
+    :func:`~counterlens.runs.diagnose.diagnose`; described from the files' headers when not given)."""
+    from .diagnose import describe_loading
+    return {"images": len(dataset), "with_masks": sum(r.mask_path is not None for r in dataset.records),
+            "loading": loading if loading is not None else describe_loading(dataset)}
 
 
 def explain_folder(clf, dataset, out, *, methods: list[str], params: dict | None = None, target="predicted",
                    batch_size=64, seed: int = 0, images_per_batch: int = 16, workers: int | None = None,
                    threads: int | None = None, progress: bool = True, model_source: str = "",
                    data_source: str = "", overwrite: bool = False, force: bool = False,
-                   map_dtype: str = "float32", engine="local") -> RunSummary:
+                   map_dtype: str = "float32", engine="local", loading: dict | None = None) -> RunSummary:
     """Explain every image of ``dataset`` (an ImageFolder) with ``methods`` into the run directory ``out``.
 
     Re-running the same call resumes (only batches not complete are done); a call with another
@@ -79,10 +83,11 @@ def explain_folder(clf, dataset, out, *, methods: list[str], params: dict | None
     """
     engine = _engine(engine, workers, threads)
     check_out(dataset, out)
-    check_value_range(clf, dataset)
+    if loading is None:                      # the command line checked the model against the data already
+        check_value_range(clf, dataset)
     resolved = resolved_methods(methods, params, batch_size, seed)
     spec = {"model": model_spec(clf, model_source), "data": data_spec(dataset, data_source),
-            "data_info": data_info(dataset), "target": target, "seed": seed, "batch_size": batch_size, "methods": resolved,
+            "data_info": data_info(dataset, loading), "target": target, "seed": seed, "batch_size": batch_size, "methods": resolved,
             "images_per_batch": images_per_batch, "map_dtype": map_dtype, "device": str(clf.device),
             "versions": package_versions()}
     prepare_run(out, spec, compare=EXPLAIN_KEYS, overwrite=overwrite, force=force)
@@ -98,17 +103,18 @@ def counterfactual_folder(clf, dataset, out, *, target="other", params: dict | N
                           train=None, images_per_batch: int = 16, workers: int | None = None,
                           threads: int | None = None, progress: bool = True, model_source: str = "",
                           data_source: str = "", overwrite: bool = False, force: bool = False,
-                          engine="local") -> RunSummary:
+                          engine="local", loading: dict | None = None) -> RunSummary:
     """Counterfactuals for every image of ``dataset`` into ``out`` (which may hold an explain run
     of the same model and data). ``params`` go to :func:`counterlens.counterfactual.counterfactual`;
     ``settings``: how ``run.yaml`` describes what is not a plain value in ``params`` (prior,
     training data, ...). Resumes like :func:`explain_folder`; ``engine`` as there."""
     engine = _engine(engine, workers, threads)
     check_out(dataset, out)
-    check_value_range(clf, dataset)
+    if loading is None:
+        check_value_range(clf, dataset)
     plain = {k: v for k, v in (params or {}).items() if isinstance(v, (int, float, str, bool, type(None)))}
     spec = {"model": model_spec(clf, model_source), "data": data_spec(dataset, data_source),
-            "data_info": data_info(dataset), "counterfactual": {"target": target, **plain, **(settings or {})},
+            "data_info": data_info(dataset, loading), "counterfactual": {"target": target, **plain, **(settings or {})},
             "device": str(clf.device), "versions": package_versions()}
     prepare_run(out, spec, compare=COUNTERFACTUAL_KEYS, section="counterfactual", overwrite=overwrite, force=force)
     job = Job("counterfactual", read=dataset.read_options, target=target, params=params, train=train)

@@ -93,6 +93,7 @@ def run_context(run, t: Tables, *, clip_percentile: float, case_href, notes: lis
                   "source": model.get("source"), "test_accuracy": model.get("test_accuracy"),
                   "value_range": model.get("value_range")},
         "data": (spec.get("data") or {}).get("path", "?"), "classes": classes, "seed": spec.get("seed"),
+        "loading": rd.loading_view(spec),
         "target": spec.get("target"), "device": spec.get("device", "?"), "versions": spec.get("versions") or {},
         "counterfactual_settings": spec.get("counterfactual") or {},
         "counts": {"total": done, "failed": len(cases) - done, "labelled": labelled, "correct": correct},

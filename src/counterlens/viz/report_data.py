@@ -295,3 +295,18 @@ def counterfactual_summary(cf: pd.DataFrame | None, cf_extra: list[str]) -> dict
              {"label": "Mean L2 of the valid ones", "value": mean("l2", valid)}]
     stats += [{"label": f"Mean {CF_EXTRA_LABELS[k]}", "value": mean(k, cf)} for k in cf_extra]
     return {"n": len(cf), "valid": len(valid), "stats": [s for s in stats if s["value"] is not None]}
+
+
+def loading_view(spec: dict) -> dict | None:
+    """What the loader did to the images (run.yaml ``data_info.loading``) and the model's input as the
+    command line described it (``model.overrides``), for the run summary; None when not recorded."""
+    loading = (spec.get("data_info") or {}).get("loading") or {}
+    overrides = (spec.get("model") or {}).get("overrides") or {}
+    if not loading and not overrides:
+        return None
+    flags = {"input_size": "--size", "in_channels": "--channels", "value_range": "--value-range",
+             "preprocess": "--preprocess"}
+    described = [f"{flags.get(k, k)} {' '.join(map(str, v)) if isinstance(v, list) and k != 'preprocess' else v}"
+                 for k, v in overrides.items()]
+    return {"lines": [str(line) for line in loading.get("lines") or []], "warnings": list(loading.get("warnings") or []),
+            "described": described}

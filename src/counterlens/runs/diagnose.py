@@ -1,0 +1,362 @@
+"""The model checked against the data before the first image, and what the loader does to each image.
+
+:func:`diagnose` (the command line runs it before ``explain``, ``counterfactual`` and ``audit``)
+decides how an :class:`~counterlens.data.images.ImageFolder` is read for a classifier and refuses,
+in one line that says what the model expects, what the data has and which flag fixes it, what
+would otherwise end in a traceback or in explanations of inputs the model never saw:
+
+* **channels**: the model's (``--channels`` or the card's ``in_channels``; else the input of an
+  exported program, its first convolution, or what a probe forward pass says) against the files'
+  (grey or RGB, from their headers);
+* **size**: ``--size`` or the card's ``input_size``; else the exported program's input, or probe
+  passes at the data's sizes: a model with a fixed input (Flatten + Linear) that fails at them is
+  tried at other sizes to name the one it takes (from the Linear's in_features, then common sizes);
+* **values**: the data's sampled range against the model's ``value_range``, with the
+  ``--preprocess`` that maps one onto the other.
+
+:func:`describe_loading` groups what the loader does to every file (slice of a volume, grey <-> RGB,
+resize and aspect change, DICOM window) into the lines of the console summary, ``run.yaml``
+(``data_info.loading``) and the report.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..data.headers import file_info, final_shape, read_steps, shape_text
+from ..errors import CounterlensError, InputError
+
+__all__ = ["Diagnosis", "diagnose", "describe_loading", "MAX_HEADERS"]
+
+MAX_HEADERS = 20_000          #: files whose headers are read for the summary (a sample of larger folders)
+SHOWN_GROUPS = 8              #: loader groups listed one by one; the rest are counted
+_COMMON_SIDES = (28, 32, 48, 64, 96, 112, 128, 160, 192, 224, 227, 256, 299, 320, 384, 448, 512)
+_FLAG = {"in_channels": "--channels", "input_size": "--size", "value_range": "--value-range",
+         "preprocess": "--preprocess"}
+
+
+@dataclass
+class Diagnosis:
+    """How the data is read for the model, and what the console says about it before the run."""
+
+    channels: int | None                     #: read option: 1, 3 or None (as stored)
+    size: tuple[int, ...] | None             #: read option: the spatial size images are resized to, or None
+    lines: list[str] = field(default_factory=list)       #: the console summary, one line each
+    warnings: list[str] = field(default_factory=list)    #: also in ``lines``, prefixed "warning: "
+    loading: dict = field(default_factory=dict)          #: for ``run.yaml`` ``data_info.loading``
+
+
+# -- what the loader does --------------------------------------------------------------------------
+def describe_loading(dataset, *, channels="dataset", size="dataset", infos=None) -> dict:
+    """What the loader does to each file of ``dataset`` with its read options (or ``channels`` /
+    ``size`` given here), grouped: ``{"summary": "412 images: resized from ...; ...", "groups":
+    [{"images", "what", "examples"}], "files": n, "described": n}``."""
+    read = dict(dataset.read_options)
+    if channels != "dataset":
+        read["channels"] = channels
+    if size != "dataset":
+        read["size"] = size
+    records = dataset.records[:MAX_HEADERS]
+    infos = infos if infos is not None else [file_info(r.path) for r in records]
+    groups: dict[tuple, list] = {}
+    for rec, info in zip(records, infos):
+        if info is None:
+            key = ("volume" if rec.path.is_dir() else "image", ("not described here (header not read)",))
+        else:
+            key = ("volume" if len(info.shape) == 3 else "image",
+                   read_steps(info, channels=read["channels"], size=read["size"], slice_index=read["slice_index"],
+                              window=read["window"]) or (f"read as stored ({shape_text(info.shape)}, "
+                                                         f"{'grey' if info.channels == 1 else 'RGB'})",))
+        groups.setdefault(key, []).append(_relative(rec.path, dataset.root))
+    ordered = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    rows = [{"images": len(names), "what": f"{len(names)} {noun}{'s' if len(names) != 1 else ''}: {'; '.join(steps)}",
+             "examples": names[:3]} for (noun, steps), names in ordered]
+    shown = [r["what"] for r in rows[:SHOWN_GROUPS]]
+    rest = rows[SHOWN_GROUPS:]
+    if rest:
+        shown.append(f"{sum(r['images'] for r in rest)} more files in {len(rest)} other groups (run.yaml lists them)")
+    if len(dataset.records) > len(records):
+        shown.append(f"(from the headers of the first {len(records):,} of {len(dataset.records):,} files)")
+    return {"summary": " | ".join(shown), "lines": shown, "groups": rows, "files": len(dataset.records),
+            "described": sum(i is not None for i in infos)}
+
+
+def _relative(path, root) -> str:
+    try:
+        return path.relative_to(root if root.is_dir() else root.parent).as_posix()
+    except ValueError:
+        return path.name
+
+
+# -- probing the model -----------------------------------------------------------------------------
+def _said(exc: BaseException) -> str:
+    """The line of an error that says what went wrong (TorchScript puts it after its own traceback)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.match(r"^\w*(Error|Exception): ", ln):
+            return ln.split(": ", 1)[1]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _try(clf, channels: int, shape) -> str | None:
+    """None when the model runs on one random image ``[1, channels, *shape]``, else what it said."""
+    lo, hi = clf.value_range or (0.0, 1.0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((1, int(channels), *shape), generator=gen) * (hi - lo) + lo
+    try:
+        with torch.no_grad():
+            clf.logits(x)
+    except CounterlensError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises on a shape it does not take
+        return str(exc)
+    return None
+
+
+def _channels_in(error: str) -> int | None:
+    """The channels a model's error says it expects (eager conv, TorchScript, torch.export guard)."""
+    for pattern in (r"to have (\d+) channels", r"size\(\)\[1\] == (\d+)", r"shape\[1\] to be equal to (\d+)"):
+        m = re.search(pattern, error)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _declared(module) -> tuple[int | None, tuple[int, ...] | None]:
+    """``(channels, size)`` fixed by an exported program's input (None where it is dynamic or unknown)."""
+    graph = getattr(getattr(module, "program", None), "graph", None)
+    for node in getattr(graph, "nodes", ()):
+        shape = getattr(node.meta.get("val"), "shape", None) if node.op == "placeholder" else None
+        if shape is not None and len(shape) >= 3:
+            dims = [d if isinstance(d, int) else None for d in shape]
+            return dims[1], (tuple(dims[2:]) if None not in dims[2:] else None)
+    return None, None
+
+
+def _first_layer_channels(module) -> int | None:
+    """Input channels of the first convolution (eager or TorchScript), None when a Linear or an
+    embedding comes first or nothing is found."""
+    if not isinstance(module, torch.nn.Module):
+        return None
+    for _, sub in module.named_modules():
+        kind = getattr(sub, "original_name", None) or type(sub).__name__
+        if kind in ("Conv1d", "Conv2d", "Conv3d"):
+            weight, groups = getattr(sub, "weight", None), getattr(sub, "groups", 1)
+            if isinstance(weight, torch.Tensor) and weight.dim() >= 3:
+                return int(weight.shape[1]) * (groups if isinstance(groups, int) else 1)
+            return None
+        if kind in ("Linear", "Embedding", "MultiheadAttention"):
+            return None
+    return None
+
+
+def _find_size(clf, channels: int, shape, error: str | None) -> tuple[int, ...] | None:
+    """A spatial size the model takes, near what its Linear layer's in_features imply, else a
+    common square size; None when none is found. Of several that work (pooling floors sizes), the
+    one divisible by the highest power of two."""
+    est = list(shape)
+    m = re.search(r"mat1 and mat2 shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)", error or "")
+    if m and int(m.group(2)) > 0:
+        scale = (int(m.group(3)) / int(m.group(2))) ** (1 / len(shape))
+        est = [max(1, round(s * scale)) for s in shape]
+    side = round(float(np.mean(est)))
+    near = [(s,) * len(shape) for s in range(max(1, side - 8), side + 9)]
+    works = [s for s in near if _try(clf, channels, s) is None]
+    if works:
+        return max(works, key=lambda s: ((s[0] & -s[0]), -abs(s[0] - side)))
+    for s in sorted(_COMMON_SIDES, key=lambda v: abs(v - side)):
+        if _try(clf, channels, (s,) * len(shape)) is None:
+            return (s,) * len(shape)
+    return None
+
+
+# -- the check ---------------------------------------------------------------------------------------
+def _data_channels(infos) -> str:
+    counts = Counter(i.channels for i in infos if i is not None)
+    if len(counts) > 1:
+        return f"mixed ({counts[1]} grey, {counts[3]} RGB files)"
+    return "RGB (3 channels)" if 3 in counts else "grey (1 channel)"
+
+
+def _channel_fix(expected: int) -> str:
+    return {1: "--channels 1 (converts RGB to grey by luminance)",
+            3: "--channels 3 (repeats the grey channel)"}.get(expected, f"--channels {expected}")
+
+
+def _sizes_text(shapes: Counter) -> str:
+    if len(shapes) == 1:
+        return f"are {shape_text(next(iter(shapes)))}"
+    top = ", ".join(f"{n} of {shape_text(s)}" for s, n in shapes.most_common(4))
+    return f"have {len(shapes)} sizes ({top}{', ...' if len(shapes) > 4 else ''})"
+
+
+def _who(clf, key: str) -> str:
+    return _FLAG[key] if key in (getattr(clf, "overrides", None) or {}) else f"its model card's {key}"
+
+
+def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagnosis:
+    """Check ``clf`` against the files of ``dataset`` (an ImageFolder) and choose how they are read.
+
+    The read channels and size come from the classifier's ``in_channels`` / ``input_size`` (a
+    card or the flags), else from the model itself when the data already fits it; a mismatch
+    raises :class:`InputError` naming the flag that fixes it. ``one_size``: the command stacks
+    every image into one batch (``audit``), so images of several sizes need ``--size``. Returns
+    the :class:`Diagnosis`; ``dataset`` is not changed (set ``channels`` / ``size`` from it).
+    """
+    root = dataset.root
+    infos = [file_info(r.path) for r in dataset.records[:MAX_HEADERS]]
+    known = [i for i in infos if i is not None]
+    shapes = Counter(final_shape(i, slice_index=dataset.slice_index) for i in known)
+    lines, notes = [], []
+    for key, value in (getattr(clf, "overrides", None) or {}).items():
+        card = (getattr(clf, "card", None) or {}).get(key)
+        shown = " ".join(str(v) for v in value) if isinstance(value, (list, tuple)) and key != "preprocess" else value
+        notes.append(f"{_FLAG[key]} {shown} " + (f"overrides the model card's {key} {card}" if card not in (None, value)
+                                                 else "describes the model"))
+    probe_shape = tuple(clf.input_size) if clf.input_size else (shapes.most_common(1)[0][0] if shapes else None)
+    declared_channels, declared_size = _declared(clf.module)
+
+    # channels
+    stated = clf.in_channels
+    if stated is not None:
+        if stated not in (1, 3):
+            raise InputError(f"the model expects {stated}-channel images ({_who(clf, 'in_channels')}); counterlens reads "
+                             "images as grey (1 channel) or RGB (3): wrap the model in counterlens.Classifier with a "
+                             "preprocess that makes its channels")
+        channels = stated
+        error = _try(clf, channels, probe_shape) if probe_shape else None
+        wanted = _channels_in(error or "")
+        if wanted is not None and wanted != stated:
+            raise InputError(f"the model expects {wanted}-channel images but {_who(clf, 'in_channels')} says {stated}: "
+                             f"pass {_channel_fix(wanted)} or correct in_channels in the model card")
+    else:
+        found = declared_channels or _first_layer_channels(clf.module)
+        guess = (found or Counter(i.channels for i in known).most_common(1)[0][0]) if known else found
+        error = _try(clf, guess, probe_shape) if guess and probe_shape else None
+        channels = _channels_in(error or "") or guess
+        how = "its input signature" if declared_channels else ("its first layer" if found else "a probe pass")
+        if channels is not None and any(i.channels != channels for i in known):
+            if channels not in (1, 3):
+                raise InputError(f"the model expects {channels}-channel images (from {how}); counterlens reads images "
+                                 "as grey (1 channel) or RGB (3): wrap the model in counterlens.Classifier with a "
+                                 "preprocess that makes its channels")
+            raise InputError(f"the model expects {'grey (1-channel)' if channels == 1 else f'{channels}-channel'} "
+                             f"images; the data in {root} are {_data_channels(known)}: add {_channel_fix(channels)} "
+                             "or give a model card with in_channels")
+        if channels is not None:
+            notes.append(f"{channels} channel{'s' if channels != 1 else ''}, from {how} (no card or --channels says)")
+
+    # size
+    size = tuple(clf.input_size) if clf.input_size else None
+    if size is not None and channels is not None:
+        error = _try(clf, channels, size)
+        if error is not None and _channels_in(error) is None:
+            found = declared_size or _find_size(clf, channels, size, error)
+            fix = f"pass --size {' '.join(map(str, found))}" if found else "pass --size H W with the size it was trained on"
+            raise InputError(f"the model does not take {shape_text(size)} images (the size from {_who(clf, 'input_size')}; "
+                             f"it said: {_said(RuntimeError(error))})"
+                             + (f"; it expects {shape_text(found)}" if found else "") + f": {fix}")
+    elif shapes and channels is not None:
+        failing = {}
+        if declared_size is not None:
+            failing = {s: None for s in shapes if tuple(s) != declared_size}
+        else:
+            for s, _ in shapes.most_common(4):
+                error = _try(clf, channels, s)
+                if error is not None:
+                    failing[s] = error
+        if failing:
+            first, error = next(iter(failing.items()))
+            found = declared_size or _find_size(clf, channels, first, error)
+            if found is None:
+                raise InputError(f"the model cannot take the images in {root} at {shape_text(first)} (it said: "
+                                 f"{_said(RuntimeError(error))}) and no size it takes was found: add --size H W with "
+                                 "the size it was trained on, or give a model card with input_size")
+            raise InputError(f"the model expects {shape_text(found)} images; the images in {root} {_sizes_text(shapes)}: "
+                             f"add --size {' '.join(map(str, found))} (resizes them) or give a model card with input_size")
+        if len(shapes) > 1:
+            common = shapes.most_common(1)[0][0]
+            if one_size:
+                raise InputError(f"the images in {root} {_sizes_text(shapes)} and this command takes them as one batch: "
+                                 f"add --size {' '.join(map(str, common))} (resizes them to the most common size)")
+            notes.append(f"the images {_sizes_text(shapes)}; each is explained at its own size (the model takes them): "
+                         f"add --size {' '.join(map(str, common))} to resize them to one")
+
+    images = _sample(dataset, channels, size, sample)
+    if images:
+        error = _try_image(clf, images[0])
+        if error is not None:
+            raise InputError(f"the model cannot run on the images in {root} (read as shape {tuple(images[0].shape)}; it "
+                             f"said: {error}): describe its input with --channels N, --size H W or --preprocess, or give "
+                             "a model card")
+    warnings = [w for w in [_value_range_advice(clf, images, root)] if w]
+    loading = describe_loading(dataset, channels=channels, size=size, infos=infos)
+    lines += [f"model input: {n}" for n in notes]
+    lines.append(f"loading {loading['files']} file(s) of {root}:")
+    lines += [f"  {line}" for line in loading["lines"]]
+    lines += [f"warning: {w}" for w in warnings]
+    if warnings:
+        loading["warnings"] = warnings
+    return Diagnosis(channels=channels, size=size, lines=lines, warnings=warnings, loading=loading)
+
+
+def _sample(dataset, channels, size, n: int) -> list[np.ndarray]:
+    """Up to ``n`` images read as the run will read them (files that fail are the run's to record)."""
+    from ..data.images import load_case
+    read = {**dataset.read_options, "channels": channels, "size": size}
+    out = []
+    for rec in dataset.records:
+        if len(out) >= n:
+            break
+        try:
+            out.append(load_case(rec.path, None, **read)[0])
+        except CounterlensError:
+            continue
+    return out
+
+
+def _try_image(clf, image: np.ndarray) -> str | None:
+    try:
+        with torch.no_grad():
+            clf.logits(torch.from_numpy(image[None]))
+    except CounterlensError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model's own error, said in one line
+        return _said(exc)
+    return None
+
+
+def _value_range_advice(clf, images, root) -> str | None:
+    """When the sampled values lie outside the model's value_range: what maps one onto the other."""
+    if not clf.value_range or not images:
+        return None
+    a, b = clf.value_range
+    lo, hi = float(min(np.min(x) for x in images)), float(max(np.max(x) for x in images))
+    slack = 0.1 * (b - a)
+    if lo >= a - slack and hi <= b + slack:
+        return None
+    std = (hi - lo) / (b - a) if hi > lo else 1.0
+    hu = " (Hounsfield units?)" if lo < -500 else ""
+    return (f"the images in {root} have values {lo:.4g}..{hi:.4g}{hu} in the {len(images)} sampled, outside the range "
+            f"the model takes ({a:g}..{b:g}, {_who(clf, 'value_range')}): the explanations would be of inputs it never "
+            f"saw. Add --preprocess {_normalize_flag(clf, lo - a * std, std)} --value-range {lo:.4g} {hi:.4g} (maps the "
+            f"data onto {a:g}..{b:g} inside the model), window the data (DICOM window), or pass --value-range alone if "
+            "the card's range is wrong")
+
+
+def _normalize_flag(clf, mean: float, std: float) -> str:
+    """``normalize:MEAN,STD`` that maps the data onto the model's range and then does what the
+    model's own normalisation did (composed into one step, per channel where it has several)."""
+    spec = (getattr(clf, "overrides", None) or {}).get("preprocess", (getattr(clf, "card", None) or {}).get("preprocess"))
+    steps = [s for s in (spec or []) if isinstance(s, dict) and "repeat_channels" not in s]
+    if len(steps) == 1 and isinstance(steps[0].get("normalize"), dict):
+        m0, s0 = steps[0]["normalize"].get("mean", [0.0]), steps[0]["normalize"].get("std", [1.0])
+        means = [mean + float(m) * std for m in m0]
+        stds = [std * float(s) for s in s0]
+    else:
+        means, stds = [mean], [std]
+    return "normalize:" + "/".join(f"{v:.4g}" for v in means) + "," + "/".join(f"{v:.4g}" for v in stds)
