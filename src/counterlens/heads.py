@@ -122,15 +122,42 @@ def activation_modules(module) -> list[nn.Module]:
     return [m for m in module.modules() if _module_kind(m) is not None and not isinstance(m, torch.jit.ScriptModule)]
 
 
-def resolve_head(requested: str, found, raw: torch.Tensor) -> tuple[str, str | None, str]:
-    """Decide the head after the probe: ``(output, activation, note)``.
+def static_head(module):
+    """``(found, k)`` read from an ``nn.Sequential``'s last layers without running it, or None.
+
+    ``found`` as :meth:`Capture.find` gives it (``(kind, None, module)`` or None); ``k``: the
+    output size, from the last ``nn.Linear`` (the last layer, or the one before a final activation).
+    """
+    if not isinstance(module, nn.Sequential) or not len(module):
+        return None
+    seq = module
+    while isinstance(seq[-1], nn.Sequential) and len(seq[-1]):
+        seq = seq[-1]
+    m, kind = seq[-1], _module_kind(seq[-1])
+    last = m
+    if kind is not None:
+        if len(seq) < 2:
+            return None
+        last = seq[-2]
+        while isinstance(last, nn.Sequential) and len(last):
+            last = last[-1]
+    if not isinstance(last, nn.Linear):
+        return None
+    return ((kind, None, m) if kind else None), last.out_features
+
+
+def resolve_head(requested: str, found, raw: torch.Tensor | None, k: int | None = None):
+    """Decide the head: ``(output, activation, note)``, or None when it needs the output itself.
 
     ``requested``: the ``output=`` asked for; ``found``: :meth:`Capture.find`'s answer on the probe
-    pass; ``raw``: the module's output ``[B, K]``. ``activation`` is the final activation to undo
-    (``"softmax"``, ``"log_softmax"``, ``"sigmoid"``) or None.
+    pass; ``raw``: the module's output ``[B, K]`` (None: decide from ``k``, the output size, alone).
+    ``activation`` is the final activation to undo (``"softmax"``, ``"log_softmax"``, ``"sigmoid"``)
+    or None.
     """
-    k = raw.shape[1]
+    k = raw.shape[1] if raw is not None else k
     act = found[0] if found else None
+    if raw is None and act is None and k >= 2 and requested == "probabilities":
+        return None
     where = (f"a final {type(found[2]).__name__} module" if found and found[2] is not None
              else f"a final {act} call" if found else None)
     if requested == "auto":
@@ -140,7 +167,7 @@ def resolve_head(requested: str, found, raw: torch.Tensor) -> tuple[str, str | N
             requested = "sigmoid" if k == 1 else "multilabel"
         elif k == 1:
             requested = "sigmoid"
-        elif _sums_to_one(raw):
+        elif raw is not None and _sums_to_one(raw):
             warnings.warn("the model's outputs are non-negative and every row sums to 1, so they are read as "
                           "softmax probabilities (explained on log-probabilities); pass output='logits' "
                           "(--output-head logits) if they are logits", stacklevel=4)
@@ -159,7 +186,7 @@ def resolve_head(requested: str, found, raw: torch.Tensor) -> tuple[str, str | N
         if k < 2:
             raise InputError("output='probabilities' but the model has one output; pass output='sigmoid'")
         if act is None:
-            if not _sums_to_one(raw):
+            if raw is not None and not _sums_to_one(raw):
                 raise InputError("output='probabilities' but the model's outputs are not probabilities (rows do "
                                  "not sum to 1); pass output='logits' or 'auto'")
             act = "softmax"

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .heads import Capture, activation_modules, check_output, head_scores, probabilities, resolve_head
+from .heads import Capture, activation_modules, check_output, head_scores, probabilities, resolve_head, static_head
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -175,11 +175,19 @@ class Classifier:
         self.n_classes: int | None = None     # known after the first forward pass
         # the head: asked for, resolved on the first forward pass (see counterlens.heads)
         self._output_asked = check_output(output)
+        if self.classes is not None and len(self.classes) == 1 and self._output_asked != "multilabel":
+            # one name: a one-output binary classifier named by its positive class
+            self.classes = [f"not {self.classes[0]}", self.classes[0]]
         self._output: str | None = None
         self._activation: str | None = None   # the final activation undone ("softmax", "sigmoid", ...)
         self._final = None                    # its module (hooked on every pass), or None
         self._functional = False              # or a function call (watched by a TorchFunctionMode)
         self.head_note: str | None = None     # how the scores are obtained, in words
+        static = static_head(module)          # an nn.Sequential ending in Linear (+ activation): known now
+        decided = resolve_head(self._output_asked, static[0], None, static[1]) if static else None
+        if decided is not None:
+            self._output, self._activation, self.head_note = decided
+            self._final = static[0][2] if (static[0] and self._activation) else None
 
     # -- the output head -------------------------------------------------------------------------
     @property

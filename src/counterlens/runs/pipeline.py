@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..attribution.base import get_method, resolve_targets
+from ..attribution.base import expand_targets, get_method, resolve_targets
 from ..attribution.noise import case_keys
 from ..errors import CounterlensError, InputError
 from .records import Case, CaseResult, ReadBatch, text_of
@@ -37,9 +37,21 @@ def cases_of(folder) -> list[Case]:
         if rel == ".":                      # the data root is itself the case (a DICOM series folder)
             rel = Path(rec.path).name
         label_name = folder.classes[rec.label] if rec.label is not None and folder.classes else None
+        findings = getattr(rec, "findings", None)
+        per_finding = getattr(rec, "finding_masks", None)
         out.append(Case(id=text_of(rel), file=str(rec.path), label=rec.label, label_name=label_name,
-                        mask_file=str(rec.mask_path) if rec.mask_path is not None else None))
+                        mask_file=str(rec.mask_path) if rec.mask_path is not None else None,
+                        findings=tuple(int(v) for v in findings) if findings is not None else None,
+                        finding_masks=tuple(str(per_finding[c]) if c in per_finding else None for c in folder.classes)
+                        if per_finding else None))
     return out
+
+
+def _finding_masks(case: Case, shape: tuple[int, ...]) -> np.ndarray:
+    """bool ``[K, *shape]``: the case's mask of each finding, resized to the image (empty where none)."""
+    from ..data.images import load_mask
+    return np.stack([load_mask(f, size=shape) if f is not None else np.zeros(shape, bool)
+                     for f in case.finding_masks])
 
 
 def read_batch(cases: list[Case], read: dict) -> ReadBatch:
@@ -51,6 +63,8 @@ def read_batch(cases: list[Case], read: dict) -> ReadBatch:
     for case in cases:
         try:
             image, mask = load_case(case.file, case.mask_file, **read)
+            if case.finding_masks is not None:
+                mask = _finding_masks(case, tuple(image.shape[1:]))
         except CounterlensError as exc:
             batch.failed.append((case, text_of(str(exc))))
             continue
@@ -70,21 +84,33 @@ def read_batch(cases: list[Case], read: dict) -> ReadBatch:
 class Explained:
     """What :func:`explain_arrays` gives for ``B`` images."""
 
-    probs: np.ndarray                       #: ``[B, K]`` softmax probabilities
+    probs: np.ndarray                       #: ``[B, K]`` softmax probabilities (multi-label: per-finding sigmoids)
     prediction: np.ndarray                  #: ``[B]`` int
-    targets: np.ndarray                     #: ``[B]`` the class each map explains
-    maps: dict[str, np.ndarray]             #: ``{method: [B, *S] float32}``
+    targets: np.ndarray                     #: ``[B]`` the class each map explains (``[M]`` with ``rows``)
+    maps: dict[str, np.ndarray]             #: ``{method: [B, *S] float32}`` (``[M, *S]`` with ``rows``)
     seconds: dict[str, float] = field(default_factory=dict)   #: method wall time per image
     class_names: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)     #: ``{method: reason}``: could not run on this model
+    rows: np.ndarray | None = None          #: ``[M]`` the image of each map (``all-positive``); None: one map per image
 
 
-def explain_arrays(clf, x: np.ndarray, methods: dict[str, dict], target="predicted", keys=None) -> Explained:
+def all_positive(target) -> bool:
+    """Whether ``target`` asks for one map per image and positive finding (multi-label)."""
+    return isinstance(target, str) and target.lower() in ("all-positive", "all_positive")
+
+
+def explain_arrays(clf, x: np.ndarray, methods: dict[str, dict], target="predicted", keys=None,
+                   threshold: float = 0.5) -> Explained:
     """Probabilities and every method's maps for images ``x [B, C, *S]`` (one shape).
 
     ``methods``: ``{name: full parameters}`` (as :func:`~counterlens.runs.spec.resolved_methods`
     gives). ``keys``: one identity per image (the case ids); random methods then draw each
     image's randomness from its identity, so its maps are the same in any batch, on any worker.
-    The one function every engine calls to explain.
+    A method that cannot run on this model (a CAM without a feature map, a gradient method on a
+    model without autograd, ...) is skipped with its reason in ``skipped``; the others' maps are
+    kept: one method never aborts a run. The one function every engine calls to explain.
+    ``target="all-positive"`` (multi-label models): one map per image and finding whose probability
+    is at least ``threshold``; ``rows`` then says which image each map is of.
     """
     xt = clf.as_input(torch.from_numpy(np.ascontiguousarray(x)))
     with torch.no_grad():
@@ -97,16 +123,35 @@ def explain_arrays(clf, x: np.ndarray, methods: dict[str, dict], target="predict
                 f"and said: {str(exc).splitlines()[0]}. If it expects other channels or another size, describe it "
                 "with a model card (model.json: in_channels, input_size) or pass images of that shape") from exc
     names = clf.class_names(logits.shape[1])
-    probs = torch.softmax(logits.float(), dim=1).cpu()
-    tgt = resolve_targets(clf, xt, target, logits=logits)
-    maps, seconds = {}, {}
+    probs = (clf.probs_of(logits.float()) if hasattr(clf, "probs_of") else torch.softmax(logits.float(), 1)).cpu()
+    rows = None
+    if all_positive(target):                   # a pair per image and positive finding
+        rows, tgt = expand_targets(clf, xt, target, threshold=threshold)
+        xt, keys = xt[rows], [keys[r] for r in rows.tolist()] if keys is not None else None
+    else:
+        tgt = resolve_targets(clf, xt, target, logits=logits)
+    maps, seconds, skipped = {}, {}, {}
     with case_keys(keys):
         for name, params in methods.items():
             t0 = time.perf_counter()
-            maps[name] = get_method(name).function(clf, xt, tgt, **params).detach().float().cpu().numpy()
+            if not len(xt):                    # no image of the batch has a positive finding
+                maps[name], seconds[name] = np.zeros((0, *x.shape[2:]), np.float32), 0.0
+                continue
+            try:
+                maps[name] = get_method(name).function(clf, xt, tgt, **params).detach().float().cpu().numpy()
+            except (CounterlensError, RuntimeError, NotImplementedError) as exc:   # this method on this model
+                if isinstance(exc, RuntimeError) and _is_out_of_memory(exc):
+                    raise
+                skipped[name] = text_of(f"{name} cannot run on this model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+                continue
             seconds[name] = (time.perf_counter() - t0) / len(x)
     return Explained(probs=probs.numpy(), prediction=probs.argmax(1).numpy(), targets=tgt.cpu().numpy(),
-                     maps=maps, seconds=seconds, class_names=names)
+                     maps=maps, seconds=seconds, class_names=names, skipped=skipped,
+                     rows=rows.cpu().numpy() if rows is not None else None)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def _groups(batch: ReadBatch) -> list[list[int]]:
@@ -117,19 +162,29 @@ def _groups(batch: ReadBatch) -> list[list[int]]:
     return list(by_shape.values())
 
 
-def explain_batch(clf, batch: ReadBatch, methods: dict[str, dict], target="predicted") -> list[CaseResult]:
-    """Explain the images of ``batch``: one :class:`CaseResult` per case, failures included."""
+def explain_batch(clf, batch: ReadBatch, methods: dict[str, dict], target="predicted",
+                  threshold: float = 0.5) -> list[CaseResult]:
+    """Explain the images of ``batch``: one :class:`CaseResult` per case, failures included.
+    ``target="all-positive"``: each case's maps are ``[T, *S]``, one per positive finding (``T``
+    may be 0: the case records that it had none)."""
     results = [CaseResult.failure(case, error) for case, error in batch.failed]
     for idx in _groups(batch):
         out = explain_arrays(clf, np.stack([batch.images[i] for i in idx]), methods, target,
-                             keys=[batch.cases[i].id for i in idx])
+                             keys=[batch.cases[i].id for i in idx], threshold=threshold)
         for j, i in enumerate(idx):
             pred = int(out.prediction[j])
+            if out.rows is None:
+                maps = {m: out.maps[m][j] for m in methods if m in out.maps}
+                targets, explained = {m: int(out.targets[j]) for m in maps}, None
+            else:
+                mine = out.rows == j
+                explained = [int(t) for t in out.targets[mine]]
+                maps = {m: out.maps[m][mine] for m in methods if m in out.maps}
+                targets = {m: list(explained) for m in maps}
             results.append(CaseResult(
                 case=batch.cases[i], prediction=pred, prediction_name=out.class_names[pred],
-                probs=out.probs[j].tolist(), image=batch.images[i], mask=batch.masks[i],
-                maps={m: out.maps[m][j] for m in methods}, targets={m: int(out.targets[j]) for m in methods},
-                seconds=dict(out.seconds)))
+                probs=out.probs[j].tolist(), image=batch.images[i], mask=batch.masks[i], maps=maps, targets=targets,
+                explained=explained, seconds=dict(out.seconds), skipped=dict(out.skipped)))
     return results
 
 
@@ -148,7 +203,8 @@ def counterfactual_batch(clf, batch: ReadBatch, target="other", params: dict | N
     for idx in _groups(batch):
         x = torch.from_numpy(np.stack([batch.images[i] for i in idx]))
         kwargs = dict(params or {})
-        masks = [batch.masks[i] for i in idx]
+        masks = [batch.masks[i] if batch.masks[i] is None or batch.masks[i].ndim == x.dim() - 2 else None
+                 for i in idx]                   # a mask per finding (ground truth) is no editable region
         if any(m is not None for m in masks) and "editable" not in kwargs:
             kwargs["editable"] = torch.from_numpy(np.stack(
                 [m if m is not None else np.ones(x.shape[2:], bool) for m in masks]))[:, None]
@@ -160,11 +216,13 @@ def counterfactual_batch(clf, batch: ReadBatch, target="other", params: dict | N
         for j, i in enumerate(idx):
             probs = res.probs_before[j]
             pred, t = int(probs.argmax()), int(res.target[j])
+            # multi-label: the finding and the state it was switched to; probs are every finding's sigmoid
+            state = f":{'on' if bool(res.target_on[j]) else 'off'}" if getattr(res, "multilabel", False) else ""
             results.append(CaseResult(
                 case=batch.cases[i], prediction=pred, prediction_name=names[pred], probs=probs.tolist(),
                 image=batch.images[i], mask=batch.masks[i],
                 counterfactual={
-                    "target": t, "target_name": names[t], "valid": bool(res.valid[j]), "reason": res.reason[j],
+                    "target": t, "target_name": names[t] + state, "valid": bool(res.valid[j]), "reason": res.reason[j],
                     "lam": float(res.lam[j]), "iterations": int(res.iterations[j]),
                     "distance": {k: float(v[j]) for k, v in res.distance.items()},
                     "probs_before": res.probs_before[j].tolist(), "probs_after": res.probs_after[j].tolist(),

@@ -28,6 +28,8 @@ class Case:
     label: int | None = None
     label_name: str | None = None
     mask_file: str | None = None
+    findings: tuple[int, ...] | None = None     #: multi-label: 1, 0 or -1 (unknown) per finding
+    finding_masks: tuple[str | None, ...] | None = None   #: multi-label: a mask file per finding (None: none)
 
 
 @dataclass
@@ -37,7 +39,7 @@ class ReadBatch:
 
     cases: list[Case]
     images: list[np.ndarray]
-    masks: list[np.ndarray | None]
+    masks: list[np.ndarray | None]                #: ``[*S]``, or ``[K, *S]`` with a mask per finding
     failed: list[tuple[Case, str]] = field(default_factory=list)
 
 
@@ -53,10 +55,21 @@ class CaseResult:
     probs: list[float] | None = None
     image: np.ndarray | None = None               #: ``[C, *S]`` float32, data space
     mask: np.ndarray | None = None                #: ``[*S]`` bool
-    maps: dict[str, np.ndarray] = field(default_factory=dict)       #: ``{method: [*S] float32}``
-    targets: dict[str, int] = field(default_factory=dict)           #: class each map explains
+    maps: dict[str, np.ndarray] = field(default_factory=dict)       #: ``{method: [*S] float32}`` (``[T, *S]``: see targets)
+    targets: dict[str, int | list[int]] = field(default_factory=dict)   #: class each map explains (a list: one map each)
+    explained: list[int] | None = None            #: multi-label ``all-positive``: the findings explained (maybe none)
     seconds: dict[str, float] = field(default_factory=dict)         #: method time per image
     counterfactual: dict | None = None            #: row fields and ``x`` (``[C, *S]``)
+    skipped: dict[str, str] = field(default_factory=dict)           #: method -> why it could not run here
+
+    def map_items(self):
+        """``(method, target, map [*S])`` for every map of the case (several per method with a list of targets)."""
+        for method, arr in self.maps.items():
+            t = self.targets[method]
+            if isinstance(t, (list, tuple)):
+                yield from ((method, int(tk), arr[k]) for k, tk in enumerate(t))
+            else:
+                yield method, int(t), arr
 
     @classmethod
     def failure(cls, case: Case, error: str) -> "CaseResult":

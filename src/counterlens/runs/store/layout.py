@@ -42,12 +42,20 @@ CREATE TABLE IF NOT EXISTS cases (
     error TEXT,
     array_file TEXT, array_group TEXT, array_row INTEGER,
     has_mask INTEGER NOT NULL DEFAULT 0,
-    written REAL NOT NULL
+    written REAL NOT NULL,
+    labels TEXT,                   -- multi-label: JSON list, 1 / 0 / -1 (unknown) per finding
+    targets TEXT                   -- multi-label all-positive: JSON list of the findings explained ([]: none)
 );
 CREATE TABLE IF NOT EXISTS maps (
     case_id TEXT NOT NULL, method TEXT NOT NULL,
     target INTEGER NOT NULL, seconds REAL NOT NULL,
     array_file TEXT NOT NULL, array_group TEXT NOT NULL, array_row INTEGER NOT NULL,
+    written REAL NOT NULL,
+    PRIMARY KEY (case_id, method, target)    -- multi-label: a map per finding explained
+);
+CREATE TABLE IF NOT EXISTS skipped (
+    case_id TEXT NOT NULL, method TEXT NOT NULL,
+    reason TEXT NOT NULL,          -- why the method could not run on this model (the others' maps are kept)
     written REAL NOT NULL,
     PRIMARY KEY (case_id, method)
 );
@@ -64,7 +72,8 @@ CREATE TABLE IF NOT EXISTS counterfactuals (
 CREATE TABLE IF NOT EXISTS metrics (
     case_id TEXT NOT NULL, method TEXT NOT NULL, metric TEXT NOT NULL, value REAL,
     written REAL NOT NULL,
-    PRIMARY KEY (case_id, method, metric)
+    target INTEGER,                -- multi-label: the finding whose map was scored (NULL: the case's one map)
+    PRIMARY KEY (case_id, method, metric, target)
 );
 CREATE TABLE IF NOT EXISTS tabular_counterfactuals (
     row_index INTEGER NOT NULL, rank INTEGER NOT NULL,
@@ -74,8 +83,9 @@ CREATE TABLE IF NOT EXISTS tabular_counterfactuals (
 );
 """
 # the key columns of each table: rows of the same key in several shards are one row (the newest wins)
-KEYS = {"cases": ["case_id"], "maps": ["case_id", "method"], "counterfactuals": ["case_id", "target"],
-        "metrics": ["case_id", "method", "metric"], "tabular_counterfactuals": ["row_index", "rank"]}
+KEYS = {"cases": ["case_id"], "maps": ["case_id", "method", "target"], "skipped": ["case_id", "method"],
+        "counterfactuals": ["case_id", "target"],
+        "metrics": ["case_id", "method", "target", "metric"], "tabular_counterfactuals": ["row_index", "rank"]}
 
 
 def writer_name() -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ...errors import InputError
+from .findings import finding_columns
 from .layout import INDEX_DIR, KEYS, SCHEMA, is_run_dir, read_spec
 
 
@@ -39,11 +40,16 @@ class Run:
         One row per case: ``path`` (relative to the data root: the case's identity), ``file``,
         ``label``, ``prediction`` (class names), ``label_index``, ``prediction_index``,
         ``probability`` (of the prediction), ``prob_<class>`` per class, ``status``
-        (``done``/``failed``), ``error``.
+        (``done``/``failed``), ``error``. A multi-label run (``multilabel``): ``label`` and
+        ``prediction`` name the positive findings, ``prob_<finding>`` are sigmoid probabilities, and
+        ``label_<finding>`` / ``pred_<finding>`` (1 / 0) follow ``error``.
     methods : list of str
     spec : dict (``run.yaml``)
     attributions : DataFrame ``path, method, target, target_name, seconds``
-    metrics : DataFrame ``path, method, metric, value`` or None
+    skipped : dict ``{method: reason}`` of the methods that could not run on the model (their
+        per-case rows: ``table("skipped")``); the other methods' maps are in the run
+    metrics : DataFrame ``path, method, metric, value`` (multi-label: and ``target``, ``target_name``,
+        the finding whose map was scored) or None
     counterfactuals : DataFrame or None
     """
 
@@ -59,7 +65,7 @@ class Run:
         return f"Run({str(self.root)!r}, {len(self.cases)} cases, methods={self.methods})"
 
     def refresh(self) -> "Run":
-        for name in ("cases", "spec", "attributions", "metrics", "counterfactuals"):
+        for name in ("cases", "spec", "attributions", "metrics", "counterfactuals", "skipped"):
             self.__dict__.pop(name, None)
         self._loaded.clear()
         self._arrays.clear()
@@ -84,6 +90,16 @@ class Run:
         model = self.spec.get("model") or {}
         return [str(c) for c in (model.get("classes") or (self.spec.get("data") or {}).get("classes") or [])]
 
+    @property
+    def multilabel(self) -> bool:
+        """Whether the run's model is multi-label (``run.yaml`` ``model.output``): ``classes`` are findings."""
+        return (self.spec.get("model") or {}).get("output") == "multilabel"
+
+    @property
+    def threshold(self) -> float:
+        """The probability at which a finding counts as present (multi-label; ``run.yaml`` ``threshold``)."""
+        return float(self.spec.get("threshold") or 0.5)
+
     @cached_property
     def cases(self) -> pd.DataFrame:
         raw = self.table("cases")
@@ -101,6 +117,8 @@ class Run:
             df[f"prob_{name}"] = [p[i] if p and i < len(p) else np.nan for p in probs]
         df["status"] = raw["status"].astype(str)
         df["error"] = raw["error"]
+        if self.multilabel:
+            finding_columns(df, raw, probs, names, self.threshold)
         return df.reset_index(drop=True)
 
     @property
@@ -118,6 +136,16 @@ class Run:
                              "target_name": [names[t] if 0 <= t < len(names) else str(t) for t in maps["target"]],
                              "seconds": maps["seconds"].astype(float)})
 
+    @cached_property
+    def skipped(self) -> dict[str, str]:
+        """``{method: reason}``: the methods skipped because they cannot run on this model (the
+        first reason recorded for each; per case in ``table("skipped")``)."""
+        rows = self.table("skipped")
+        out: dict[str, str] = {}
+        for method, reason in zip(rows["method"].astype(str), rows["reason"].astype(str)):
+            out.setdefault(method, reason)
+        return out
+
     def method_seconds(self) -> dict[str, float]:
         """Mean seconds per image of each method."""
         att = self.attributions
@@ -129,8 +157,12 @@ class Run:
         m = self.table("metrics")
         if not len(m):
             return None
-        return pd.DataFrame({"path": m["case_id"].astype("category"), "method": m["method"].astype("category"),
-                             "metric": m["metric"].astype("category"), "value": m["value"].astype(float)})
+        out = pd.DataFrame({"path": m["case_id"].astype("category"), "method": m["method"].astype("category"),
+                            "metric": m["metric"].astype("category"), "value": m["value"].astype(float)})
+        if m["target"].notna().any():          # multi-label: the finding whose map was scored
+            out["target"] = pd.array(m["target"], dtype="Int64")
+            out["target_name"] = [self._target_name(int(t)) if pd.notna(t) else None for t in m["target"]]
+        return out
 
     @cached_property
     def counterfactuals(self) -> pd.DataFrame | None:
@@ -181,14 +213,31 @@ class Run:
             self._arrays.move_to_end(file)
         return arrays[key]
 
-    def map(self, path: str, method: str) -> np.ndarray:
-        """The ``method`` map of case ``path``: float32 ``[*S]`` in the image's own shape."""
+    def map(self, path: str, method: str, target=None) -> np.ndarray:
+        """The ``method`` map of case ``path``: float32 ``[*S]`` in the image's own shape.
+
+        ``target``: which map when the case has several (multi-label: one per finding explained),
+        a class or finding index or name; None: the case's only (or first) map."""
         cid = self._case_id(path)
-        for m, file, group, row in self._case_locations()["maps"].get(cid, ()):
-            if m == method:
+        want = None if target is None else self._target_index(target)
+        found = self._case_locations()["maps"].get(cid, ())
+        for m, t, file, group, row in found:
+            if m == method and (want is None or t == want):
                 return self._array(file, f"{group}/map/{method}")[row].astype(np.float32)
-        raise InputError(f"case {cid!r} has no {method} map in {self.root}; its methods: "
-                         f"{[m for m, *_ in self._case_locations()['maps'].get(cid, ())]}")
+        have = [f"{m} ({self._target_name(t)})" for m, t, *_ in found]
+        raise InputError(f"case {cid!r} has no {method} map{'' if target is None else f' for target {target!r}'} in "
+                         f"{self.root}; its maps: {have or 'none'}")
+
+    def _target_index(self, target) -> int:
+        if isinstance(target, str) and not target.lstrip("-").isdigit():
+            names = {c.lower(): i for i, c in enumerate(self.classes)}
+            if target.lower() not in names:
+                raise InputError(f"target={target!r} is not a class of this run; one of {self.classes}")
+            return names[target.lower()]
+        return int(target)
+
+    def _target_name(self, t: int) -> str:
+        return self.classes[t] if 0 <= t < len(self.classes) else str(t)
 
     def image(self, path: str) -> np.ndarray:
         """The image as explained (data space): float32 ``[C, *S]``."""
@@ -200,13 +249,17 @@ class Run:
         file, group, row, _ = loc
         return self._array(file, f"{group}/image")[row]
 
-    def mask(self, path: str) -> np.ndarray | None:
-        """The case's mask (bool ``[*S]``), or None when it had none."""
+    def mask(self, path: str, target=None) -> np.ndarray | None:
+        """The case's mask (bool ``[*S]``), or None when it had none. A multi-label case with a mask
+        per finding: all of them (``[K, *S]``), or with ``target`` (index or name) that finding's."""
         loc = self._case_locations()["cases"].get(self._case_id(path))
         if loc is None or not loc[3]:
             return None
         file, group, row, _ = loc
-        return self._array(file, f"{group}/mask")[row]
+        mask = self._array(file, f"{group}/mask")[row]
+        if target is not None and mask.ndim == self._array(file, f"{group}/image").ndim:   # [K, *S]
+            return mask[self._target_index(target)]
+        return mask
 
     def counterfactual(self, path: str, target: int | None = None) -> np.ndarray:
         """The counterfactual image of case ``path`` (float32 ``[C, *S]``; the first target when None)."""
@@ -219,12 +272,15 @@ class Run:
 
     # -- bookkeeping for resuming -----------------------------------------------------------------
     def done_cases(self, methods) -> set[str]:
-        """Cases with status done and a map of every one of ``methods``."""
+        """Cases with status done and a map of every one of ``methods`` (or that method skipped: it
+        cannot run on the model)."""
         cases = self.table("cases")
         done = set(cases.loc[cases["status"] == "done", "case_id"].astype(str))
-        maps = self.table("maps")
+        maps, skipped = self.table("maps"), self.table("skipped")
+        nothing = set(cases.loc[cases["targets"] == "[]", "case_id"].astype(str))  # multi-label: no positive finding
         for m in methods:
-            done &= set(maps.loc[maps["method"] == m, "case_id"].astype(str))
+            done &= (set(maps.loc[maps["method"] == m, "case_id"].astype(str))
+                     | set(skipped.loc[skipped["method"] == m, "case_id"].astype(str)) | nothing)
         return done
 
     def counterfactual_cases(self) -> set[str]:
@@ -249,8 +305,9 @@ class Run:
     # -- for the report ----------------------------------------------------------------------------
     def case_arrays(self, path: str) -> dict:
         """Every stored array of case ``path`` in one call: ``{"image": [C, *S] float32 or None,
-        "mask": [*S] bool or None, "maps": {method: [*S] float32}, "counterfactuals": {target:
-        [C, *S] float32}}`` (None and empty for a case that failed to load).
+        "mask": [*S] bool or None, "maps": {method: [*S] float32}, "target_maps": {(method, target):
+        [*S] float32} (every map: several per method for a multi-label case), "counterfactuals":
+        {target: [C, *S] float32}}`` (None and empty for a case that failed to load).
 
         The same arrays as :meth:`image`, :meth:`mask`, :meth:`map` and :meth:`counterfactual`,
         found through dictionaries built once per snapshot instead of a scan of the index per
@@ -265,8 +322,10 @@ class Run:
             file, group, row, has_mask = case
             out["image"] = self._array(file, f"{group}/image")[row]
             out["mask"] = self._array(file, f"{group}/mask")[row] if has_mask else None
-        for method, file, group, row in where["maps"].get(path, ()):
-            out["maps"][method] = self._array(file, f"{group}/map/{method}")[row].astype(np.float32)
+        out["target_maps"] = {}
+        for method, target, file, group, row in where["maps"].get(path, ()):
+            out["target_maps"][(method, target)] = self._array(file, f"{group}/map/{method}")[row].astype(np.float32)
+            out["maps"].setdefault(method, out["target_maps"][(method, target)])
         for target, file, group, row in where["counterfactuals"].get(path, ()):
             out["counterfactuals"][target] = self._array(file, f"{group}/counterfactual")[row]
         return out
@@ -284,9 +343,10 @@ class Run:
                                                    c["array_row"], c["has_mask"]):
             if isinstance(file, str):
                 where["cases"][cid] = (file, group, int(row), bool(has_mask))
-        for cid, method, file, group, row in zip(m["case_id"].astype(str), m["method"].astype(str), m["array_file"],
-                                                 m["array_group"], m["array_row"]):
-            where["maps"].setdefault(cid, []).append((method, file, group, int(row)))
+        for cid, method, target, file, group, row in zip(m["case_id"].astype(str), m["method"].astype(str),
+                                                         m["target"], m["array_file"], m["array_group"],
+                                                         m["array_row"]):
+            where["maps"].setdefault(cid, []).append((method, int(target), file, group, int(row)))
         for cid, target, file, group, row in zip(cf["case_id"].astype(str), cf["target"], cf["array_file"],
                                                  cf["array_group"], cf["array_row"]):
             where["counterfactuals"].setdefault(cid, []).append((int(target), file, group, int(row)))
@@ -324,6 +384,9 @@ def _merged(root: Path, table: str) -> pd.DataFrame:
                 continue
             raise InputError(f"{shard} cannot be read ({exc}); move it aside to read the rest of the run") from exc
         if len(df):
+            for col in _empty(table).columns.drop("shard"):      # a shard of an older version lacks newer columns
+                if col not in df:
+                    df[col] = None
             frames.append(df.assign(shard=shard.stem))
     if not frames:
         return _empty(table)

@@ -92,17 +92,24 @@ class ShardWriter:
                 groups.setdefault(tuple(r.image.shape), []).append(r)
         arrays: dict[str, np.ndarray] = {}
         where: dict[int, tuple[str, int]] = {}
+        map_rows: dict[int, list[tuple[str, int, int]]] = {}      # case -> (method, target, row of the map array)
         for g, members in enumerate(groups.values()):
             key = f"g{g}"
             arrays[f"{key}/image"] = np.stack([m.image for m in members]).astype(np.float32, copy=False)
-            if any(m.mask is not None for m in members):
-                arrays[f"{key}/mask"] = np.stack([m.mask if m.mask is not None else np.zeros(m.image.shape[1:], bool)
+            masked = [m.mask for m in members if m.mask is not None]      # [*S], or [K, *S]: a mask per finding
+            if masked:
+                arrays[f"{key}/mask"] = np.stack([m.mask if m.mask is not None else np.zeros(masked[0].shape, bool)
                                                   for m in members]).astype(bool)
             for method in dict.fromkeys(k for m in members for k in m.maps):
                 have = [m for m in members if method in m.maps]
                 if len(have) != len(members):
                     raise InputError(f"method {method} has maps for {len(have)} of {len(members)} cases of a batch")
-                arrays[f"{key}/map/{method}"] = self._map_array(method, [m.maps[method] for m in members])
+                # one row per (case, target): a case's one map, or one per finding explained (multi-label)
+                pairs = [(m, t, a) for m in members for meth, t, a in m.map_items() if meth == method]
+                if pairs:
+                    arrays[f"{key}/map/{method}"] = self._map_array(method, [a for _, _, a in pairs])
+                for k, (m, t, _) in enumerate(pairs):
+                    map_rows.setdefault(id(m), []).append((method, t, k))
             cfs = [m for m in members if m.counterfactual is not None]
             if cfs and len(cfs) != len(members):
                 raise InputError("a batch must have a counterfactual for every case or for none")
@@ -118,16 +125,20 @@ class ShardWriter:
                 c = r.case
                 self.db.execute(
                     "INSERT OR REPLACE INTO cases (case_id, file, label, label_name, prediction, prediction_name,"
-                    " probability, probs, status, error, array_file, array_group, array_row, has_mask, written)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " probability, probs, status, error, array_file, array_group, array_row, has_mask, written,"
+                    " labels, targets) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (text_of(c.id), text_of(c.file), c.label, text_of(c.label_name), r.prediction, r.prediction_name,
                      max(r.probs) if r.probs else None, json.dumps([float(p) for p in r.probs]) if r.probs else None,
-                     r.status, text_of(r.error), file if group else None, group, row, int(r.mask is not None), now))
-                for method in r.maps:
+                     r.status, text_of(r.error), file if group else None, group, row, int(r.mask is not None), now,
+                     json.dumps([int(v) for v in c.findings]) if c.findings is not None else None,
+                     json.dumps([int(t) for t in r.explained]) if r.explained is not None else None))
+                for method, target, map_row in map_rows.get(id(r), ()):
                     self.db.execute(
                         "INSERT OR REPLACE INTO maps VALUES (?,?,?,?,?,?,?,?)",
-                        (c.id, method, int(r.targets[method]), float(r.seconds.get(method, 0.0)), file, group, row,
-                         now))
+                        (c.id, method, target, float(r.seconds.get(method, 0.0)), file, group, map_row, now))
+                for method, reason in r.skipped.items():
+                    self.db.execute("INSERT OR REPLACE INTO skipped VALUES (?,?,?,?)",
+                                    (c.id, method, text_of(reason), now))
                 if r.counterfactual is not None:
                     cf = r.counterfactual
                     d = cf["distance"]
@@ -143,11 +154,15 @@ class ShardWriter:
         return len(results)
 
     def write_metrics(self, rows) -> int:
-        """``rows``: ``(case_id, method, metric, value)``; NaN is stored as NULL. One transaction."""
+        """``rows``: ``(case_id, method, metric, value)`` or, for the map of one finding of a
+        multi-label case, ``(case_id, method, metric, value, target)``; NaN is stored as NULL. One
+        transaction."""
         now = time.time()
         with self.db:
-            self.db.executemany("INSERT OR REPLACE INTO metrics VALUES (?,?,?,?,?)",
-                                [(str(c), str(m), str(k), _num(v), now) for c, m, k, v in rows])
+            self.db.executemany(
+                "INSERT OR REPLACE INTO metrics (case_id, method, metric, value, written, target) VALUES (?,?,?,?,?,?)",
+                [(str(r[0]), str(r[1]), str(r[2]), _num(r[3]), now, int(r[4]) if len(r) > 4 and r[4] is not None
+                  else None) for r in rows])
         return len(rows)
 
     def write_tabular(self, records: list[dict]) -> int:
