@@ -169,7 +169,7 @@ def brain_tumor_cnn3d(num_classes: int = 4, in_channels: int = 1, input_size=(32
         nn.Conv3d(int(in_channels), c1, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
         nn.Conv3d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
         nn.Conv3d(c2, c3, 3, padding=1), nn.ReLU())
-    head = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(c3, hidden), nn.ReLU(), nn.Dropout(0.3),
+    head = nn.Sequential(nn.AdaptiveMaxPool3d(1), nn.Flatten(), nn.Linear(c3, hidden), nn.ReLU(), nn.Dropout(0.3),
                          nn.Linear(hidden, int(num_classes)))
     return PlainCNN(features, head, size, tuple(s // 4 for s in size))
 

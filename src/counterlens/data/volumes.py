@@ -139,18 +139,18 @@ def _tumour(cls, img, rng, shape, geo, T):
     n = len(img)
     if cls == 0:    # glioma: lobulated intra-axial mass in one hemisphere
         side = np.where(rng.random((n, 1, 1, 1)) < 0.5, F32(-1), F32(1))
-        tu, tv, tw = side * _p(rng, n, 0.25, 0.42), _p(rng, n, -0.35, 0.35), _p(rng, n, -0.1, 0.4)
-        rad = _p(rng, n, 0.16, 0.24)
+        tu, tv, tw = side * _p(rng, n, 0.25, 0.4), _p(rng, n, -0.3, 0.3), _p(rng, n, -0.1, 0.35)
+        rad = _p(rng, n, 0.24, 0.32)
     elif cls == 1:  # meningioma: on the inner skull, upper half of the head
         direction = rng.standard_normal((n, 3)).astype(F32)
         direction[:, 2] = np.abs(direction[:, 2]) + 0.3
         direction /= np.linalg.norm(direction, axis=1, keepdims=True)
-        rad = _p(rng, n, 0.14, 0.2)
+        rad = _p(rng, n, 0.2, 0.26)
         rc = A.R_BONE - 0.45 * rad / ax
         tu, tv, tw = (rc * direction[:, k].reshape(n, 1, 1, 1) for k in range(3))
     else:           # pituitary: small, midline, low and forward
         tu, tv, tw = _p(rng, n, -0.03, 0.03), _p(rng, n, -0.15, -0.05), _p(rng, n, -0.5, -0.4)
-        rad = _p(rng, n, 0.08, 0.11)
+        rad = _p(rng, n, 0.13, 0.17)
     d = np.sqrt(((U - tu) * ax) ** 2 + ((V - tv) * ay) ** 2 + ((W - tw) * az) ** 2) / rad
     pxr = F32(2.0 / min(shape)) / rad
     if cls == 0:

@@ -95,7 +95,7 @@ def build_case(row: dict, arrays: dict | None, pair_rows: list[dict], cf_rows: l
             "prediction_name": _text(row["prediction"]), "outcome": row["outcome"],
             "outcome_text": OUTCOME_TEXT[row["outcome"]], "error": None, "overlays": [], "counterfactuals": [],
             "probs": [], "confidence": number(row["probability"]), "image_uri": None, "note": None,
-            "figure": None}
+            "figure": None, "volume": None}
     name = figure_name(row["path"])
     case["figure"] = name if name in ctx.figures else None
     if row["status"] != "done":
@@ -125,6 +125,10 @@ def build_case(row: dict, arrays: dict | None, pair_rows: list[dict], cf_rows: l
             "labels": scale_labels(scale["vmin"], scale["vmax"], scale["signed"]), "badges": badges,
             "metrics": [{"name": m, "value": fmt(pair[m]), "hint": METRIC_HINTS.get(m, "")}
                         for m in ctx.metric_order if number(pair.get(m)) is not None]})
+    if image is not None and image.ndim == 4:         # a volume: the slice viewer (axial, coronal, sagittal)
+        from .report_volumes import volume_view
+        shown = {p["method"]: arrays["maps"][p["method"]] for p in pair_rows if p["method"] in arrays["maps"]}
+        case["volume"] = volume_view(image, shown, ctx.value_range, ctx.clip_percentile)
     if image is not None:
         for cf in cf_rows:
             x = arrays["counterfactuals"].get(int(cf["target"]))

@@ -30,10 +30,10 @@ def csp_hash(script: str) -> str:
 
 def page_assets() -> dict:
     """What every page of a report shares: the script, its CSP hash, the style sheet, colour scales."""
-    script = _static("report.js")
+    script = _static("report.js") + "\n" + _static("slice_viewer.js")      # the viewer of 3-D cases
     if "</script" in script.lower():
         raise RuntimeError("report.js must not contain a closing script tag")
-    return {"script": Markup(script), "script_hash": Markup(csp_hash(script)), "css": Markup(_static("report.css")),
+    return {"script": Markup(script), "script_hash": Markup(csp_hash(script)), "css": Markup(_static("report.css") + _static("slice_viewer.css")),
             "gradients": {"signed": css_gradient("RdBu_r"), "positive": css_gradient("inferno")}}
 
 
