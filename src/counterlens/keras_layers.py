@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .keras_modules import (Affine, AvgPoolSame, ChannelNorm, Crop, Exp, FlattenChannelsFirst, GlobalPool, KerasReLU,
+from .keras_modules import (Affine, AvgPoolSame, ChannelNorm, Crop, Exp, FlattenKerasOrder, GlobalPool, KerasReLU,
                             LayerNorm, Merge, Permute, PReLU, Reshape, SamePad)
 
 
@@ -104,6 +104,7 @@ def weight(layer, name: str) -> torch.Tensor | None:
     w = getattr(layer, name, None)
     if w is None:
         return None
+    w = w.value if isinstance(getattr(w, "value", None), torch.Tensor) else w     # a Keras variable on torch
     if isinstance(w, torch.Tensor):
         w = w.detach().cpu()
     elif hasattr(w, "numpy"):
@@ -263,8 +264,10 @@ def _dense(layer, cfg, shapes, moved):
 
 @converts("Flatten")
 def _flatten(layer, cfg, shapes, moved):
-    first = not _channels_last(cfg) and len(shapes[0]) > 2
-    return Converted([("", FlattenChannelsFirst() if first else nn.Flatten(1))], False, False)
+    rank = len(shapes[0])
+    want = False if not _channels_last(cfg) else moved[0]
+    keras_order = rank > 2 and (want or not _channels_last(cfg))
+    return Converted([("", FlattenKerasOrder() if keras_order else nn.Flatten(1))], want, False)
 
 
 @converts("Activation", "ReLU", "LeakyReLU", "ELU", "Softmax", "PReLU")

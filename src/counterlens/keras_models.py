@@ -31,7 +31,7 @@ from torch import nn
 
 from .errors import InputError, ModelLoadError, UntrustedModelError
 from .keras_layers import CONVERTERS, Unconvertible
-from .keras_modules import MoveChannels
+from .keras_modules import InKerasOrder, MoveChannels
 
 KERAS_HINT = "pip install 'counterlens[keras]'"
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -44,8 +44,8 @@ _SPATIAL = re.compile(r"^(Conv|DepthwiseConv|SeparableConv|MaxPooling|AveragePoo
 def import_keras():
     """Keras 3 on the torch backend. ``KERAS_BACKEND`` is set to ``torch`` before the first import;
     keras already imported with another backend is an :class:`InputError` (it cannot be switched)."""
-    if "keras" in sys.modules:
-        keras = sys.modules["keras"]
+    keras = sys.modules.get("keras")
+    if keras is not None:
         try:
             backend = keras.backend.backend()
         except AttributeError as exc:
@@ -168,14 +168,18 @@ class ToKerasLayout(nn.Module):
         self.kind = kind
 
     def forward(self, x):
-        if self.kind == "channels_last":
-            return x.movedim(1, -1)
-        if self.kind == "no_channels":
-            if x.shape[1] != 1:
-                raise InputError(f"the Keras model takes images without a channel axis; got {x.shape[1]} channels "
-                                 "(pass grey images, or --channels 1)")
-            return x[:, 0]
-        return x
+        return to_keras_layout(x, self.kind)
+
+
+def to_keras_layout(x: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "channels_last":
+        return x.movedim(1, -1)
+    if kind == "no_channels":
+        if x.shape[1] != 1:
+            raise InputError(f"the Keras model takes images without a channel axis; got {x.shape[1]} channels "
+                             "(pass grey images, or --channels 1)")
+        return x[:, 0]
+    return x
 
 
 # -- the wrapped model ----------------------------------------------------------------------------
@@ -190,11 +194,11 @@ class KerasWrapped(nn.Module):
     def __init__(self, model, layout: InputLayout, unconverted: list[str] | None = None):
         super().__init__()
         self.__dict__["keras_model"] = model
-        self.to_keras = ToKerasLayout(layout.kind)
+        self.layout = layout.kind               # not a submodule: a CAM must not take its output for a feature map
         self.unconverted = list(unconverted or [])
 
     def forward(self, x):
-        out = self.keras_model(self.to_keras(x), training=False)
+        out = self.keras_model(to_keras_layout(x, self.layout), training=False)
         return out[0] if isinstance(out, (list, tuple)) and len(out) == 1 else out
 
 
@@ -222,7 +226,8 @@ class KerasGraph(nn.Module):
 class _Builder:
     """Walks a Keras graph, converting each layer, inserting layout moves where two layers disagree."""
 
-    def __init__(self):
+    def __init__(self, prefer_moved: bool):
+        self.prefer_moved = prefer_moved          # channels-last model: feature maps held channels-first
         self.modules: OrderedDict[str, nn.Module] = OrderedDict()
         self.steps: list[tuple[str, tuple[str, ...], str]] = []
         self.problems: list[str] = []
@@ -263,16 +268,23 @@ class _Builder:
             for node in nodes[depth]:
                 if node.operation is None or node.is_input:
                     continue
+                op = node.operation
                 if any(id(t) not in env for t in node.input_tensors):
-                    self.problems.append(f"{node.operation.name} (an input the graph does not compute)")
+                    self.problems.append(f"{op.name} (an input the graph does not compute)")
                     return None, False
+                ins = [env[id(t)] for t in node.input_tensors]
                 if len(node.outputs) != 1:
-                    self.problems.append(f"{node.operation.name} ({len(node.outputs)} outputs)")
-                    continue
-                out = self.layer(node.operation, [env[id(t)] for t in node.input_tensors],
-                                 [tuple(t.shape) for t in node.input_tensors], len(node.outputs[0].shape), prefix)
-                if out is not None:
-                    env[id(node.outputs[0])] = out
+                    self.problems.append(f"{op.name} ({len(node.outputs)} outputs)")
+                    out = None
+                elif any(k is None for k, _ in ins):          # after a layer that could not be converted:
+                    out = None                                 # only list this one too if it cannot be
+                    if type(op).__name__ not in CONVERTERS and not hasattr(op, "_nodes_by_depth"):
+                        self.problems.append(f"{op.name} ({type(op).__name__})")
+                else:
+                    out = self.layer(op, ins, [tuple(t.shape) for t in node.input_tensors],
+                                     len(node.outputs[0].shape), prefix)
+                for t in node.outputs:
+                    env[id(t)] = out if out is not None else (None, False)
         return env.get(id(graph.outputs[0]), (None, False))
 
     def layer(self, layer, ins, shapes, out_rank: int, prefix: str):
@@ -293,23 +305,34 @@ class _Builder:
             self.problems.append(f"{layer.name} ({cls}: {exc})")
             return None
         base = prefix + layer.name
-        keys = tuple(self.layout(k, m, len(s), converted.want, base) for (k, m), s in zip(ins, shapes))
-        reuse_key = (id(layer), converted.want)
+        # a layer on the Keras order (Dense on feature maps, Reshape, Permute) moves its input and output
+        # itself: every feature map between modules keeps its channels on axis 1
+        move_in = len(ins) == 1 and not converted.want and ins[0][1] and len(shapes[0]) >= 3
+        move_out = not converted.moved and out_rank >= 3 and self.prefer_moved
+        reuse_key = (id(layer), converted.want, move_in, move_out)
         if reuse_key in self._reuse:                                   # a shared layer: the same modules
             parts = self._reuse[reuse_key]
+        elif move_in or move_out:
+            modules = [module for _, module in converted.parts]
+            inner = modules[0] if len(modules) == 1 else nn.Sequential(*modules)
+            parts = self._reuse[reuse_key] = [(base, InKerasOrder(inner, bool(move_in), move_out))]
         else:
             parts = [(f"{base}_{suffix}" if suffix else base, module) for suffix, module in converted.parts]
             self._reuse[reuse_key] = parts
+        if move_in:
+            keys = (ins[0][0],)
+        else:
+            keys = tuple(self.layout(k, m, len(s), converted.want, base) for (k, m), s in zip(ins, shapes))
         for name, module in parts:
             keys = (self.step(name, module, keys),)
-        return keys[0], converted.moved and out_rank >= 3
+        return keys[0], (converted.moved or move_out) and out_rank >= 3
 
 
 def convert_keras(model) -> tuple[nn.Module | None, list[str]]:
     """``model`` as native torch modules fed ``[B, C, *S]`` (None when it cannot be), and the layers
     that could not be converted (``"name (Class: why)"``)."""
     layout = input_layout(model)
-    builder = _Builder()
+    builder = _Builder(prefer_moved=layout.kind in ("channels_last", "no_channels"))
     key, moved = "input", layout.kind == "channels_last"
     if layout.kind == "no_channels":
         key = builder.step("input_without_channels", ToKerasLayout("no_channels"), ("input",))

@@ -156,11 +156,26 @@ class Permute(nn.Module):
         return x.permute(0, *self.dims)
 
 
-class FlattenChannelsFirst(nn.Module):
-    """Keras Flatten(data_format="channels_first"): ``[B, C, *S]`` flattened in ``[B, *S, C]`` order."""
+class FlattenKerasOrder(nn.Module):
+    """``[B, C, *S]`` flattened in Keras' ``[B, *S, C]`` order (a channels-last Flatten fed a moved
+    tensor, or Keras' Flatten(data_format="channels_first"), which flattens channels last too)."""
 
     def forward(self, x):
         return x.movedim(1, -1).flatten(1)
+
+
+class InKerasOrder(nn.Module):
+    """Runs ``layer`` (Dense on feature maps, Reshape, Permute) on the Keras order of a moved
+    tensor and gives back its output moved, so every feature map between modules has its channels
+    on axis 1 (a CAM hooked at any module reads it right)."""
+
+    def __init__(self, layer: nn.Module, move_in: bool, move_out: bool):
+        super().__init__()
+        self.layer, self.move_in, self.move_out = layer, move_in, move_out
+
+    def forward(self, x):
+        y = self.layer(x.movedim(1, -1) if self.move_in else x)
+        return y.movedim(-1, 1) if self.move_out and y.dim() >= 3 else y
 
 
 class Crop(nn.Module):
