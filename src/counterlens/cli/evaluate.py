@@ -66,13 +66,14 @@ def run_overrides(args, model: dict, run) -> dict:
     """The model as the run described it on the command line (``model.overrides`` in run.yaml: --size,
     --channels, --value-range, --preprocess), so its maps are scored on the same model; a flag given
     here that differs from the run's is refused."""
+    from ..runs.diagnose import flag_text
     from .common import model_overrides
     recorded = dict(model.get("overrides") or {})
     for key, value in model_overrides(args).items():
         if key in recorded and recorded[key] != value:
             flag = {"in_channels": "--channels", "input_size": "--size", "value_range": "--value-range"}.get(
                 key, "--preprocess")
-            raise InputError(f"{flag}: {value} differs from the run's {recorded[key]} (recorded in {run}/run.yaml); its "
-                             f"maps were made with that model: leave {flag} out")
+            raise InputError(f"{flag_text(key, value)} differs from the run's {flag_text(key, recorded[key], bare=True)} "
+                             f"(recorded in {run}/run.yaml); its maps were made with that model: leave {flag} out")
         recorded[key] = value
     return recorded

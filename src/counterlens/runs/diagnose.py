@@ -30,7 +30,7 @@ import torch
 from ..data.headers import file_info, final_shape, read_steps, shape_text
 from ..errors import CounterlensError, InputError
 
-__all__ = ["Diagnosis", "diagnose", "describe_loading", "MAX_HEADERS"]
+__all__ = ["Diagnosis", "diagnose", "describe_loading", "flag_text", "MAX_HEADERS"]
 
 MAX_HEADERS = 20_000          #: files whose headers are read for the summary (a sample of larger folders)
 SHOWN_GROUPS = 8              #: loader groups listed one by one; the rest are counted
@@ -83,6 +83,26 @@ def describe_loading(dataset, *, channels="dataset", size="dataset", infos=None)
         shown.append(f"(from the headers of the first {len(records):,} of {len(dataset.records):,} files)")
     return {"summary": " | ".join(shown), "lines": shown, "groups": rows, "files": len(dataset.records),
             "described": sum(i is not None for i in infos)}
+
+
+def flag_text(key: str, value, bare: bool = False) -> str:
+    """How a flag of the model's input reads on the command line: ``("input_size", [32, 32])`` ->
+    ``"--size 32 32"``, a preprocessing list -> ``"--preprocess normalize:0.5,0.5"``."""
+    if key == "preprocess":
+        steps = []
+        for step in value or []:
+            (name, arg), = step.items() if isinstance(step, dict) and len(step) == 1 else (("?", step),)
+            if name == "normalize" and isinstance(arg, dict):
+                steps.append("normalize:" + ",".join("/".join(f"{float(v):g}" for v in arg.get(k, []))
+                                                     for k in ("mean", "std")))
+            else:
+                steps.append(f"{name}:{arg}")
+        text = " + ".join(steps) or "none"
+    elif isinstance(value, (list, tuple)):
+        text = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    else:
+        text = str(value)
+    return text if bare else f"{_FLAG.get(key, key)} {text}"
 
 
 def _relative(path, root) -> str:
@@ -214,9 +234,9 @@ def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagno
     lines, notes = [], []
     for key, value in (getattr(clf, "overrides", None) or {}).items():
         card = (getattr(clf, "card", None) or {}).get(key)
-        shown = " ".join(str(v) for v in value) if isinstance(value, (list, tuple)) and key != "preprocess" else value
-        notes.append(f"{_FLAG[key]} {shown} " + (f"overrides the model card's {key} {card}" if card not in (None, value)
-                                                 else "describes the model"))
+        notes.append(flag_text(key, value) + (" describes the model" if card is None else " (as the model card's)"
+                                              if card == value else f" overrides the model card's {key} "
+                                                                    f"{flag_text(key, card, bare=True)}"))
     probe_shape = tuple(clf.input_size) if clf.input_size else (shapes.most_common(1)[0][0] if shapes else None)
     declared_channels, declared_size = _declared(clf.module)
 

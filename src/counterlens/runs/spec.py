@@ -41,15 +41,16 @@ def model_spec(clf, source: str) -> dict:
     """How ``run.yaml`` describes the model: source, SHA-256, classes, sizes, preprocessing."""
     card = getattr(clf, "card", None) or {}
     file_hash = getattr(clf, "source_hash", None)
-    overrides = dict(getattr(clf, "overrides", None) or {})       # --size, --channels, --value-range, --preprocess
+    import copy
+    overrides = copy.deepcopy(dict(getattr(clf, "overrides", None) or {}))    # --size, --channels, --value-range, --preprocess
     return {"source": str(source), "sha256": file_hash,
             "weights_sha256": None if file_hash else weights_hash(clf.module),
             "description": card.get("architecture") or card.get("factory") or type(clf.module).__name__,
             "classes": clf.classes, "in_channels": clf.in_channels,
             "input_size": list(clf.input_size) if clf.input_size else None,
             "value_range": list(clf.value_range) if clf.value_range else None,
-            "preprocess": overrides.get("preprocess", card.get("preprocess")), "overrides": overrides or None,
-            "logits_output": getattr(clf, "logits_output", None),
+            "preprocess": copy.deepcopy(overrides.get("preprocess", card.get("preprocess"))), "overrides": overrides or None,
+            "logits_output": getattr(clf, "logits_output", None), "output": getattr(clf, "output", None),
             "precision": getattr(clf, "precision", None),
             "test_accuracy": card.get("test_accuracy")}
 

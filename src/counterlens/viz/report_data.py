@@ -304,9 +304,7 @@ def loading_view(spec: dict) -> dict | None:
     overrides = (spec.get("model") or {}).get("overrides") or {}
     if not loading and not overrides:
         return None
-    flags = {"input_size": "--size", "in_channels": "--channels", "value_range": "--value-range",
-             "preprocess": "--preprocess"}
-    described = [f"{flags.get(k, k)} {' '.join(map(str, v)) if isinstance(v, list) and k != 'preprocess' else v}"
-                 for k, v in overrides.items()]
+    from ..runs.diagnose import flag_text
+    described = [flag_text(k, v) for k, v in overrides.items()]
     return {"lines": [str(line) for line in loading.get("lines") or []], "warnings": list(loading.get("warnings") or []),
             "described": described}
