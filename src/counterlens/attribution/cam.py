@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, MethodError
+from . import tokens as token_maps
 from .base import Evaluator, gradient_of, prepare, register, spatial_dims, target_score
 from .gradients import make_baseline
 
@@ -30,10 +31,6 @@ Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # -- the target layer -----------------------------------------------------------------------------
-def _is_spatial(out, x: torch.Tensor) -> bool:
-    return isinstance(out, torch.Tensor) and out.dim() == x.dim() and out.shape[2:].numel() > 1
-
-
 def find_target_layer(clf, x: torch.Tensor) -> str:
     """Name of the module whose output is the model's last feature map.
 
@@ -45,37 +42,22 @@ def find_target_layer(clf, x: torch.Tensor) -> str:
     before it; a residual block (``layer4.1``) rather than its reused ReLU module. Functional code in
     the model's own ``forward`` after the last module (``F.relu(h + self.block(h))``) is not a module:
     the map is then taken at the last module before it; name another with ``layer=...``.
+
+    A vision transformer (token outputs ``[B, N, D]`` after the last spatial map, see
+    :mod:`.tokens`) gets the last token layer whose gradient reaches the patch tokens (the last
+    block's ``norm1`` in the usual layout).
     """
     if not isinstance(clf.module, nn.Module):
         raise MethodError("CAM methods need an nn.Module to hook; pass layer=... or use another method")
-    names = {m: n for n, m in clf.module.named_modules() if n}
-    calls: dict[nn.Module, int] = {}
-    seen: list[tuple[nn.Module, torch.Tensor, int]] = []
-
-    def hook(module, _inp, out):
-        calls[module] = calls.get(module, 0) + 1
-        if _is_spatial(out, x):
-            seen.append((module, out, out._version))
-
-    with _hooks(list(names), hook), torch.no_grad(), clf.eval_mode():
-        clf.forward(x[:1])
+    rec = token_maps.probe(clf, x)
+    if token_maps.transformer_after_maps(rec):
+        return token_maps.find_token_layer(clf, x)
+    names, calls, seen = rec["names"], rec["calls"], rec["spatial"]
     if not seen:
         raise MethodError("no module of this model has a spatial output; name one with layer='features.3'")
     _, last, version = seen[-1]
     same = [m for m, out, v in seen if out is last and v == version and calls[m] == 1]
     return names[same[0] if same else seen[-1][0]]
-
-
-@contextlib.contextmanager
-def _hooks(modules, hook):
-    handles = []
-    try:
-        for m in modules:
-            handles.append(m.register_forward_hook(hook))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def get_layer(clf, layer: str | nn.Module | None, x: torch.Tensor) -> nn.Module:
@@ -99,6 +81,11 @@ def get_layer(clf, layer: str | nn.Module | None, x: torch.Tensor) -> nn.Module:
     return modules[name]
 
 
+def _layer_name(clf, layer: nn.Module) -> str:
+    names = {m: n for n, m in clf.module.named_modules()} if isinstance(clf.module, nn.Module) else {}
+    return repr(names[layer]) if names.get(layer) else type(layer).__name__
+
+
 # -- the shared core ------------------------------------------------------------------------------
 @contextlib.contextmanager
 def capture(layer: nn.Module):
@@ -119,14 +106,32 @@ def capture(layer: nn.Module):
         handle.remove()
 
 
-def layer_gradients(clf, x, tgt, layer, batch_size, combine: Combine | None = None, *, grad: bool = True):
+def layer_gradients(clf, x, tgt, layer, batch_size, combine: Combine | None = None, *, grad: bool = True,
+                    reshape=None, tokens: int | None = None):
     """Activations ``A [B, K, *s]`` and gradients ``G = dS/dA`` of the target logit at ``layer``.
+
+    A layer returning tokens ``[B, N, D]`` (a vision transformer) gives ``A`` and ``G`` as
+    ``[B, D, *grid]``: extra tokens dropped, patch tokens on the patch grid (``reshape``, ``tokens``:
+    see :mod:`.tokens`). Both are float32 whatever the layer's dtype.
 
     The model runs through :class:`Evaluator` in chunks of ``batch_size`` images, in eval mode.
     With ``combine``, returns ``cat(combine(A_chunk, G_chunk))`` so that only one chunk's ``A`` and
     ``G`` are held at a time; without, returns ``(A, G)``. ``grad=False``: forward only, ``G`` is None.
     """
     parts: list = []
+    grid: dict = {}
+
+    def as_map(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == x.dim():
+            return t
+        name = _layer_name(clf, layer)
+        if token_maps.is_token_output(t, x):
+            if "grid" not in grid:
+                grid["grid"] = token_maps.token_grid(clf, x, t.shape[1], reshape, tokens, name)
+            return token_maps.tokens_to_map(t, grid["grid"], tokens, name)
+        raise MethodError(f"layer {name} returns shape {tuple(t.shape)}; CAM methods need a feature map "
+                          f"[B, C, *spatial] or tokens [B, N, D] for input {tuple(x.shape)}; name another layer "
+                          "with layer=...")
 
     def work(a: int, b: int):
         with capture(layer) as store, torch.set_grad_enabled(grad):
@@ -136,8 +141,8 @@ def layer_gradients(clf, x, tgt, layer, batch_size, combine: Combine | None = No
                 raise MethodError(f"layer {type(layer).__name__} was not called by the model's forward; "
                                   "name another one with layer=...")
             act = store["act"]
-            g = gradient_of(target_score(logits, tgt[a:b]), act).float() if grad else None
-            act = act.detach().float()      # a bf16 / fp16 / autocast layer: the CAM maths in float32
+            g = as_map(gradient_of(target_score(logits, tgt[a:b]), act).float()) if grad else None
+            act = as_map(act.detach().float())      # bf16 / fp16 / autocast layers: the CAM maths in float32
         parts.append(combine(act, g) if combine is not None else (act, g))
 
     with clf.eval_mode():
@@ -170,10 +175,12 @@ def weighted_maps(weights: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
 
 
 def class_activation_map(clf, x, target, combine: Combine, *, layer=None, relu: bool = True,
-                         interpolation: str = "linear", batch_size: int = 64) -> torch.Tensor:
-    """``upsample(relu(combine(A, G)))`` at the input's spatial size, ``[B, *spatial]``."""
+                         interpolation: str = "linear", batch_size: int = 64, reshape=None,
+                         tokens: int | None = None) -> torch.Tensor:
+    """``upsample(relu(combine(A, G)))`` at the input's spatial size, ``[B, *spatial]``.
+    ``reshape`` / ``tokens``: the patch grid and extra tokens of a token layer (see :mod:`.tokens`)."""
     x, tgt = prepare(clf, x, target, batch_size)
-    cam = layer_gradients(clf, x, tgt, get_layer(clf, layer, x), batch_size, combine)
+    cam = layer_gradients(clf, x, tgt, get_layer(clf, layer, x), batch_size, combine, reshape=reshape, tokens=tokens)
     if relu:
         flat = cam.flatten(1)
         dark = (flat.amax(dim=1) <= 0) & (flat.amin(dim=1) < 0)
@@ -206,15 +213,20 @@ def _layercam(acts, grads):
 
 @register("cam", "ReLU of gradient-weighted feature maps at the last spatial layer (Selvaraju et al. 2017)")
 def gradcam(clf, x, target="predicted", *, layer: str | None = None, relu: bool = True,
-            batch_size: int = 64) -> torch.Tensor:
+            batch_size: int = 64, reshape=None, tokens: int | None = None) -> torch.Tensor:
     """Grad-CAM: channel weights = spatial mean of the gradients; map = ReLU(sum_c w_c A_c),
     upsampled (bi/trilinear) to the input's spatial size, ``[B, *spatial]``.
-    ``layer``: module name (default: found by :func:`find_target_layer`)."""
-    return class_activation_map(clf, x, target, _gradcam, layer=layer, relu=relu, batch_size=batch_size)
+    ``layer``: module name (default: found by :func:`find_target_layer`). A layer returning
+    tokens ``[B, N, D]`` (vision transformers) is reshaped to the patch grid, found from the model or
+    given as ``reshape=(h, w)``; ``tokens``: how many extra (class, register) tokens lead
+    (default: ``N - h * w``); see :mod:`counterlens.attribution.tokens`."""
+    return class_activation_map(clf, x, target, _gradcam, layer=layer, relu=relu, batch_size=batch_size,
+                                reshape=reshape, tokens=tokens)
 
 
 @register("cam", "Grad-CAM with second-order pixel weights on positive gradients (Chattopadhay et al. 2018)")
-def gradcam_plus_plus(clf, x, target="predicted", *, layer: str | None = None, batch_size: int = 64) -> torch.Tensor:
+def gradcam_plus_plus(clf, x, target="predicted", *, layer: str | None = None, batch_size: int = 64,
+                      reshape=None, tokens: int | None = None) -> torch.Tensor:
     """Grad-CAM++, ``[B, *spatial]``.
 
     With ``G = dS/dA`` of the target logit ``S`` and the paper's exponential score ``Y = exp(S)``
@@ -223,23 +235,26 @@ def gradcam_plus_plus(clf, x, target="predicted", *, layer: str | None = None, b
     ``w_k = sum_s(alpha * relu(G))`` (the positive per-image factor ``exp(S)`` is dropped, as in
     pytorch-grad-cam), map = ReLU(sum_k w_k A_k), upsampled (bi/trilinear).
     Chattopadhay et al., "Grad-CAM++: Improved Visual Explanations for Deep Convolutional
-    Networks", WACV 2018.
+    Networks", WACV 2018. ``reshape``, ``tokens``: for token layers, as in :func:`gradcam`.
     """
-    return class_activation_map(clf, x, target, _gradcam_plus_plus, layer=layer, batch_size=batch_size)
+    return class_activation_map(clf, x, target, _gradcam_plus_plus, layer=layer, batch_size=batch_size,
+                                reshape=reshape, tokens=tokens)
 
 
 @register("cam", "ReLU of feature maps weighted pixel-wise by their positive gradients (Jiang et al. 2021)")
-def layercam(clf, x, target="predicted", *, layer: str | None = None, batch_size: int = 64) -> torch.Tensor:
+def layercam(clf, x, target="predicted", *, layer: str | None = None, batch_size: int = 64,
+             reshape=None, tokens: int | None = None) -> torch.Tensor:
     """Layer-CAM: map = ReLU(sum_k relu(G_k) * A_k), upsampled (bi/trilinear), ``[B, *spatial]``.
     Works at shallow layers too (``layer="features.0"``). Jiang et al., "LayerCAM: Exploring
     Hierarchical Class Activation Maps for Localization", IEEE TIP 2021."""
-    return class_activation_map(clf, x, target, _layercam, layer=layer, batch_size=batch_size)
+    return class_activation_map(clf, x, target, _layercam, layer=layer, batch_size=batch_size,
+                                reshape=reshape, tokens=tokens)
 
 
 # -- score-CAM and guided grad-CAM ----------------------------------------------------------------
 @register("cam", "feature maps weighted by the confidence gain of the input masked with each (Wang et al. 2020)")
 def scorecam(clf, x, target="predicted", *, layer: str | None = None, baseline="zeros",
-             output: str = "prob", batch_size: int = 64) -> torch.Tensor:
+             output: str = "prob", batch_size: int = 64, reshape=None, tokens: int | None = None) -> torch.Tensor:
     """Score-CAM, batched over (image, channel) rows, ``[B, *spatial]``.
 
     For each image and each of the layer's ``K`` maps: upsample the map (bi/trilinear) to the
@@ -258,7 +273,8 @@ def scorecam(clf, x, target="predicted", *, layer: str | None = None, baseline="
     Networks", CVPR Workshops 2020.
     """
     x, tgt = prepare(clf, x, target, batch_size)
-    acts, _ = layer_gradients(clf, x, tgt, get_layer(clf, layer, x), batch_size, grad=False)
+    acts, _ = layer_gradients(clf, x, tgt, get_layer(clf, layer, x), batch_size, grad=False,
+                              reshape=reshape, tokens=tokens)
     base = make_baseline(x, baseline)
     n_maps, size = acts.shape[1], x.shape[2:]
     scores = torch.empty(x.shape[0] * n_maps, device=x.device)
@@ -282,7 +298,7 @@ def scorecam(clf, x, target="predicted", *, layer: str | None = None, baseline="
 
 @register("cam", "guided backprop times the upsampled Grad-CAM (Selvaraju et al. 2017)")
 def guided_gradcam(clf, x, target="predicted", *, layer: str | None = None, interpolation: str = "linear",
-                   batch_size: int = 64) -> torch.Tensor:
+                   batch_size: int = 64, reshape=None, tokens: int | None = None) -> torch.Tensor:
     """Guided Grad-CAM: ``sum_c(guided_backprop_c) * upsample(gradcam)``, ``[B, *spatial]``.
 
     The per-pixel Grad-CAM factor is the same for every channel, so the channel sum of Captum's
@@ -295,5 +311,5 @@ def guided_gradcam(clf, x, target="predicted", *, layer: str | None = None, inte
 
     x, tgt = prepare(clf, x, target, batch_size)
     cam = class_activation_map(clf, x, tgt, _gradcam, layer=layer, interpolation=interpolation,
-                               batch_size=batch_size)
+                               batch_size=batch_size, reshape=reshape, tokens=tokens)
     return guided_backprop(clf, x, tgt, batch_size=batch_size) * cam
