@@ -90,6 +90,8 @@ def explain_folder(clf, dataset, out, *, methods: list[str], params: dict | None
             "data_info": data_info(dataset, loading), "target": target, "seed": seed, "batch_size": batch_size, "methods": resolved,
             "images_per_batch": images_per_batch, "map_dtype": map_dtype, "device": str(clf.device),
             "versions": package_versions()}
+    if getattr(clf, "multilabel", False):     # the findings' probability that counts as present (all-positive)
+        spec["threshold"] = 0.5
     prepare_run(out, spec, compare=EXPLAIN_KEYS, overwrite=overwrite, force=force)
     job = Job("explain", read=dataset.read_options, methods=resolved, target=target)
     if engine != "local":

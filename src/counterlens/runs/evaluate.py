@@ -26,11 +26,17 @@ def _mask_files(masks_dir, run) -> dict[str, Path] | None:
     if masks_dir is None:
         return None
     from ..data.images import ImageFolder
+    from ..data.label_table import finding_mask_folders
     folder = Path(masks_dir)
     if not folder.is_dir():
         raise InputError(f"masks_dir={str(folder)!r} is not a folder; pass the folder of masks (matched by file stem)")
     cases = run.cases[run.cases.status == "done"]
     base = Path((run.spec.get("data") or {}).get("path") or Path(cases.file.iloc[0]).parent)
+    per_finding = finding_mask_folders(folder, run.classes) if run.multilabel else None
+    if per_finding:                          # masks/<finding>/<stem>.png: a mask per finding
+        found = {f: ImageFolder._match_masks(d, [Path(f) for f in cases.file], base) for f, d in per_finding.items()}
+        return {path: [found[c].get(Path(f)) if c in found else None for c in run.classes]
+                for path, f in zip(cases.path, cases.file)}
     found = ImageFolder._match_masks(folder, [Path(f) for f in cases.file], base)
     if not found:
         raise InputError(f"no mask in {folder} matches an image of the run by file stem (e.g. "
@@ -44,7 +50,10 @@ def _case_arrays(run, paths: list[str], mask_files: dict | None):
     out = []
     for p in paths:
         image = run.image(p)
-        if mask_files is not None:
+        if mask_files is not None and isinstance(mask_files.get(p), list):       # one per finding
+            mask = np.stack([load_mask(f, size=tuple(image.shape[1:])) if f is not None
+                             else np.zeros(image.shape[1:], bool) for f in mask_files[p]])
+        elif mask_files is not None:
             mask = load_mask(mask_files[p], size=tuple(image.shape[1:])) if p in mask_files else None
         else:
             mask = run.mask(p)
@@ -60,9 +69,10 @@ class ScorePlan:
     needs_masks: bool
     options: Options
     params: dict                          #: the run's methods and their parameters
-    targets: dict                         #: ``{(path, method): class the map explains}``
+    targets: dict                         #: ``{(path, method): [class each map explains]}`` (multi-label: several)
     by_case: dict                         #: ``{path: [method, ...]}``
     mask_files: dict | None               #: ``{path: mask file}`` (``--masks``), or None: the run's masks
+    multilabel: bool = False              #: metric rows name the finding scored (its map, mask and score)
 
 
 def score_paths(clf, run, paths: list[str], plan: ScorePlan) -> tuple[list[tuple], dict]:
@@ -73,17 +83,26 @@ def score_paths(clf, run, paths: list[str], plan: ScorePlan) -> tuple[list[tuple
     for shape in dict.fromkeys(c[1].shape for c in cases):
         group = [c for c in cases if c[1].shape == shape]
         for method in dict.fromkeys(m for c in group for m in plan.by_case[c[0]]):
-            have = [c for c in group if method in plan.by_case[c[0]]]
-            masks = (np.stack([c[2] if c[2] is not None else np.zeros(shape[1:], bool) for c in have])
-                     if plan.needs_masks else None)
+            # one item per map: (case, target); a multi-label case has one per finding explained
+            have = [(c, t) for c in group if method in plan.by_case[c[0]] for t in plan.targets[(c[0], method)]]
+            masks = (np.stack([_mask_of(c[2], t, shape) for c, t in have]) if plan.needs_masks else None)
             values, curves = score_arrays(
-                clf, np.stack([c[1] for c in have]), np.stack([run.map(c[0], method) for c in have]),
-                np.array([plan.targets[(c[0], method)] for c in have]), masks, plan.names, plan.options, method,
-                plan.params.get(method), keys=[c[0] for c in have])
+                clf, np.stack([c[1] for c, _ in have]), np.stack([run.map(c[0], method, t) for c, t in have]),
+                np.array([t for _, t in have]), masks, plan.names, plan.options, method,
+                plan.params.get(method), keys=[c[0] for c, _ in have])
             for kind, curve in curves.items():
                 parts.setdefault(method, {}).setdefault(kind, []).append(curve)
-            rows += [(c[0], method, metric, float(v[j])) for metric, v in values.items() for j, c in enumerate(have)]
+            rows += [(c[0], method, metric, float(v[j]), t if plan.multilabel else None)
+                     for metric, v in values.items() for j, (c, t) in enumerate(have)]
     return rows, parts
+
+
+def _mask_of(mask, target: int, shape) -> np.ndarray:
+    """The ground truth a map of ``target`` is scored against: the case's mask, or its finding's
+    mask when it has one per finding (``[K, *S]``); empty when none."""
+    if mask is None:
+        return np.zeros(shape[1:], bool)
+    return mask[target] if mask.ndim == len(shape) else mask
 
 
 @dataclass
@@ -139,12 +158,15 @@ def evaluate_run(run_dir, clf, masks_dir=None, metrics=None, *, batch_size: int 
     mask_files = _mask_files(masks_dir, run)
     has_masks = mask_files is not None or bool(run.table("cases")["has_mask"].any())
     names = resolve_metrics(metrics, has_masks)
-    targets = {(p, m): int(t) for p, m, t in zip(att.path, att.method, att.target)}
+    targets: dict[tuple, list[int]] = {}
+    for p, m, t in zip(att.path, att.method, att.target):
+        targets.setdefault((p, m), []).append(int(t))
     by_case: dict[str, list[str]] = {}
-    for p, m in zip(att.path, att.method):
+    for p, m in dict.fromkeys(zip(att.path, att.method)):
         by_case.setdefault(p, []).append(m)
     plan = ScorePlan(names, any(METRICS[n].needs_masks for n in names),
-                     Options(steps, baseline, n_subsets, batch_size, seed), params, targets, by_case, mask_files)
+                     Options(steps, baseline, n_subsets, batch_size, seed), params, targets, by_case, mask_files,
+                     multilabel=run.multilabel)
     paths = [p for p in done.path if p in by_case]
     batches = [paths[start:start + images_per_batch] for start in range(0, len(paths), images_per_batch)]
     scored: list = [None] * len(batches)          # in batch order, whichever engine finishes which first
@@ -167,7 +189,8 @@ def evaluate_run(run_dir, clf, masks_dir=None, metrics=None, *, batch_size: int 
                 parts.setdefault(method, {}).setdefault(kind, []).extend(found)
     sanity_out = _run_sanity(run, paths, clf, params, batch_size, seed, sanity_images,
                              sanity_methods) if sanity else None
-    df = _run_table(records, targets, run, clf.classes or run.classes)
+    df = (_finding_table(records, run) if run.multilabel else
+          _run_table([r[:4] for r in records], targets, run, clf.classes or run.classes))
     write_export(run_dir, "metrics.csv", df.to_csv(index=False))
     write_export(run_dir, "metrics_summary.csv", summary_table(df).to_csv(index=False))
     curves = {method: curve_means(kinds) for method, kinds in parts.items()}
@@ -183,8 +206,25 @@ def _run_table(records, targets, run, classes) -> pd.DataFrame:
     cases = run.cases
     info = pd.DataFrame({"path": cases.path, "predicted": cases.prediction_index, "label": cases.label_index})
     df = df.merge(info, on="path", how="left")
-    df.insert(4, "target", [targets[(p, m)] for p, m in zip(df["path"], df["method"])])
+    df.insert(4, "target", [targets[(p, m)][0] for p, m in zip(df["path"], df["method"])])
     return add_class_columns(df, classes)
+
+
+def _finding_table(records, run) -> pd.DataFrame:
+    """A multi-label run's metric rows: ``path, method, metric, value, target`` (the finding) and, per
+    row, that finding's ``label`` (1 / 0, NA unknown) and ``predicted`` (its probability at least the
+    run's threshold); ``label_name`` and ``predicted_name`` are the finding, so the summary's
+    per-class groups are per finding, and ``correct`` says whether the finding was called right."""
+    df = pd.DataFrame(records, columns=["path", "method", "metric", "value", "target"])
+    cases = run.cases.set_index("path")
+    names = run.classes
+    df["target_name"] = [names[t] for t in df["target"]]
+    df["label"] = pd.array([cases.at[p, f"label_{n}"] for p, n in zip(df["path"], df["target_name"])], dtype="Int64")
+    df["predicted"] = pd.array([cases.at[p, f"pred_{n}"] for p, n in zip(df["path"], df["target_name"])],
+                               dtype="Int64")
+    df["label_name"] = df["predicted_name"] = df["target_name"]
+    df["correct"] = (df["label"] == df["predicted"]).astype("boolean")
+    return df
 
 
 def _run_sanity(run, paths: list[str], clf, params: dict, batch_size: int, seed: int, n_images: int,
@@ -193,7 +233,7 @@ def _run_sanity(run, paths: list[str], clf, params: dict, batch_size: int, seed:
     from ..metrics.sanity import sanity_report
     cases = _case_arrays(run, paths[:n_images * 4], None) if n_images > 0 else []
     cases = [c for c in cases if c[1].shape == cases[0][1].shape][:n_images]
-    att = run.attributions.set_index(["path", "method"])
+    att = run.attributions.drop_duplicates(["path", "method"]).set_index(["path", "method"])   # a map per case
     inputs = {}
     for method in run.methods:
         if only is not None and method not in only:
