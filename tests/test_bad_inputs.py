@@ -242,7 +242,7 @@ def test_a_torchscript_model_with_3_channels_from_the_cli(world, tmp_path, capsy
     torch.jit.script(_Grey3()).save(str(path))
     assert main(explain_args(path, world["data"], tmp_path / "run", "--methods", "saliency")) == 2
     err = capsys.readouterr().err
-    assert "shape (" in err and "1, 32, 32)" in err and "Traceback" not in err
+    assert "expects 3-channel images" in err and "add --channels 3" in err and "Traceback" not in err
 
 
 # -- run directories --------------------------------------------------------------------------------------
