@@ -17,6 +17,7 @@ from counterlens.attribution.base import Evaluator, expand_targets, resolve_targ
 from counterlens.cards import read_model_card, save_model_card
 from counterlens.errors import InputError, ModelLoadError, TargetError
 from counterlens.loading import load_model
+from counterlens.metrics.counterfactual import im1
 
 FINDINGS = ["opacity", "effusion", "cardiomegaly", "nodule"]
 METHODS = ["saliency", "integrated_gradients", "gradcam"]
@@ -215,6 +216,8 @@ def test_multilabel_counterfactual_switches_one_finding():
     assert toggled.valid.all() and not toggled.target_on.any()
     with pytest.raises(TargetError, match="not a finding"):
         cl.counterfactual(clf, x, target="fracture:off")
+    with pytest.raises(InputError, match="multi-label"):       # class autoencoders do not apply to findings
+        im1(res, ae_by_class={0: None})
 
 
 # -- errors, card, command line -----------------------------------------------------------------------

@@ -118,8 +118,17 @@ def _per_class(x: torch.Tensor, cls: torch.Tensor, aes: dict, name: str) -> torc
     return out
 
 
+def _no_multilabel(result, name: str) -> None:
+    if getattr(result, "multilabel", False):
+        raise InputError(f"{name} compares class autoencoders, but this result is multi-label (a finding switched "
+                         "on or off, not a class); score it with validity, proximity and sparsity, or pass target= "
+                         "and orig_class= for autoencoders of your own grouping")
+
+
 def _im_inputs(x_cf, target, orig_class):
     if hasattr(x_cf, "x"):
+        if target is None or orig_class is None:
+            _no_multilabel(x_cf, "im1")
         target = getattr(x_cf, "target", None) if target is None else target
         if orig_class is None and getattr(x_cf, "probs_before", None) is not None:
             orig_class = torch.as_tensor(x_cf.probs_before).argmax(1)
@@ -149,6 +158,8 @@ def im2(x_cf, target=None, ae_by_class: dict | None = None, ae=None, *, eps: flo
     if not isinstance(ae_by_class, dict) or not ae_by_class or ae is None:
         raise InputError("im2: pass ae_by_class={class: autoencoder} and ae=<autoencoder fit on all classes>")
     if hasattr(x_cf, "x"):
+        if target is None:
+            _no_multilabel(x_cf, "im2")
         target = getattr(x_cf, "target", None) if target is None else target
         x_cf = x_cf.x
     x = _tensor(x_cf, "x_cf")
