@@ -63,8 +63,8 @@ def _shape(size) -> tuple[int, int, int]:
         shape = (int(size),) * 3 if isinstance(size, (int, np.integer)) else tuple(int(s) for s in size)
     except (TypeError, ValueError):
         shape = ()
-    if isinstance(size, bool) or len(shape) != 3 or min(shape) < 16:
-        raise InputError(f"size={size!r}: give an int or (D, H, W), every side at least 16 voxels")
+    if isinstance(size, bool) or len(shape) != 3 or min(shape) < 8:
+        raise InputError(f"size={size!r}: give an int or (D, H, W), every side at least 8 voxels")
     return shape
 
 
@@ -234,6 +234,7 @@ def write_nifti(volume: np.ndarray, path, spacing=(1.0, 1.0, 1.0), *, unit: bool
         img = nib.Nifti1Image(np.ascontiguousarray(data, dtype=np.float32), nifti_affine(spacing))
     img.header.set_xyzt_units("mm")
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, str(path))
     return path
 
