@@ -108,11 +108,15 @@ def build_case(row: dict, arrays: dict | None, pair_rows: list[dict], cf_rows: l
     image = arrays["image"]
     if image is not None:
         case["image_uri"] = data_uri(grey_png(image, ctx.value_range, THUMB))
+    by_target = arrays.get("target_maps") or {}
     for pair in pair_rows:
         method = pair["method"]
-        if method not in arrays["maps"]:
+        # the map of this row's target (multi-label: one per finding explained), else the method's one map
+        amap = by_target.get((method, int(pair["target"]))) if number(pair.get("target")) is not None else None
+        amap = amap if amap is not None else arrays["maps"].get(method)
+        if amap is None:
             continue
-        png, scale = map_png(arrays["maps"][method], ctx.clip_percentile, THUMB)
+        png, scale = map_png(amap, ctx.clip_percentile, THUMB)
         room = number(pair.get("insertion_room"))
         if case["note"] is None and room is not None and room < ROOM_MIN:
             case["note"] = ("Insertion cannot separate the maps of this image: the baseline insertion starts from "

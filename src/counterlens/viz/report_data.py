@@ -95,6 +95,9 @@ def case_table(run) -> pd.DataFrame:
     li, pi = cases["label_index"], cases["prediction_index"]
     labelled = (li.notna() & pi.notna()).to_numpy()
     correct = (li == pi).fillna(False).to_numpy(dtype=bool)
+    if run.multilabel:           # labels and predictions are sets of findings (named in label / prediction)
+        labelled = cases["label"].notna().to_numpy() & cases["prediction"].notna().to_numpy()
+        correct = (cases["label"] == cases["prediction"]).fillna(False).to_numpy(dtype=bool)
     cases["outcome"] = np.where(~done, "failed", np.where(~labelled, "unknown",
                                                           np.where(correct, "correct", "incorrect")))
     return cases
@@ -113,10 +116,16 @@ def pair_table(run, cases: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     att = run.attributions
     metrics = run.metrics
     if metrics is not None and len(metrics):
-        wide = metrics.pivot(index=["path", "method"], columns="metric", values="value")
+        keys = ["path", "method", "target"] if "target" in metrics else ["path", "method"]   # multi-label: per finding
+        wide = metrics.pivot_table(index=keys, columns="metric", values="value", aggfunc="first", observed=True,
+                                   dropna=False) if "target" in metrics else \
+            metrics.pivot(index=keys, columns="metric", values="value")
         wide.columns = [str(c) for c in wide.columns]
-        pairs = att.merge(wide.reset_index(), on=["path", "method"], how="outer")
         metric_cols = list(wide.columns)
+        wide = wide.reset_index()
+        if "target" in wide:
+            wide["target"] = wide["target"].astype(int)
+        pairs = att.merge(wide, on=keys, how="outer")
     else:
         pairs, metric_cols = att.copy(), []
     pairs = pairs.merge(cases[["path", "pos"]], on="path", how="inner")
@@ -189,6 +198,7 @@ def sanity_badge(entry) -> dict | None:
 # -- run level -------------------------------------------------------------------------------------
 def confusion_matrix(cases: pd.DataFrame, classes: list[str]):
     labelled = cases[cases["outcome"].isin(["correct", "incorrect"])]
+    labelled = labelled[labelled["label_index"].notna() & labelled["prediction_index"].notna()]  # not multi-label
     if not len(labelled) or not classes:
         return None
     n = len(classes)
@@ -222,14 +232,18 @@ def method_table(methods_spec: dict, seconds: dict, pairs: pd.DataFrame, metric_
     return out
 
 
-def group_tables(cases: pd.DataFrame, pairs: pd.DataFrame, metric_order: list[str], classes: list[str]) -> list[dict]:
+def group_tables(cases: pd.DataFrame, pairs: pd.DataFrame, metric_order: list[str], classes: list[str],
+                 by_finding: bool = False) -> list[dict]:
     """Mean metrics per method within each class (by label) and within each outcome (correct,
-    incorrect, ...): ``[{"title", "key", "rows": [{"group", "method", "n", "values"}]}]``."""
+    incorrect, ...): ``[{"title", "key", "rows": [{"group", "method", "n", "values"}]}]``.
+    ``by_finding`` (multi-label runs): per finding explained (each map's target) instead of per label."""
     if not metric_order or not len(pairs):
         return []
     joined = pairs.merge(cases[["path", "label", "outcome"]], on="path", how="left")
     tables = []
-    for key, title, order in (("label", "By class (label)", classes), ("outcome", "By outcome", list(OUTCOMES))):
+    first = ("target_name", "By finding (the finding each map explains)", classes) if by_finding else \
+        ("label", "By class (label)", classes)
+    for key, title, order in (first, ("outcome", "By outcome", list(OUTCOMES))):
         col = joined[key].astype(object).where(joined[key].notna(), None)
         rows = []
         grouped = joined.assign(_g=col.fillna("(none)")).groupby(["_g", "method"], sort=False)

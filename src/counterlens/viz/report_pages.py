@@ -51,6 +51,7 @@ def _case_lists(cases, classes: list[str]) -> list[dict]:
     """The case lists: one per non-empty confusion-matrix cell, and the failed cases."""
     out = []
     labelled = cases[cases["outcome"].isin(["correct", "incorrect"])]
+    labelled = labelled[labelled["label_index"].notna() & labelled["prediction_index"].notna()]   # not multi-label
     if classes and len(labelled):
         n = len(classes)
         li = labelled["label_index"].to_numpy(dtype="int64")
