@@ -170,8 +170,10 @@ def image_dataset(clf, data, *, masks=None, limit=None, one_size: bool = False):
     first image (:func:`counterlens.runs.diagnose.diagnose`); prints what the model expects and what
     the loader does to the images. Returns ``(dataset, diagnosis)``."""
     from ..data.images import ImageFolder
+    from ..data.label_table import has_label_table
     from ..runs.diagnose import diagnose
-    dataset = ImageFolder(data, size=clf.input_size, classes=clf.classes if has_class_folders(data) else None,
+    labelled = has_class_folders(data) or has_label_table(data)       # class folders, or labels.csv (multi-label)
+    dataset = ImageFolder(data, size=clf.input_size, classes=clf.classes if labelled else None,
                           masks=masks, limit=limit)
     found = diagnose(clf, dataset, one_size=one_size)
     dataset.channels = found.channels

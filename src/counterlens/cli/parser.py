@@ -135,8 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"comma-separated methods, or 'all' (default: {DEFAULT_METHODS}); see `counterlens methods`")
     explain.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE",
                          help="method parameter, repeatable, e.g. --param integrated_gradients.steps=64")
-    explain.add_argument("--target", default="predicted", help="'predicted' (default) or a class name or index")
-    explain.add_argument("--masks", type=Path, help="folder of masks matched to images by file stem")
+    explain.add_argument("--target", default="predicted",
+                         help="'predicted' (default) or a class name or index; multi-label models (one sigmoid per "
+                              "finding): a finding (one map per image), or 'all-positive' (one map per image and "
+                              "finding with probability >= 0.5; images with none are recorded as such)")
+    explain.add_argument("--masks", type=Path,
+                         help="folder of masks matched to images by file stem; for a multi-label folder (labels.csv) a "
+                              "folder with one subfolder per finding (masks/opacity/...) gives a mask per finding")
     explain.add_argument("--limit", type=positive_int, help="explain at most this many images (spread over classes)")
     explain.add_argument("--batch-size", type=batch_size_arg, default=64,
                          help="rows per model call (default: 64); 'auto' measures the fastest chunk size")
@@ -173,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "put in its class by the model (e.g. 0.8: data-supported, larger edits) (default: 0, off)")
     cf.add_argument("--out", required=True, type=Path, help="run directory (may hold an explain run of the same model)")
     cf.add_argument("--target", default="other",
-                    help="class name or index to reach, or 'other' for any class but the predicted one (default)")
+                    help="class name or index to reach, or 'other' for any class but the predicted one (default); "
+                         "multi-label models: FINDING:off or FINDING:on switches one finding (the others' "
+                         "probabilities are reported)")
     cf.add_argument("--threshold", type=float, default=0.5, help="probability the target must reach (default: 0.5)")
     cf.add_argument("--steps", type=int, default=500,
                     help="optimisation steps per image at most (bisection: per lambda round) (default: 500)")
