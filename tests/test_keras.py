@@ -28,7 +28,8 @@ if keras.backend.backend() != "torch":   # pragma: no cover - the environment se
 import counterlens as cl  # noqa: E402
 from counterlens.attribution import METHODS, get_method  # noqa: E402
 from counterlens.errors import InputError, MethodError, ModelLoadError, UntrustedModelError  # noqa: E402
-from counterlens.keras_models import KerasGraph, KerasWrapped, import_keras  # noqa: E402
+from counterlens.keras_graph import KerasGraph  # noqa: E402
+from counterlens.keras_models import KerasWrapped, import_keras  # noqa: E402
 from counterlens.loading import load_model  # noqa: E402
 from counterlens.metrics.sanity import randomizable_layers  # noqa: E402
 

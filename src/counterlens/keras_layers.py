@@ -6,7 +6,7 @@ tensor with its last axis moved to position 1 (a channels-last ``[B, H, W, C]`` 
 ``[B, C, H, W]``), plain otherwise. It returns :class:`Converted`: the modules to run in order
 (named ``layer`` or ``layer_<part>``), the layout they want their inputs in and the layout of their
 output. Keras layers with ``data_format="channels_last"`` (the default) run as native NCHW torch
-layers on moved tensors; Flatten, Dense on feature maps, Reshape and Permute get the Keras order.
+layers on moved tensors; Flatten, Reshape and Permute get the Keras order.
 
 Nothing here imports keras: layers are read through their ``get_config()`` and weights.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .keras_modules import (Affine, AvgPoolSame, ChannelNorm, Crop, Exp, FlattenKerasOrder, GlobalPool, KerasReLU,
+from .keras_modules import (Affine, AvgPoolSame, ChannelLinear, ChannelNorm, Crop, Exp, FlattenKerasOrder, GlobalPool, KerasReLU,
                             LayerNorm, Merge, Permute, PReLU, Reshape, SamePad)
 
 
@@ -258,8 +258,10 @@ def _dense(layer, cfg, shapes, moved):
     if getattr(layer, "quantization_mode", None):
         raise Unconvertible(f"quantized ({layer.quantization_mode})")
     kernel, bias = weight(layer, "kernel"), weight(layer, "bias") if cfg.get("use_bias", True) else None
-    linear = _set(nn.Linear(kernel.shape[0], kernel.shape[1], bias=bias is not None), weight=kernel.t(), bias=bias)
-    return Converted([("", linear)] + activation_part(cfg.get("activation"), len(shapes[0]), False), False, False)
+    rank, on_map = len(shapes[0]), moved[0] and len(shapes[0]) >= 3      # Dense on a channels-last feature map
+    linear = _set((ChannelLinear if on_map else nn.Linear)(kernel.shape[0], kernel.shape[1], bias=bias is not None),
+                  weight=kernel.t(), bias=bias)
+    return Converted([("", linear)] + activation_part(cfg.get("activation"), rank, on_map), on_map, on_map)
 
 
 @converts("Flatten")
@@ -354,6 +356,12 @@ def _merge(layer, cfg, shapes, moved):
     op = type(layer).__name__.lower()
     dim = torch_axis(int(cfg.get("axis", -1)), len(shapes[0]), m) if op == "concatenate" else 1
     return Converted([("", Merge(op, dim))], m, m)
+
+
+@converts("LayerScale")                               # keras.applications.convnext: x * gamma (per channel)
+def _layer_scale(layer, cfg, shapes, moved):
+    rank, m = len(shapes[0]), moved[0]
+    return Converted([("", Affine(broadcast_in_layout(weight(layer, "gamma"), rank, m)))], m, m)
 
 
 @converts("Rescaling", "Normalization")

@@ -165,17 +165,29 @@ class FlattenKerasOrder(nn.Module):
 
 
 class InKerasOrder(nn.Module):
-    """Runs ``layer`` (Dense on feature maps, Reshape, Permute) on the Keras order of a moved
-    tensor and gives back its output moved, so every feature map between modules has its channels
-    on axis 1 (a CAM hooked at any module reads it right)."""
+    """Runs a parameter-free ``layer`` (Reshape, Permute) on the Keras order of a moved tensor and
+    gives its output back moved, so every feature map between modules has its channels on axis 1
+    (a CAM hooked at any module reads it right). ``layer`` is not a submodule: nothing can hook its
+    Keras-order output."""
 
     def __init__(self, layer: nn.Module, move_in: bool, move_out: bool):
         super().__init__()
-        self.layer, self.move_in, self.move_out = layer, move_in, move_out
+        if any(True for _ in layer.parameters()) or any(True for _ in layer.buffers()):
+            raise ValueError(f"InKerasOrder takes parameter-free layers, not {type(layer).__name__}")
+        self.__dict__["layer"] = layer
+        self.move_in, self.move_out = move_in, move_out
 
     def forward(self, x):
         y = self.layer(x.movedim(1, -1) if self.move_in else x)
         return y.movedim(-1, 1) if self.move_out and y.dim() >= 3 else y
+
+
+class ChannelLinear(nn.Linear):
+    """Keras Dense on a channels-last feature map, held channels-first: a linear map of the channels
+    at every position (a 1x1 convolution), ``[B, C, *S] -> [B, units, *S]``."""
+
+    def forward(self, x):
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
 
 
 class Crop(nn.Module):
