@@ -35,9 +35,9 @@ from counterlens.metrics.sanity import randomizable_layers  # noqa: E402
 
 L = keras.layers
 CAMS = {name for name, info in METHODS.items() if info.kind == "cam"}
-FAST = {"integrated_gradients": {"steps": 8}, "smoothgrad": {"samples": 4}, "squaregrad": {"samples": 4},
-        "vargrad": {"samples": 4}, "rise": {"samples": 64, "cells": 4}, "lime": {"samples": 64, "n_segments": 16},
-        "kernel_shap": {"samples": 64, "n_segments": 16}, "occlusion": {"window": 8, "stride": 8}}
+FAST = {"integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 3}, "squaregrad": {"samples": 3},
+        "vargrad": {"samples": 3}, "rise": {"samples": 32, "cells": 4}, "lime": {"samples": 32, "n_segments": 9},
+        "kernel_shap": {"samples": 32, "n_segments": 9}, "occlusion": {"window": 8, "stride": 8}}
 
 
 def corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -250,6 +250,38 @@ def test_architectures_convert_to_the_same_function(name):
         assert find_target_layer(clf, xt) == "re_lu"       # the block's output, after the residual Add
         cam = get_method("gradcam").function(clf, xt)
         assert cam.shape == (3, 16, 16) and torch.isfinite(cam).all()
+
+
+def test_keras_operations_and_an_application_model_convert():
+    """Operations on Keras tensors (``x + 3.0``, ``keras.ops.mean``: not the Add layer) and a
+    keras.applications model convert; logits equal Keras' with the softmax taken off the head."""
+    keras.utils.set_random_seed(6)
+    rng = np.random.default_rng(6)
+    i = keras.Input((16, 16, 3))
+    h = L.Conv2D(4, 3, padding="same")(i)
+    hard_swish = L.ReLU(6.0)(h + 3.0) * (1 / 6.0) * h                    # MobileNetV3's, as tensor operations
+    ops_model = keras.Model(i, L.Dense(3, activation="softmax")(keras.ops.mean(hard_swish - 0.5, axis=(1, 2))))
+    mobilenet = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=3)
+    for model in (ops_model, mobilenet):
+        _perturb_statistics(model, rng)
+        clf = cl.Classifier.from_keras(model, device="cpu")
+        assert not isinstance(clf.module, KerasWrapped) and clf.output == "probabilities"
+        x = rng.random((2, *model.inputs[0].shape[1:]), dtype=np.float32) * 2 - 1
+        logits = clf.logits(nchw(x)).detach()
+        model.layers[-1].activation = keras.activations.linear           # Keras' own pre-softmax logits
+        expected = torch.from_numpy(model.predict(x, verbose=0))
+        assert float(expected.std()) > 1e-3
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_from_keras_takes_a_path_and_refuses_an_unbuilt_model(seed_model):
+    model, folder, x = seed_model
+    clf = cl.Classifier.from_keras(str(folder / "seed.h5"), device="cpu", classes=["a", "b", "c", "d"])
+    torch.testing.assert_close(clf.probs(nchw(x)), torch.from_numpy(model.predict(x, verbose=0)), atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="no known input shape"):
+        cl.Classifier.from_keras(keras.Sequential([L.Dense(2)]))
+    with pytest.raises(InputError, match="keras.Model"):
+        cl.Classifier.from_keras(torch.nn.Linear(2, 2))
 
 
 # -- heads -----------------------------------------------------------------------------------------

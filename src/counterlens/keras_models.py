@@ -161,20 +161,26 @@ def head_of(model) -> str:
     return "logits"
 
 
-def keras_module(model, convert: bool = True) -> tuple[nn.Module, dict]:
-    """A torch module for the Keras ``model``, fed ``[B, C, *spatial]``, and what counterlens needs
-    to know about it: ``{"in_channels", "input_size", "output" (the head), "converted",
-    "unconverted" (layers that kept it wrapped), "layout"}``.
+def keras_module(model, convert: bool = True, trust_model_file: bool = False) -> tuple[nn.Module, dict]:
+    """A torch module for the Keras ``model`` (a ``keras.Model``, or a ``.keras`` / ``.h5`` path
+    loaded with ``trust_model_file``, see :func:`load_keras_file`), fed ``[B, C, *spatial]``, and
+    what counterlens needs to know about it: ``{"in_channels", "input_size", "output" (the head),
+    "converted", "unconverted" (layers that kept it wrapped), "layout"}``.
 
     ``convert=True`` converts the graph to native torch modules; a layer that cannot be converted
     leaves the model wrapped (:class:`KerasWrapped`), with a warning naming the layers and what does
     not work then. ``convert=False`` always wraps.
     """
     keras = import_keras()
+    if isinstance(model, (str, os.PathLike)):
+        model = load_keras_file(model, trust_model_file)
     if not isinstance(model, keras.Model):
-        raise InputError(f"from_keras needs a keras.Model, got {type(model).__name__}; load a file with "
-                         "counterlens.loading.load_model('model.keras')")
-    if not getattr(model, "inputs", None):
+        raise InputError(f"from_keras needs a keras.Model or a .keras / .h5 file, got {type(model).__name__}")
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        inputs = None
+    if not inputs:
         raise InputError(f"Keras model {model.name!r} has no known input shape; build it first "
                          "(keras.Input(shape=...) as its first layer, or model.build((None, *shape)))")
     if len(model.inputs) != 1 or len(model.outputs) != 1:

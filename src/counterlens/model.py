@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .heads import Capture, activation_modules, check_output, head_scores, probabilities, resolve_head, static_head
+from .heads import (Capture, activation_modules, check_output, graph_activation, head_scores, probabilities,
+                    resolve_head, static_head)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -221,7 +222,8 @@ class Classifier:
         """The head's float32 scores from the module's output (resolving the head on the first pass)."""
         found = cap.find(raw) if cap is not None else None
         if self._output is None:
-            output, act, note = resolve_head(self._output_asked, found, raw.detach())
+            graph = graph_activation(self.module) if found is None else None
+            output, act, note = resolve_head(self._output_asked, found, raw.detach(), graph=graph)
             self._final = found[2] if (found and act and found[0] == act) else None
             self._functional = bool(found and act and found[0] == act and found[2] is None)
             self._activation, self.head_note, self._output = act, note, output
@@ -314,13 +316,14 @@ class Classifier:
     __call__ = logits
 
     @classmethod
-    def from_keras(cls, model, *, convert: bool = True, **kwargs) -> "Classifier":
-        """A Keras 3 ``keras.Model`` as a classifier (see :mod:`counterlens.keras_models`): converted
+    def from_keras(cls, model, *, convert: bool = True, trust_model_file: bool = False, **kwargs) -> "Classifier":
+        """A Keras 3 ``keras.Model`` (or a ``.keras`` / ``.h5`` path; a Lambda layer's code loads only
+        with ``trust_model_file``) as a classifier (see :mod:`counterlens.keras_models`): converted
         to native torch modules (``convert=False``, or a layer it cannot convert: the Keras model
         wrapped, with a warning). ``in_channels``, ``input_size`` and ``output`` default to the
         Keras model's input shape and final activation; other ``kwargs`` as for ``Classifier``."""
         from .keras_models import keras_module
-        module, info = keras_module(model, convert=convert)
+        module, info = keras_module(model, convert=convert, trust_model_file=trust_model_file)
         for key in ("in_channels", "input_size", "output"):
             if kwargs.get(key) is None:
                 kwargs[key] = info[key]
