@@ -91,14 +91,29 @@ def test_softmax_head_explained_on_logits(head):
         torch.testing.assert_close(ours[m], theirs[m], rtol=0, atol=0)
 
 
-def test_softmax_inside_torchscript_is_log_probabilities():
-    """A traced model hides its softmax from hooks: its rows sum to 1, so 'auto' reads them as
-    probabilities (with a warning) and explains log p, whose gradient autograd gives independently."""
+class CopiedSoftmax(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return torch.softmax(self.net(x), dim=1).clone()      # the softmax is not the graph's last node
+
+
+@pytest.mark.parametrize("last", ["softmax", "clone"])
+def test_softmax_inside_torchscript_is_log_probabilities(last):
+    """A traced model hides its softmax from hooks: found in its graph (or, when it is not the last
+    node, from rows that sum to 1, with a warning), it is explained on log p, whose gradient autograd
+    gives independently."""
     net, x = build_net(), images()
-    traced = torch.jit.trace(nn.Sequential(net, nn.Softmax(dim=1)).eval(), x)
+    model = nn.Sequential(net, nn.Softmax(dim=1)) if last == "softmax" else CopiedSoftmax(net)
+    traced = torch.jit.trace(model.eval(), x)
     clf = cl.Classifier(traced, device="cpu")
-    with pytest.warns(UserWarning, match="sums to 1"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         probs = clf.probs(x)
+    said = [str(w.message) for w in caught if "sums to 1" in str(w.message)]
+    assert len(said) == (1 if last == "clone" else 0)
     assert clf.output == "probabilities" and "log-probabilities" in clf.head_note
     torch.testing.assert_close(probs, torch.softmax(net(x), dim=1))
     target = torch.tensor([1, 0, 2])
@@ -108,8 +123,23 @@ def test_softmax_inside_torchscript_is_log_probabilities():
     sal = cl.explain(clf, x, target=target, methods=["saliency"])["saliency"]
     torch.testing.assert_close(sal, g.abs().amax(dim=1), rtol=1e-4, atol=1e-7)
     # a plain logits model is not mistaken for probabilities
-    assert cl.Classifier(torch.jit.trace(net.eval(), x), device="cpu").output in ("auto", "logits")
     assert cl.Classifier(torch.jit.trace(net.eval(), x), device="cpu", in_channels=1, input_size=(16, 16)).output == "logits"
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "export"])
+def test_compiled_sigmoid_models_are_read_from_their_graph(kind):
+    """TorchScript and torch.export models ending in sigmoid: probabilities turned back into logits."""
+    from counterlens.loading import ExportedModule
+    net, x = build_net(k=1), images(4)
+    model = nn.Sequential(net, nn.Sigmoid()).eval()
+    module = (torch.jit.trace(model, x) if kind == "torchscript"
+              else ExportedModule(torch.export.export(model, (x,)).module()))
+    clf = cl.Classifier(module, classes=["pneumonia"], device="cpu")
+    with torch.no_grad():
+        z, p = net(x)[:, 0], model(x)[:, 0]
+    torch.testing.assert_close(clf.probs(x)[:, 1], p)
+    assert clf.output == "sigmoid" and "compiled graph" in clf.head_note
+    torch.testing.assert_close(clf.logits(x), torch.stack([-z / 2, z / 2], dim=1), rtol=1e-4, atol=1e-5)
 
 
 # -- one sigmoid output: a binary classifier with two named classes -----------------------------------

@@ -146,20 +146,47 @@ def static_head(module):
     return ((kind, None, m) if kind else None), last.out_features
 
 
-def resolve_head(requested: str, found, raw: torch.Tensor | None, k: int | None = None):
+_GRAPH_KINDS = {"softmax": "softmax", "_softmax": "softmax", "log_softmax": "log_softmax",
+                "_log_softmax": "log_softmax", "sigmoid": "sigmoid"}
+
+
+def graph_activation(module) -> str | None:
+    """The final activation read from a compiled graph that hooks cannot see into: a TorchScript
+    module's, or a ``torch.fx.GraphModule``'s (a ``torch.export`` program's ``module()``, also
+    as ``module.program``). ``"softmax"``, ``"log_softmax"``, ``"sigmoid"`` or None."""
+    try:
+        if isinstance(module, torch.jit.ScriptModule):
+            graph = module.inlined_graph
+            node = next(iter(graph.return_node().inputs())).node()
+            name = node.kind().split("::")[-1]
+            return _GRAPH_KINDS.get(name) if node.kind().startswith("aten::") else None
+        gm = getattr(module, "program", module)
+        if isinstance(gm, torch.fx.GraphModule):
+            out = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+            out = out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
+            if isinstance(out, torch.fx.Node) and out.op == "call_function":
+                name = getattr(out.target, "__name__", str(out.target)).split(".")[0]
+                return _GRAPH_KINDS.get(name)
+    except Exception:      # noqa: BLE001 - an unreadable graph is simply not detected
+        return None
+    return None
+
+
+def resolve_head(requested: str, found, raw: torch.Tensor | None, k: int | None = None, graph: str | None = None):
     """Decide the head: ``(output, activation, note)``, or None when it needs the output itself.
 
     ``requested``: the ``output=`` asked for; ``found``: :meth:`Capture.find`'s answer on the probe
-    pass; ``raw``: the module's output ``[B, K]`` (None: decide from ``k``, the output size, alone).
+    pass; ``raw``: the module's output ``[B, K]`` (None: decide from ``k``, the output size, alone);
+    ``graph``: :func:`graph_activation`'s answer (an activation seen but not strippable).
     ``activation`` is the final activation to undo (``"softmax"``, ``"log_softmax"``, ``"sigmoid"``)
     or None.
     """
     k = raw.shape[1] if raw is not None else k
-    act = found[0] if found else None
+    act = found[0] if found else graph
     if raw is None and act is None and k >= 2 and requested == "probabilities":
         return None
     where = (f"a final {type(found[2]).__name__} module" if found and found[2] is not None
-             else f"a final {act} call" if found else None)
+             else f"a final {act} call" if found else f"a final {act} in its compiled graph" if act else None)
     if requested == "auto":
         if act in ("softmax", "log_softmax"):
             requested = "probabilities"
@@ -191,7 +218,7 @@ def resolve_head(requested: str, found, raw: torch.Tensor | None, k: int | None 
                                  "not sum to 1); pass output='logits' or 'auto'")
             act = "softmax"
         note = (f"pre-softmax logits ({where} stripped)" if found else "log-probabilities (the softmax is inside "
-                "the model and cannot be stripped)")
+                f"the model and cannot be stripped{': ' + where if where else ''})")
         return "probabilities", act, note
     if act in ("softmax", "log_softmax"):
         raise InputError(f"output={requested!r} but the model ends in {where}; pass output='probabilities'")
@@ -199,7 +226,8 @@ def resolve_head(requested: str, found, raw: torch.Tensor | None, k: int | None 
         raise InputError(f"output='sigmoid' is one sigmoid output but the model has {k}; pass "
                          "output='multilabel' (one sigmoid per finding) or 'logits'")
     if act == "sigmoid":
-        return requested, act, f"pre-sigmoid logits ({where} stripped)"
+        return requested, act, (f"pre-sigmoid logits ({where} stripped)" if found else
+                                f"logits turned back from its probabilities ({where}; flat beyond |logit| ~ 16.6)")
     return requested, None, "the module's output, as pre-sigmoid logits"
 
 
