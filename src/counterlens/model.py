@@ -345,7 +345,8 @@ class Classifier:
 
     def __repr__(self) -> str:
         name = type(self.module).__name__
-        return f"Classifier({name}, classes={self.classes}, output={self.output!r}, device={self.device})"
+        head = self._output or self._output_asked          # no probe pass for a repr
+        return f"Classifier({name}, classes={self.classes}, output={head!r}, device={self.device})"
 
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
