@@ -257,7 +257,7 @@ class Run:
             return None
         file, group, row, _ = loc
         mask = self._array(file, f"{group}/mask")[row]
-        if target is not None and mask.ndim == self._array(file, f"{group}/image").ndim:   # [K, *S]
+        if target is not None and mask.ndim == self._array(file, f"{group}/image")[row].ndim:   # [K, *S]
             return mask[self._target_index(target)]
         return mask
 
