@@ -209,6 +209,8 @@ def test_expand_all_positive():
     want = (own >= 0.5).nonzero()
     assert rows.tolist() == want[:, 0].tolist() and targets.tolist() == want[:, 1].tolist()
     assert 1 not in rows.tolist()                                        # no positive finding: no pair
+    again = expand_targets(clf, x, "all-positive", logits=clf.logits(x).detach(), threshold=0.5)
+    assert again[0].tolist() == rows.tolist() and again[1].tolist() == targets.tolist()
     rows, targets = expand_targets(clf, x, "nodule")
     assert rows.tolist() == [0, 1, 2] and targets.tolist() == [3, 3, 3]
     with pytest.raises(TargetError, match="expand it first"):

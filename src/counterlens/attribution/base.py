@@ -190,21 +190,22 @@ def target_score(logits: torch.Tensor, target: torch.Tensor, output: str = "logi
 
 
 def expand_targets(clf: Classifier, x, target="all-positive", *, threshold: float = 0.5,
-                   batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                   batch_size: int = 64, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows and targets to explain: ``(rows LongTensor[M], targets LongTensor[M])`` on ``clf.device``.
 
     ``"all-positive"`` (multi-label models): one pair per image and finding whose sigmoid
     probability is at least ``threshold``, in image then finding order; an image with no positive
     finding gets no pair (not an error: compare ``rows`` with ``range(B)`` to report it). Any other
-    ``target`` is resolved by :func:`resolve_targets` into one pair per image.
+    ``target`` is resolved by :func:`resolve_targets` into one pair per image. ``logits``: the
+    rows' scores when already computed (saves a pass).
     """
     x = clf.as_input(x)
     if not (isinstance(target, str) and target.lower() in ("all-positive", "all_positive")):
-        tgt = resolve_targets(clf, x, target, batch_size=batch_size)
+        tgt = resolve_targets(clf, x, target, logits=logits, batch_size=batch_size)
         return torch.arange(x.shape[0], device=clf.device), tgt
     if not 0.0 < float(threshold) < 1.0:
         raise InputError(f"threshold={threshold!r}; pass a probability between 0 and 1, e.g. 0.5")
-    logits = Evaluator(clf, batch_size).logits(x)
+    logits = Evaluator(clf, batch_size).logits(x) if logits is None else logits
     if not clf.multilabel:
         raise TargetError(f"target 'all-positive' is for multi-label models; this one's head is {clf.output!r} "
                           "(pass 'predicted' or a class, or load the model with output='multilabel')")
