@@ -92,7 +92,8 @@ def load_classifier(source, *, factory=None, trust_model_file: bool = False, dev
     ``sha256``: the model's expected SHA-256 (a run's ``run.yaml`` has it under ``model.sha256``);
     another model is refused, so every worker of a run explains the same model. ``device``,
     ``classes``, ``logits_output`` and ``overrides`` (``preprocess``, ``in_channels``,
-    ``input_size``, ``value_range``, ``factory_kwargs``) as in ``load_model``.
+    ``input_size``, ``value_range``, ``output`` (the head; default the card's), ``factory_kwargs``)
+    as in ``load_model``.
     """
     from ..loading import load_model
     kwargs = dict(factory=factory, trust_model_file=trust_model_file, device=device, classes=classes, **overrides)
