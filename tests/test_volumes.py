@@ -21,7 +21,7 @@ from counterlens.errors import DataFileError
 from counterlens.model import Classifier, Normalize
 from counterlens.models import brain_tumor_cnn3d, build_model
 from counterlens.training import train_classifier
-from counterlens.viz.report_volumes import peak_slice, plane_slices, volume_view
+from counterlens.viz.report_volumes import peak_slice, plane_slices, shown_spacing, volume_view
 from conftest import single_thread
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
@@ -225,6 +225,15 @@ def test_slice_viewer_opens_at_the_peak_slices():
     assert [planes[p]["start"] for p in planes] == [4, 2, 7] and planes["axial"]["n"] == 6
     assert float(planes["coronal"]["aspect"]) == pytest.approx(11 / 12, rel=1e-3)    # W x 1 mm over D x 2 mm
     assert planes["sagittal"]["maps"][0]["uri"].startswith("data:image/png;base64,")
+
+
+def test_slice_viewer_spacing_of_resized_volumes(tmp_path, ct_volume):
+    """The viewer's voxel size: the file's spacing times its shape over the stored (resized) shape."""
+    write_nifti(np.zeros((6, 8, 9)), tmp_path / "v.nii.gz", spacing=(3.0, 1.0, 1.5))
+    assert shown_spacing(tmp_path / "v.nii.gz", (8, 8, 8)) == pytest.approx((3.0 * 6 / 8, 1.0, 1.5 * 9 / 8))
+    write_series(ct_volume, tmp_path / "s", spacing=(2.5, 0.8, 0.7))
+    assert shown_spacing(tmp_path / "s", (7, 6, 5)) == pytest.approx((2.5, 1.6, 1.4))
+    assert shown_spacing(tmp_path / "gone.nii.gz", (8, 8, 8)) is None
 
 
 # -- the command line on volumes ------------------------------------------------------------------------

@@ -115,6 +115,7 @@ def _nifti(path: Path) -> FileInfo | None:
     shape = list(img.shape)
     while len(shape) > 3 and shape[-1] == 1:
         shape.pop()
+    frames = shape.pop() if len(shape) == 4 else 1        # a 4-D file: read_nifti takes its volume 0
     if len(shape) == 2:
         shape.append(1)
     if len(shape) != 3:
@@ -123,7 +124,8 @@ def _nifti(path: Path) -> FileInfo | None:
     canonical = [0, 0, 0]
     for i, (axis, _) in enumerate(ornt[:3]):
         canonical[int(axis)] = int(shape[i])
-    return FileInfo("NIfTI", 1, (canonical[2], canonical[1], canonical[0]))   # (S, P, R) as read_nifti gives
+    return FileInfo("NIfTI" if frames == 1 else f"4-D NIfTI of {frames} volumes", 1,
+                    (canonical[2], canonical[1], canonical[0]))   # (S, P, R) as read_nifti gives
 
 
 def _dicom(path: Path) -> FileInfo | None:
@@ -172,6 +174,8 @@ def read_steps(info: FileInfo, *, channels=None, size=None, slice_index="middle"
     the file is read as stored."""
     steps = []
     shape = info.shape
+    if info.format.startswith("4-D NIfTI"):
+        steps.append(f"volume 0 of a {info.format}")
     if len(shape) == 3 and slice_index is not None:
         depth = shape[0]
         if slice_index == "middle":

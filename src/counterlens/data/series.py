@@ -260,6 +260,23 @@ def read_series(folder, *, window: str = "auto", series: str | None = None) -> S
                   description=str(heads[0].get("SeriesDescription", "")).strip(), sorted_by=sorted_by, notes=notes)
 
 
+def header_spacing(folder) -> tuple[tuple[float, float, float], tuple[int, int, int]] | None:
+    """``(spacing (D, H, W) mm, shape (D, H, W))`` of a series folder from its first file's header
+    alone (slice spacing: SpacingBetweenSlices, else SliceThickness), for display; None when unknown."""
+    import pydicom
+
+    files = dicom_files(folder)
+    if not files:
+        return None
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True, force=True)
+    pixel = _floats(ds.get("PixelSpacing"), 2)
+    step = next((v[0] for v in (_floats([ds.get(k)], 1) for k in ("SpacingBetweenSlices", "SliceThickness")
+                                if ds.get(k) is not None) if v is not None and v[0] > 0), None)
+    if pixel is None or step is None:
+        return None
+    return (float(step), pixel[0], pixel[1]), (len(files), int(ds.get("Rows", 0)), int(ds.get("Columns", 0)))
+
+
 def describe_series(s: Series) -> str:
     """One line: what was read, e.g. ``DICOM series of 40 slices 256x256 (sorted by position), spacing
     4 x 0.9 x 0.9 mm``."""

@@ -109,6 +109,7 @@ def build_case(row: dict, arrays: dict | None, pair_rows: list[dict], cf_rows: l
     if image is not None:
         case["image_uri"] = data_uri(grey_png(image, ctx.value_range, THUMB))
     by_target = arrays.get("target_maps") or {}
+    volume_maps = {}                                    # what the slice viewer of a volume shows
     for pair in pair_rows:
         method = pair["method"]
         # the map of this row's target (multi-label: one per finding explained), else the method's one map
@@ -116,6 +117,7 @@ def build_case(row: dict, arrays: dict | None, pair_rows: list[dict], cf_rows: l
         amap = amap if amap is not None else arrays["maps"].get(method)
         if amap is None:
             continue
+        volume_maps[f"{method}: {pair.get('target_name')}" if by_target else method] = amap
         png, scale = map_png(amap, ctx.clip_percentile, THUMB)
         room = number(pair.get("insertion_room"))
         if case["note"] is None and room is not None and room < ROOM_MIN:
@@ -130,9 +132,9 @@ def build_case(row: dict, arrays: dict | None, pair_rows: list[dict], cf_rows: l
             "metrics": [{"name": m, "value": fmt(pair[m]), "hint": METRIC_HINTS.get(m, "")}
                         for m in ctx.metric_order if number(pair.get(m)) is not None]})
     if image is not None and image.ndim == 4:         # a volume: the slice viewer (axial, coronal, sagittal)
-        from .report_volumes import volume_view
-        shown = {p["method"]: arrays["maps"][p["method"]] for p in pair_rows if p["method"] in arrays["maps"]}
-        case["volume"] = volume_view(image, shown, ctx.value_range, ctx.clip_percentile)
+        from .report_volumes import shown_spacing, volume_view
+        case["volume"] = volume_view(image, volume_maps, ctx.value_range, ctx.clip_percentile,
+                                     spacing=shown_spacing(row.get("file"), image.shape[1:]))
     if image is not None:
         for cf in cf_rows:
             x = arrays["counterfactuals"].get(int(cf["target"]))

@@ -87,6 +87,33 @@ def _map_levels(amap: np.ndarray, vmax: float, signed: bool) -> np.ndarray:
     return np.round(unit * 255).astype(np.uint8)
 
 
+def shown_spacing(file, shape) -> tuple[float, float, float] | None:
+    """Voxel size (D, H, W) in mm of a case stored at ``shape`` when read from ``file`` (a NIfTI file or
+    a DICOM series folder, headers only): the file's spacing times its shape over ``shape``, since
+    the loader resizes the whole field of view. None when the file is gone or has no spacing."""
+    from pathlib import Path
+
+    from ..data import _readers as R
+    from ..data.series import header_spacing
+    try:
+        path = Path(str(file))
+        if path.is_dir():
+            found = header_spacing(path)
+        elif R.suffix_of(path) in R.NIFTI_SUFFIXES:
+            import nibabel as nib
+            ornt = nib.orientations.io_orientation(nib.load(str(path)).affine)
+            native = {int(ax): int(nib.load(str(path)).shape[i]) for i, (ax, _) in enumerate(ornt[:3])}
+            found = R.nifti_spacing(path), (native[2], native[1], native[0])
+        else:
+            found = None
+    except Exception:  # noqa: BLE001 - a moved or unreadable file: show cubic voxels
+        return None
+    if found is None or len(shape) != 3:
+        return None
+    spacing, native = found
+    return tuple(float(s) * n / m for s, n, m in zip(spacing, native, shape))
+
+
 def volume_view(image: np.ndarray, maps: dict[str, np.ndarray], value_range=None, clip_percentile: float = 0.5,
                 spacing=None, max_side: int = MAX_SIDE) -> dict:
     """What the slice viewer of one 3-D case shows.
@@ -133,4 +160,5 @@ def volume_view(image: np.ndarray, maps: dict[str, np.ndarray], value_range=None
         planes.append({"name": p, "n": n, "cols": cols, "rows": rows, "aspect": f"{aspects[p]:.4f}",
                        "image_uri": data_uri(_encode(Image.fromarray(sprite))), "start": start,
                        "position": _position(start, n), "size": f"{cols * 100}% {rows * 100}%", "maps": layers})
-    return {"planes": planes, "methods": methods, "shape": list(full_shape)}
+    return {"planes": planes, "methods": methods, "shape": list(full_shape),
+            "spacing": None if spacing is None else " x ".join(f"{float(v):.3g}" for v in spacing)}
