@@ -226,12 +226,15 @@ class ExportedModule(nn.Module):
     ``train()`` / ``eval()`` only set this wrapper's flag: the program's mode (dropout, BatchNorm)
     was fixed when it was exported (export in eval mode). A program exported with a static batch
     size ``batch`` is fed in chunks of that many rows (the last one zero-padded), so any batch works.
+    ``exported_program``: the ``torch.export.ExportedProgram`` itself, from which the CAM methods
+    and the sanity check build a view with hookable layers (``counterlens.attribution.graphs``).
     """
 
-    def __init__(self, program: nn.Module, batch: int | None = None):
+    def __init__(self, program: nn.Module, batch: int | None = None, exported_program=None):
         super().__init__()
         self.program = program
         self.batch = batch
+        self.exported_program = exported_program
 
     def train(self, mode: bool = True):
         self.training = bool(mode)
@@ -329,7 +332,7 @@ def _load_export(path: Path, trust: bool) -> nn.Module:
                       "which is slow for batched explanations and searches. Export it with a dynamic batch: "
                       "torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},))",
                       stacklevel=2)
-    return ExportedModule(program.module(), batch)
+    return ExportedModule(program.module(), batch, exported_program=program)
 
 
 # -- the entry point -----------------------------------------------------------------------------

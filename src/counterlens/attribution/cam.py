@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import InputError, MethodError
 from . import tokens as token_maps
+from .graphs import hookable
 from .base import Evaluator, gradient_of, prepare, register, spatial_dims, target_score
 from .gradients import make_baseline
 
@@ -75,9 +76,12 @@ def get_layer(clf, layer: str | nn.Module | None, x: torch.Tensor) -> nn.Module:
     else:
         name = layer
     modules = dict(clf.module.named_modules()) if isinstance(clf.module, nn.Module) else {}
+    if name and name not in modules:       # inside a wrapper (an exported program's view): by its suffix
+        inner = [n for n in modules if n.endswith("." + name)]
+        name = inner[0] if len(inner) == 1 else name
     if name not in modules or not name:
         raise InputError(f"layer={name!r} is not a module of this model; "
-                         f"some names: {', '.join(list(modules)[1:12])}")
+                         f"some names: {', '.join(list(modules)[1:12])}{' ...' if len(modules) > 12 else ''}")
     return modules[name]
 
 
@@ -141,6 +145,10 @@ def layer_gradients(clf, x, tgt, layer, batch_size, combine: Combine | None = No
                 raise MethodError(f"layer {type(layer).__name__} was not called by the model's forward; "
                                   "name another one with layer=...")
             act = store["act"]
+            if act.shape[0] != b - a:
+                raise MethodError(f"layer {_layer_name(clf, layer)} saw {act.shape[0]} rows in a call with {b - a} (a model "
+                                  "that pads or splits its batch, e.g. an export with a fixed batch size): CAM methods "
+                                  "need one call per batch; export the model with a dynamic batch")
             g = as_map(gradient_of(target_score(logits, tgt[a:b]), act).float()) if grad else None
             act = as_map(act.detach().float())      # bf16 / fp16 / autocast layers: the CAM maths in float32
         parts.append(combine(act, g) if combine is not None else (act, g))
@@ -180,6 +188,7 @@ def class_activation_map(clf, x, target, combine: Combine, *, layer=None, relu: 
     """``upsample(relu(combine(A, G)))`` at the input's spatial size, ``[B, *spatial]``.
     ``reshape`` / ``tokens``: the patch grid and extra tokens of a token layer (see :mod:`.tokens`)."""
     x, tgt = prepare(clf, x, target, batch_size)
+    clf = hookable(clf, x)          # TorchScript / torch.export: a view whose layers can be hooked
     cam = layer_gradients(clf, x, tgt, get_layer(clf, layer, x), batch_size, combine, reshape=reshape, tokens=tokens)
     if relu:
         flat = cam.flatten(1)
@@ -273,6 +282,7 @@ def scorecam(clf, x, target="predicted", *, layer: str | None = None, baseline="
     Networks", CVPR Workshops 2020.
     """
     x, tgt = prepare(clf, x, target, batch_size)
+    clf = hookable(clf, x)
     acts, _ = layer_gradients(clf, x, tgt, get_layer(clf, layer, x), batch_size, grad=False,
                               reshape=reshape, tokens=tokens)
     base = make_baseline(x, baseline)
@@ -310,6 +320,7 @@ def guided_gradcam(clf, x, target="predicted", *, layer: str | None = None, inte
     from .gradients import guided_backprop  # lazy: written alongside, avoids an import cycle
 
     x, tgt = prepare(clf, x, target, batch_size)
+    clf = hookable(clf, x)          # guided backprop through the same view's ReLUs
     cam = class_activation_map(clf, x, tgt, _gradcam, layer=layer, interpolation=interpolation,
                                batch_size=batch_size, reshape=reshape, tokens=tokens)
     return guided_backprop(clf, x, tgt, batch_size=batch_size) * cam

@@ -49,6 +49,9 @@ def relu_rule_gradient(clf, x: torch.Tensor, tgt: torch.Tensor, rule: str, batch
     returned by ``prepare``. Module, in-place and functional ReLUs are all covered; the model is
     not touched. Warns when the forward pass called no ReLU (the result is then the plain gradient).
     """
+    if isinstance(clf.module, torch.jit.ScriptModule):     # its ReLUs run in C++: use the graph view's
+        from .graphs import hookable
+        clf = hookable(clf, x)
     with relu_rule(rule) as mode:
         _, g = Evaluator(clf, batch_size).scores(x, tgt, grad=True)
     if mode.calls == 0:

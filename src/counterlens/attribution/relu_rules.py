@@ -14,9 +14,10 @@ module or parameter of the model is touched, and leaving the ``with`` block (als
 restores everything. In-place forms still modify their input in place (``mark_dirty``), so code
 that ignores the return value of ``x.relu_()`` keeps working.
 
+The aten ops ``aten.relu`` / ``aten.relu_`` that torch.export graphs call are answered too, and
+TorchScript modules are explained through their graph view (``counterlens.attribution.graphs``).
 Not covered (they keep their ordinary backward): other activations (ReLU6, LeakyReLU, GELU,
-``clamp(min=0)``, ``F.threshold``), and code that does not go through Python's torch functions
-(TorchScript modules, ``torch.compile``-d graphs).
+``clamp(min=0)``, ``F.threshold``), and ``torch.compile``-d graphs.
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ from ..errors import InputError
 
 RELU_RULES = ("guided", "deconvnet")
 
-_OUT_OF_PLACE = {F.relu, torch.relu, torch.Tensor.relu}
-_IN_PLACE = {torch.relu_, torch.Tensor.relu_, F.relu_}
+_OUT_OF_PLACE = {F.relu, torch.relu, torch.Tensor.relu, torch.ops.aten.relu.default}   # aten: exported graphs
+_IN_PLACE = {torch.relu_, torch.Tensor.relu_, F.relu_, torch.ops.aten.relu_.default}
 
 
 class _GuidedReLU(torch.autograd.Function):

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attribution.base import check_params, get_method, resolve_targets
+from ..attribution.graphs import hookable
 from ..errors import InputError, MethodError
 
 
@@ -86,7 +87,9 @@ def randomizable_layers(clf, x: torch.Tensor) -> list[str]:
     """Names of the modules that own parameters, in reverse order of their first forward call.
 
     One probe forward of ``x[:1]`` records the call order, so the output side comes first whatever
-    order the modules were registered in; modules the forward does not call are left out.
+    order the modules were registered in; modules the forward does not call are left out. A graph
+    whose parameter owners are never called (a TorchScript or torch.export model's view, see
+    :func:`counterlens.attribution.graphs.hookable`) gives them in the order its graph uses them.
     """
     if not isinstance(clf.module, nn.Module):
         raise MethodError("model randomisation needs an nn.Module with parameters")
@@ -105,6 +108,8 @@ def randomizable_layers(clf, x: torch.Tensor) -> list[str]:
     finally:
         for h in handles:
             h.remove()
+    if not order and callable(getattr(clf.module, "parameter_owners", None)):
+        order = [n for n in clf.module.parameter_owners() if n in owners.values()]
     if not order:
         raise MethodError("the model has no modules with parameters to randomise")
     return order[::-1]
@@ -114,13 +119,33 @@ def randomize_(module: nn.Module, seed: int) -> None:
     """Re-initialise ``module``'s own parameters in place (seeded).
 
     ``reset_parameters()`` when the module has one (PyTorch's own initialisation; BatchNorm also
-    resets its running statistics), else each parameter drawn from a normal with its own std.
+    resets its running statistics). A module without one that holds a ``weight`` (the layers of an
+    exported model's graph view) is re-drawn as ``nn.Linear`` / ``nn.ConvNd`` / the norm layers do
+    it, in the same order from the same seed, so an exported model is randomised exactly like the
+    eager one: a weight of 2+ axes by Kaiming-uniform and its bias uniform in +-1/sqrt(fan_in); a
+    1-axis weight (a norm layer's scale) to 1, its bias to 0 and running statistics reset. Anything
+    else: each parameter drawn from a normal with its own std.
     """
     devices = [module_device(module).index or 0] if module_device(module).type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
         if callable(getattr(module, "reset_parameters", None)):
             module.reset_parameters()
+            return
+        weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+        if weight is not None and weight.dim() >= 2:
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+            if bias is not None:
+                fan_in = nn.init._calculate_fan_in_and_fan_out(weight)[0]
+                nn.init.uniform_(bias, -1 / math.sqrt(fan_in) if fan_in else 0, 1 / math.sqrt(fan_in) if fan_in else 0)
+            return
+        if weight is not None and weight.dim() == 1:
+            weight.fill_(1.0)
+            if bias is not None:
+                bias.zero_()
+            for key, value in module._buffers.items():
+                if value is not None:
+                    value.fill_(1 if key == "running_var" else 0)
             return
         for p in module.parameters(recurse=False):
             std = float(p.std()) if p.numel() > 1 and float(p.std()) > 0 else 0.01
@@ -135,9 +160,29 @@ def module_device(module: nn.Module) -> torch.device:
 def _randomised_copy(clf):
     """A shallow copy of ``clf`` with a deep copy of its module (caches cleared)."""
     twin = copy.copy(clf)
-    twin.__dict__ = {k: v for k, v in clf.__dict__.items() if not k.startswith("_")}
-    twin.module = copy.deepcopy(clf.module)
+    caches = ("_target_layers", "_chunk_sizes", "_patch_grids", "_hookable")     # found on the original module
+    twin.__dict__ = {k: v for k, v in clf.__dict__.items() if k not in caches}
+    twin.module = copy.deepcopy(clf.module, _shared_graph_parts(clf.module))
     return twin
+
+
+_MODULE_STATE = frozenset(nn.Module().__dict__)
+
+
+def _shared_graph_parts(module) -> dict:
+    """A ``deepcopy`` memo that shares, rather than copies, what graph-based modules (the views of
+    TorchScript and torch.export models) hold besides their parameters, buffers and hooks: graphs,
+    signatures and metadata with symbolic tensors that deepcopy cannot copy. Randomisation only
+    re-draws parameters, so sharing them is safe."""
+    memo: dict = {}
+    if not isinstance(module, nn.Module):
+        return memo
+    for m in module.modules():
+        if any(isinstance(v, torch.fx.Graph) for v in m.__dict__.values()):
+            for key, value in m.__dict__.items():
+                if key not in _MODULE_STATE and not isinstance(value, (torch.Tensor, nn.Module)):
+                    memo[id(value)] = value
+    return memo
 
 
 # -- similarity -----------------------------------------------------------------------------------
@@ -237,6 +282,7 @@ def model_randomisation(clf, x, method, target="predicted", *, params: dict | No
     name, fn, kwargs = _method(method, params, batch_size, seed)
     sim = _similarity(similarity, absolute)
     x = clf.as_input(x)
+    clf = hookable(clf, x)      # TorchScript / torch.export: a view whose layers are called and can be re-drawn
     tgt = resolve_targets(clf, x, target, batch_size=batch_size)
     original = fn(clf, x, tgt, **kwargs).detach().cpu()
     twin = _randomised_copy(clf)
