@@ -265,3 +265,15 @@ def test_cli_on_volumes_end_to_end(tmp_path, capsys):
                  "--out", str(tmp_path / "audit"), "--methods", "saliency", "--n-random", "2"]) == 0
     html = (run / "report.html").read_text()
     assert html.count('class="sv"') == 4 and "sv-plane-btn" in html
+
+
+def test_audit_box_in_a_volume():
+    from counterlens.cli.audit import _parse_box
+    box = _parse_box("1,2,3,4,6,5", (8, 7, 6))                             # x0,y0,z0,x1,y1,z1 on [D, H, W]
+    expected = np.zeros((8, 7, 6), bool)
+    expected[3:5, 2:6, 1:4] = True
+    np.testing.assert_array_equal(box.numpy(), expected)
+    with pytest.raises(cl.errors.InputError, match="x0,y0,z0,x1,y1,z1"):
+        _parse_box("1,2,3,4", (8, 7, 6))
+    with pytest.raises(cl.errors.InputError, match="z1 exclusive"):
+        _parse_box("0,0,0,6,7,9", (8, 7, 6))

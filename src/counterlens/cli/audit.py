@@ -18,7 +18,10 @@ from .common import image_dataset, load_classifier, parse_params
 
 
 def _parse_box(text: str, shape: tuple[int, ...]) -> torch.Tensor:
-    x0, y0, x1, y1 = (int(v) for v in text.split(","))
+    values = [int(v) for v in text.split(",")]
+    if len(values) == 6 or len(shape) == 3:
+        return _parse_box3d(text, values, shape)
+    x0, y0, x1, y1 = values
     if len(shape) != 2:
         raise InputError(f"--region {text}: a box needs 2D images, these have spatial shape {shape}; pass a masks folder")
     h, w = shape
@@ -30,6 +33,22 @@ def _parse_box(text: str, shape: tuple[int, ...]) -> torch.Tensor:
     return box
 
 
+def _parse_box3d(text: str, values: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """A box in a volume: x0,y0,z0,x1,y1,z1 (x along W, y along H, z along D: the slice index)."""
+    if len(shape) != 3 or len(values) != 6:
+        raise InputError(f"--region {text}: volumes take a box x0,y0,z0,x1,y1,z1 and images x0,y0,x1,y1; these "
+                         f"have spatial shape {shape}")
+    x0, y0, z0, x1, y1, z1 = values
+    d, h, w = shape
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h and 0 <= z0 < z1 <= d):
+        raise InputError(f"--region {text}: the box x0,y0,z0,x1,y1,z1 must satisfy 0 <= x0 < x1 <= {w}, "
+                         f"0 <= y0 < y1 <= {h} and 0 <= z0 < z1 <= {d} (voxels of the volumes as the model sees them, "
+                         "x1, y1 and z1 exclusive)")
+    box = torch.zeros(shape, dtype=torch.bool)
+    box[z0:z1, y0:y1, x0:x1] = True
+    return box
+
+
 def audit_cmd(args) -> int:
     """``counterlens audit``: load model and images, audit the region, write ``RUN/audit.json``/``audit.md``."""
     from ..runs.dataset import MODEL_KEYS, data_info, data_spec
@@ -38,10 +57,10 @@ def audit_cmd(args) -> int:
     from ..runs.spec import model_spec, package_versions, resolved_methods
     from ..runs.store import ShardWriter, prepare_run, read_spec, write_spec
 
-    is_box = re.fullmatch(r"\s*\d+\s*,\s*\d+\s*,\s*\d+\s*,\s*\d+\s*", str(args.region)) is not None
+    is_box = re.fullmatch(r"\s*\d+(\s*,\s*\d+){3}((\s*,\s*\d+){2})?\s*", str(args.region)) is not None
     if not is_box and not Path(args.region).is_dir():
         raise InputError(f"--region {args.region}: pass a folder of masks named like the images (one per image "
-                         "stem) or a box x0,y0,x1,y1 in pixels")
+                         "stem) or a box x0,y0,x1,y1 in pixels (volumes: x0,y0,z0,x1,y1,z1)")
     clf = load_classifier(args)
     data = Path(args.data)
     dataset, diagnosis = image_dataset(clf, data, masks=None if is_box else Path(args.region),

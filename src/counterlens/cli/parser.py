@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--data", required=True, type=Path, help="an image file or folder (class subfolders give labels)")
     audit.add_argument("--region", required=True, metavar="MASKS_DIR|x0,y0,x1,y1",
                        help="folder of masks matched to images by file stem, or a box x0,y0,x1,y1 in pixels of the "
-                            "model's input size (x1, y1 exclusive)")
+                            "model's input size (x1, y1 exclusive); volumes: x0,y0,z0,x1,y1,z1 (z: the slice)")
     audit.add_argument("--out", required=True, type=Path, help="run directory")
     audit.add_argument("--methods", type=comma_list, default=comma_list(DEFAULT_METHODS),
                        help=f"attribution methods scored in the region (default: {DEFAULT_METHODS}); '' for none")
@@ -313,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--shortcut", action="store_true",
                       help="the chest X-ray shortcut case instead: a model trained where a marker agrees with the "
                            "label, explained and audited (does it rely on the marker?)")
+    demo.add_argument("--multilabel", action="store_true",
+                      help="the multi-label case instead: chest films with any of opacity, effusion and an enlarged "
+                           "heart, a CNN with a sigmoid per finding, one map per image and positive finding, "
+                           "findings switched off by counterfactuals, metrics per finding (under 2 minutes)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]' (default: auto)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
