@@ -14,7 +14,8 @@ Keras and explained both ways through :class:`counterlens.Classifier`:
 
 The time is one forward + backward pass (the input gradient of the predicted class's score, what
 every gradient method costs per evaluation) of a batch, the median of ``--repeats`` runs after two
-warm-ups; the speed-up is wrapped / converted. Also printed: the largest probability difference
+warm-ups, the two models timed in alternation; the speed-up is the median of the per-pair ratios
+wrapped / converted. Also printed: the largest probability difference
 between the two and the correlation of their saliency maps (must be ~1). Output: a Markdown table
 on stdout and ``--json``.
 """
@@ -59,10 +60,17 @@ def forward_backward(clf, x: torch.Tensor) -> float:
     return time.perf_counter() - t
 
 
-def median_time(clf, x, repeats: int) -> float:
+def paired_times(a, b, x, repeats: int) -> tuple[float, float, float]:
+    """Median seconds of ``a`` and of ``b`` and the median of the per-pair ratios a / b, timed in
+    alternation (a, b, a, b ...) after two warm-ups each, so a load change on a shared machine
+    hits both alike."""
     for _ in range(2):
-        forward_backward(clf, x)
-    return statistics.median(forward_backward(clf, x) for _ in range(repeats))
+        forward_backward(a, x), forward_backward(b, x)
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(forward_backward(a, x))
+        tb.append(forward_backward(b, x))
+    return statistics.median(ta), statistics.median(tb), statistics.median(p / q for p, q in zip(ta, tb))
 
 
 def corr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -74,7 +82,7 @@ def corr(a: torch.Tensor, b: torch.Tensor) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
@@ -82,28 +90,28 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
-        args.sizes, args.repeats = [64], 3
+        args.sizes, args.batches, args.repeats = [64], [4], 3
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    print(f"device {args.device}, {torch.get_num_threads()} torch threads, batch {args.batch}, "
-          f"median of {args.repeats}\n")
+    print(f"device {args.device}, {torch.get_num_threads()} torch threads, median of {args.repeats}\n")
     print("| input | wrapped Keras (ms) | converted torch (ms) | speed-up | max |dp| | saliency corr |")
     print("|---|---|---|---|---|---|")
     for size in args.sizes:
         model = seed_model(size)
         wrapped = cl.Classifier.from_keras(model, convert=False, device=args.device)
         converted = cl.Classifier.from_keras(model, device=args.device)
-        x = torch.rand(args.batch, 1, size, size, generator=torch.Generator().manual_seed(0)).to(converted.device)
-        t_wrapped, t_converted = median_time(wrapped, x, args.repeats), median_time(converted, x, args.repeats)
-        dp = float((wrapped.probs(x) - converted.probs(x)).abs().max())
-        sal = cl.explain(converted, x[:2], methods=["saliency"])["saliency"]
-        sal_w = cl.explain(wrapped, x[:2], methods=["saliency"])["saliency"]
-        row = {"size": size, "batch": args.batch, "wrapped_ms": 1e3 * t_wrapped, "converted_ms": 1e3 * t_converted,
-               "speedup": t_wrapped / t_converted, "max_prob_diff": dp, "saliency_corr": corr(sal, sal_w)}
-        rows.append(row)
-        print(f"| {size}x{size} x{args.batch} | {row['wrapped_ms']:.1f} | {row['converted_ms']:.1f} | "
-              f"{row['speedup']:.2f}x | {dp:.1e} | {row['saliency_corr']:.6f} |", flush=True)
+        for batch in args.batches:
+            x = torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(0)).to(converted.device)
+            t_wrapped, t_converted, ratio = paired_times(wrapped, converted, x, args.repeats)
+            dp = float((wrapped.probs(x) - converted.probs(x)).abs().max())
+            sal = cl.explain(converted, x[:2], methods=["saliency"])["saliency"]
+            sal_w = cl.explain(wrapped, x[:2], methods=["saliency"])["saliency"]
+            row = {"size": size, "batch": batch, "wrapped_ms": 1e3 * t_wrapped, "converted_ms": 1e3 * t_converted,
+                   "speedup": ratio, "max_prob_diff": dp, "saliency_corr": corr(sal, sal_w)}
+            rows.append(row)
+            print(f"| {size}x{size} x{batch} | {row['wrapped_ms']:.1f} | {row['converted_ms']:.1f} | "
+                  f"{ratio:.2f}x | {dp:.1e} | {row['saliency_corr']:.6f} |", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"device": args.device, "threads": torch.get_num_threads(),
                                          "repeats": args.repeats, "rows": rows}, indent=2))

@@ -309,6 +309,18 @@ def test_several_sigmoids_are_multilabel():
     torch.testing.assert_close(clf.probs(nchw(x)), torch.from_numpy(model.predict(x, verbose=0)), atol=1e-5, rtol=0)
 
 
+def test_softmax_as_an_operation_is_detected_on_the_first_pass():
+    keras.utils.set_random_seed(7)
+    i = keras.Input((8, 8, 1))
+    model = keras.Model(i, keras.ops.softmax(L.Dense(3)(L.Flatten()(L.Conv2D(2, 3)(i)))))
+    x = np.random.default_rng(0).random((2, 8, 8, 1), dtype=np.float32)
+    for convert in (True, False):
+        clf = cl.Classifier.from_keras(model, device="cpu", convert=convert)
+        torch.testing.assert_close(clf.probs(nchw(x)), torch.from_numpy(model.predict(x, verbose=0)), atol=1e-5, rtol=0)
+        assert clf.output == "probabilities"                     # "auto" found the softmax call
+        assert float((clf.logits(nchw(x)).detach().exp().sum(1) - 1).abs().min()) > 1e-2   # explained on logits
+
+
 # -- what cannot be converted, and what must not load -----------------------------------------------
 class Square(L.Layer):
     """A layer counterlens has no converter for."""

@@ -131,29 +131,36 @@ class KerasWrapped(nn.Module):
         return out[0] if isinstance(out, (list, tuple)) and len(out) == 1 else out
 
 
-def final_activation(model) -> str:
+def final_activation(model) -> str | None:
     """The Keras name of the activation that makes the model's output (``"softmax"``, ``"sigmoid"``,
-    ``"linear"`` ...), read from the layer that produces it."""
+    ``"linear"`` ...), read from the layer that produces it; None when that is not a layer that
+    says (an operation such as ``keras.ops.softmax``, a custom layer)."""
     graph = getattr(model, "_functional", None) if type(model).__name__ == "Sequential" else model
     outputs = getattr(graph, "outputs", None) or []
     history = getattr(outputs[0], "_keras_history", None) if len(outputs) == 1 else None
     if history is None:
-        return "linear"
+        return None
     layer = history[0]
     if hasattr(layer, "_nodes_by_depth") or type(layer).__name__ == "Sequential":
         return final_activation(layer)
     if type(layer).__name__ == "Softmax":
         return "softmax"
+    config = layer.get_config() if hasattr(layer, "get_config") else {}
+    if "activation" not in config:
+        return None
     try:
-        return activation_name(layer.get_config().get("activation"))
+        return activation_name(config["activation"])
     except Unconvertible:
-        return "custom"
+        return None
 
 
 def head_of(model) -> str:
-    """The counterlens output head of a Keras model (``Classifier(output=...)``) from its final activation."""
+    """The counterlens output head of a Keras model (``Classifier(output=...)``) from its final
+    activation; ``"auto"`` (detected on the first forward pass) when the final layer does not say."""
     name = final_activation(model)
     width = model.outputs[0].shape[-1] if getattr(model, "outputs", None) else None
+    if name is None:
+        return "auto"
     if name == "softmax":
         return "probabilities"
     if name == "sigmoid":
