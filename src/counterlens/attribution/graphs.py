@@ -31,6 +31,7 @@ import contextlib
 import copy
 import logging
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -178,14 +179,18 @@ def needs_view(module) -> bool:
             or _flat_graph(module))
 
 
+_VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # classifier -> (its module, the view)
+
+
 def hookable(clf, x: torch.Tensor):
     """``clf`` itself when its layers can be hooked; else a copy of it whose module is a hookable view
-    (see the module doc), built once and remembered on ``clf``. ``x``: an input batch (the TorchScript
-    conversion needs an example)."""
+    (see the module doc), built once per classifier and module (remembered beside it, not in it, so a
+    classifier still pickles and copies as before). ``x``: an input batch (the TorchScript conversion
+    needs an example)."""
     module = clf.module
     if not needs_view(module):
         return clf
-    cached = clf.__dict__.get("_hookable")
+    cached = _VIEWS.get(clf)
     if cached is not None and cached[0] is module:
         return cached[1]
     if isinstance(module, torch.jit.ScriptModule):
@@ -195,7 +200,6 @@ def hookable(clf, x: torch.Tensor):
     else:
         view = GraphTaps(module)
     twin = copy.copy(clf)
-    twin.__dict__ = {k: v for k, v in clf.__dict__.items() if k != "_hookable"}
     twin.module = view.to(clf.device)
-    clf.__dict__["_hookable"] = (module, twin)
+    _VIEWS[clf] = (module, twin)
     return twin

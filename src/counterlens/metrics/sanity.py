@@ -160,7 +160,7 @@ def module_device(module: nn.Module) -> torch.device:
 def _randomised_copy(clf):
     """A shallow copy of ``clf`` with a deep copy of its module (caches cleared)."""
     twin = copy.copy(clf)
-    caches = ("_target_layers", "_chunk_sizes", "_patch_grids", "_hookable")     # found on the original module
+    caches = ("_target_layers", "_chunk_sizes", "_patch_grids")     # found on the original module
     twin.__dict__ = {k: v for k, v in clf.__dict__.items() if k not in caches}
     twin.module = copy.deepcopy(clf.module, _shared_graph_parts(clf.module))
     return twin
