@@ -123,7 +123,8 @@ def test_softmax_inside_torchscript_is_log_probabilities(last):
     sal = cl.explain(clf, x, target=target, methods=["saliency"])["saliency"]
     torch.testing.assert_close(sal, g.abs().amax(dim=1), rtol=1e-4, atol=1e-7)
     # a plain logits model is not mistaken for probabilities
-    assert cl.Classifier(torch.jit.trace(net.eval(), x), device="cpu", in_channels=1, input_size=(16, 16)).output == "logits"
+    plain = cl.Classifier(torch.jit.trace(net.eval(), x), device="cpu", in_channels=1, input_size=(16, 16))
+    assert plain.output == "logits"
 
 
 @pytest.mark.parametrize("kind", ["torchscript", "export"])
@@ -199,6 +200,29 @@ def test_multilabel_integrated_gradients_on_a_finding_logit():
     torch.testing.assert_close(ig, theirs.sum(dim=1).detach(), rtol=1e-4, atol=1e-6)
 
 
+class OneFinding(nn.Module):
+    """Finding ``k`` of a multi-label net alone: a one-output (sigmoid-logit) binary classifier."""
+
+    def __init__(self, net, k):
+        super().__init__()
+        self.net, self.k = net, k
+
+    def forward(self, x):
+        return self.net(x)[:, self.k:self.k + 1]
+
+
+def test_multilabel_probability_methods_use_the_finding_sigmoid():
+    """RISE and occlusion on probabilities score finding k by sigmoid(z_k): the same maps as the
+    binary classifier made of that finding alone (its class 1 has probability sigmoid(z_k))."""
+    net, x = build_net(k=4, seed=4), images(2)
+    clf = cl.Classifier(nn.Sequential(net, nn.Sigmoid()), classes=FINDINGS, device="cpu")
+    one = cl.Classifier(OneFinding(net, 3), device="cpu")
+    kw = dict(methods=["rise", "occlusion"], rise__samples=64, occlusion__output="prob", occlusion__window=4)
+    ours, theirs = cl.explain(clf, x, target="nodule", **kw), cl.explain(one, x, target=1, **kw)
+    for m in ours:
+        torch.testing.assert_close(ours[m], theirs[m], rtol=1e-5, atol=1e-6)
+
+
 def test_expand_all_positive():
     x = torch.full((3, 1, 8, 8), 0.2)
     x[0, :, :, :4] = 0.9          # opacity, and cardiomegaly (top half mean 0.55)
@@ -244,8 +268,10 @@ def test_multilabel_counterfactual_switches_one_finding():
     assert res.findings(0)[0]["finding"] == "opacity" and not res.findings(0)[0]["positive_after"]
     on = cl.counterfactual(clf, x[:1], target="nodule:on", loss="ce")
     assert on.valid.all() and on.target_on.all() and Regions()(on.x)[0, 3] >= 0.5
-    toggled = cl.counterfactual(clf, x[:1], target="opacity")            # no state: switched to the other one
-    assert toggled.valid.all() and not toggled.target_on.any()
+    toggled = cl.counterfactual(clf, x[:1], target="opacity", candidates=2, schedule="bisection",
+                                steps=60, lam_steps=2)
+    assert toggled.valid.all() and not toggled.target_on.any()             # no state: switched to the other one
+    assert toggled.candidates_valid.shape == (1, 2) and Regions()(toggled.x)[0, 0] <= 0.5
     with pytest.raises(TargetError, match="not a finding"):
         cl.counterfactual(clf, x, target="fracture:off")
     with pytest.raises(InputError, match="multi-label"):       # class autoencoders do not apply to findings
