@@ -183,20 +183,6 @@ def load_mask(path, *, size: tuple[int, ...] | int | None = None, slice_index: i
     return _resize_mask(mask, _target_shape(path, mask.shape, size))
 
 
-def _series_cases(found: list[tuple[Path, str | None]], root: Path) -> list[tuple[Path, str | None]]:
-    """Volume mode: the DICOM slices of one folder become one case, the folder (a series, read by
-    :func:`counterlens.data.series.read_series`). When every "class folder" is itself one series, the
-    folder is a flat set of series (no labels)."""
-    from .series import group_series
-    by_class: dict[str | None, list[Path]] = {}
-    for p, name in found:
-        by_class.setdefault(name, []).append(p)
-    out = [(p, name) for name, paths in by_class.items() for p in group_series(paths)]
-    if out and all(name is not None and p == root / name for p, name in out):
-        out = [(p, None) for p, _ in out]
-    return out
-
-
 def _stem(path: Path) -> str:
     if path.is_dir():
         return path.name
@@ -305,7 +291,8 @@ class ImageFolder:
             else:
                 found = [(p, None) for p in loose]
         if self.slice_index is None and not self.root.is_file():
-            found = _series_cases(found, self.root)
+            from .series import series_cases
+            found = series_cases(found, self.root)
             rel_base = self.root.parent if any(p == self.root for p, _ in found) else rel_base
         if not found:
             raise DataFileError(self.root, f"contains no images ({', '.join(IMAGE_SUFFIXES)}, DICOM); "

@@ -77,6 +77,19 @@ def group_series(paths: list[Path]) -> list[Path]:
     return out
 
 
+def series_cases(found: list[tuple[Path, str | None]], root: Path) -> list[tuple[Path, str | None]]:
+    """Volume mode: the DICOM slices of one folder become one case, the folder (a series, read by
+    :func:`counterlens.data.series.read_series`). When every "class folder" is itself one series, the
+    folder is a flat set of series (no labels)."""
+    by_class: dict[str | None, list[Path]] = {}
+    for p, name in found:
+        by_class.setdefault(name, []).append(p)
+    out = [(p, name) for name, paths in by_class.items() for p in group_series(paths)]
+    if out and all(name is not None and p == root / name for p, name in out):
+        out = [(p, None) for p, _ in out]
+    return out
+
+
 def _floats(value, n: int):
     try:
         out = tuple(float(v) for v in value)
