@@ -24,7 +24,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "counterlens"
 # subpackage of counterlens missing here fails the test: place it.
 LAYERS = [
     {"errors"},
-    {"model", "heads", "models", "cards", "loading",   # the wrapped model, its output head; architectures, cards, loading;
+    {"model", "heads", "preprocessing", "models", "cards", "loading",   # the wrapped model, its output head; architectures, cards, loading;
      "keras_models", "keras_graph", "keras_layers", "keras_modules"},  # Keras models converted to torch modules or wrapped
     {"data", "attribution", "training"},          # training fits a model on data
     {"metrics", "counterfactual"},

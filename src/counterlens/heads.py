@@ -16,11 +16,20 @@ in one sigmoid per finding (multi-label). :class:`~counterlens.model.Classifier`
 ``"multilabel"``     ``K`` independent sigmoid findings: the per-finding logits ``z_k`` (captured, or
                      turned back from probabilities, or the output itself without a sigmoid).
 
-``"auto"`` runs the first forward pass under a probe that records the final ``nn.Softmax`` /
-``nn.LogSoftmax`` / ``nn.Sigmoid`` module or ``softmax`` / ``log_softmax`` / ``sigmoid`` call whose
-result is the model's output. Without one: one column is ``"sigmoid"`` (a logit), ``K`` columns
-``"logits"``, unless every row is non-negative and sums to 1 (a softmax the probe cannot see inside,
-e.g. TorchScript): then ``"probabilities"``, with a warning.
+``"auto"`` reads an ``nn.Sequential`` ending in ``nn.Linear`` (and an activation) at construction;
+any other module's head is found on the first forward pass, run under a probe that records the
+final ``nn.Softmax`` / ``nn.LogSoftmax`` / ``nn.Sigmoid`` module or ``softmax`` / ``log_softmax`` /
+``sigmoid`` call whose result is the model's output (its input is then captured on every pass, by a
+forward hook or a ``TorchFunctionMode``). TorchScript and ``torch.export`` models cannot be hooked
+inside: their graph's last node says (softmax: log-probabilities; sigmoid: the logit turned back from
+the probability, flat where float32 rounds it to 0 or 1, beyond ``|z| ~ 16.6``). Without any of these
+one column is ``"sigmoid"`` (taken to be a logit: a one-output model that applies a sigmoid no probe
+can see must be given a graph or a module that shows it), ``K`` columns ``"logits"``, unless every row
+is non-negative and sums to 1: then ``"probabilities"``, with a warning.
+
+An explicit ``output=`` is checked against what is found (``"sigmoid"`` with several outputs, a
+softmax model called ``"multilabel"``, ``"probabilities"`` whose rows do not sum to 1 raise
+:class:`~counterlens.errors.InputError`; ``"logits"`` on a model ending in an activation warns).
 """
 from __future__ import annotations
 
