@@ -180,3 +180,24 @@ def test_a_cam_on_a_layer_without_a_map_says_so(x):
     clf = vit_clf()
     with pytest.raises(MethodError, match=r"'head' returns shape \(1, 3\)|'head' returns shape \(3, 3\)"):
         gradcam(clf, x, "predicted", layer="head")
+
+
+@pytest.mark.parametrize("kind", ["traced", "export"])
+def test_cams_on_an_exported_vit_equal_the_eager_vit(tmp_path, kind):
+    from counterlens.loading import load_model
+    clf = vit_clf(hand=True, registers=1)
+    x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    if kind == "traced":
+        path = tmp_path / "vit.pt"
+        torch.jit.trace(clf.module, x, check_trace=False).save(str(path))
+    else:
+        path = tmp_path / "vit.pt2"
+        torch.export.save(torch.export.export(clf.module, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)),
+                          str(path))
+    exported = load_model(path, device="cpu")
+    target = clf.predict(x)
+    for name in ("gradcam", "layercam"):
+        kwargs = {"relu": False} if name == "gradcam" else {}
+        ref = METHODS[name].function(clf, x, target, **kwargs)
+        assert ref.abs().amax() > 0
+        torch.testing.assert_close(METHODS[name].function(exported, x, target, **kwargs), ref, rtol=1e-4, atol=1e-6)

@@ -188,5 +188,6 @@ def find_token_layer(clf, x: torch.Tensor) -> str:
     if not reaching:
         raise MethodError("no token layer of this transformer gets a gradient on its patch tokens; "
                           "name one with layer=... (e.g. the last block's first norm)")
-    norms = [m for m in reaching if "norm" in type(m).__name__.lower()]
+    norms = [m for m in reaching if "norm" in type(m).__name__.lower()      # a norm module, or a graph's norm op
+             or "norm" in names[m].rpartition(".")[2].lower()]
     return names[(norms or reaching)[-1]]
