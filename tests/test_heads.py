@@ -278,6 +278,29 @@ def test_multilabel_counterfactual_switches_one_finding():
         im1(res, ae_by_class={0: None})
 
 
+class Marker(nn.Module):
+    """Two findings: "marker" (a bright 3 x 3 top-left corner) and "right" (a bright right half)."""
+
+    def forward(self, x):
+        marker = 30 * (x[:, 0, :3, :3].mean((1, 2)) - 0.5)
+        right = 8 * (x[:, 0, :, 8:].mean((1, 2)) - 0.5)
+        return torch.sigmoid(torch.stack([marker, right], dim=1))
+
+
+def test_shortcut_audit_of_a_multilabel_model_counts_findings_switched():
+    from counterlens.metrics.shortcut import audit
+    x = 0.1 + 0.2 * images(8, size=16, seed=5)
+    x[:5, :, :3, :3] = 1.0                                   # the marker on 5 of 8 images
+    x[::2, :, :, 8:] += 0.6                                  # "right" on every other one
+    clf = cl.Classifier(Marker(), classes=["marker", "right"], device="cpu")
+    assert clf.output == "auto" and clf.probs(x).shape == (8, 2) and clf.multilabel
+    region = torch.zeros(16, 16, dtype=torch.bool)
+    region[:3, :3] = True
+    result = audit(clf, x, region, methods=(), n_random=4, labels=torch.zeros(8, dtype=torch.long))
+    assert result["relies_on_region"] and result["region_flip_rate"] == pytest.approx(5 / 8)
+    assert result["flips"] == {"marker on -> off": 5} and "accuracy" not in result
+
+
 # -- errors, card, command line -----------------------------------------------------------------------
 def test_head_errors():
     x = images()

@@ -164,6 +164,15 @@ def _num(v) -> float | None:
     return None if math.isnan(v) else round(v, 4)
 
 
+def _positive_set(logits: torch.Tensor) -> torch.Tensor:
+    """``[N]`` int64: the positive findings (logit >= 0, i.e. sigmoid >= 0.5) of each row as a bit set."""
+    if logits.shape[1] > 62:
+        raise InputError(f"the shortcut audit of a multi-label model handles up to 62 findings; this one has "
+                         f"{logits.shape[1]}")
+    bits = torch.ones(logits.shape[1], dtype=torch.long) << torch.arange(logits.shape[1])
+    return ((logits >= 0).long() * bits.to(logits.device)).sum(1)
+
+
 def _decide(region_rate: float, random_rate: float, min_flip_rate: float, ratio: float, margin: float) -> bool:
     return region_rate >= min_flip_rate and region_rate >= ratio * random_rate and region_rate >= random_rate + margin
 
@@ -181,7 +190,10 @@ def audit(clf, x, region_masks, methods=("gradcam", "integrated_gradients"), lab
     region_masks : bool ``[N, *S]`` (one mask per image; images with an empty mask are left out) or
         ``[*S]`` (one region, e.g. a box, for every image).
     methods : attribution methods scored in the region (may be empty), on the predicted class.
-    labels : optional ``[N]`` class indices: adds ``accuracy`` and ``accuracy_region_removed``.
+    labels : optional ``[N]`` class indices: adds ``accuracy`` and ``accuracy_region_removed``
+        (single-label models). A multi-label model's decision is its set of positive findings
+        (sigmoid >= 0.5): a flip is any finding switching, counted per finding in ``flips``
+        (``{"effusion on -> off": count}``); maps explain the most probable finding.
     batch_size : rows per model call. seed : random regions and random methods.
     n_random : random regions per image (8). inpaint : ``"normalized"`` or ``"biharmonic"`` (:func:`inpaint`).
     top_fraction : the "top 10%" of confounder sensitivity. min_flip_rate, ratio, margin : the decision
@@ -221,24 +233,33 @@ def audit(clf, x, region_masks, methods=("gradcam", "integrated_gradients"), lab
     xs, rs = x[index.to(x.device)], region[index]
     n = len(index)
     evaluator, gen = Evaluator(clf, batch_size), torch.Generator().manual_seed(int(seed))
-    pred, pred_region, random_flips, probs = [], [], [], []
+    pred, pred_region, random_flips, probs, dec, dec_region = [], [], [], [], [], []
     for a in range(0, n, images_per_batch):
         xb, rb = xs[a:a + images_per_batch], rs[a:a + images_per_batch].to(x.device)
         rnd = random_regions(rb.cpu(), n_random, generator=gen).flatten(0, 1).to(x.device)
         rows = torch.cat([xb, _fill(xb, rb, inpaint), _fill(xb.repeat_interleave(n_random, 0), rnd, inpaint)])
         logits = evaluator.logits(rows).cpu()
         p, b = logits.argmax(1), len(xb)
+        d = _positive_set(logits) if clf.multilabel else p      # the decision: a class, or the positive findings
         probs.append(clf.probs_of(logits[:b].double()))      # softmax, or per-finding sigmoid
         pred.append(p[:b])
         pred_region.append(p[b:2 * b])
-        random_flips.append((p[2 * b:].view(b, n_random) != p[:b, None]).double().mean(1))
+        dec.append(d[:b])
+        dec_region.append(d[b:2 * b])
+        random_flips.append((d[2 * b:].view(b, n_random) != d[:b, None]).double().mean(1))
     pred, pred_region, random_flips = torch.cat(pred), torch.cat(pred_region), torch.cat(random_flips)
-    flipped = pred_region != pred
+    dec, dec_region = torch.cat(dec), torch.cat(dec_region)
+    flipped = dec_region != dec
     region_rate, random_rate = flipped.double().mean().item(), random_flips.mean().item()
     relies = _decide(region_rate, random_rate, min_flip_rate, ratio, margin)
 
     names = clf.class_names(clf.n_classes)
-    flips = Counter(f"{names[a]} -> {names[b]}" for a, b in zip(pred[flipped].tolist(), pred_region[flipped].tolist()))
+    if clf.multilabel:      # per finding that switched
+        flips = Counter(f"{names[k]} {'on -> off' if (a >> k) & 1 else 'off -> on'}"
+                        for a, b in zip(dec[flipped].tolist(), dec_region[flipped].tolist())
+                        for k in range(len(names)) if ((a ^ b) >> k) & 1)
+    else:
+        flips = Counter(f"{names[a]} -> {names[b]}" for a, b in zip(pred[flipped].tolist(), pred_region[flipped].tolist()))
     result = {
         "relies_on_region": bool(relies), "region_flip_rate": round(region_rate, 4),
         "random_flip_rate": round(random_rate, 4), "n_images": n, "n_flipped": int(flipped.sum()),
@@ -249,7 +270,7 @@ def audit(clf, x, region_masks, methods=("gradcam", "integrated_gradients"), lab
                                   f"{ratio} x random_flip_rate and region_flip_rate >= random_flip_rate + {margin}"},
         "top_fraction": top_fraction, "methods": {}, "seed": seed,
     }
-    if labels is not None:
+    if labels is not None and not clf.multilabel:
         result["accuracy"] = round((pred == y[index]).double().mean().item(), 4)
         result["accuracy_region_removed"] = round((pred_region == y[index]).double().mean().item(), 4)
     extras = {"index": index, "region": rs, "pred": pred, "pred_region": pred_region, "flipped": flipped,
