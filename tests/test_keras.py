@@ -345,6 +345,26 @@ def test_unconvertible_layer_falls_back_to_wrapped_keras_with_the_list():
     assert torch.isfinite(get_method("saliency").function(clf, nchw(x))).all()
 
 
+def test_a_conversion_that_does_not_reproduce_keras_is_refused(monkeypatch):
+    """The probe after conversion: a converter made wrong on purpose (Dense bias off by one) must
+    leave the model wrapped, with the difference in the warning, never explained wrongly."""
+    from counterlens import keras_layers
+
+    def off_by_one(layer, cfg, shapes, moved):
+        converted = dense(layer, cfg, shapes, moved)
+        with torch.no_grad():
+            converted.parts[0][1].bias += 1.0
+        return converted
+
+    dense = keras_layers.CONVERTERS["Dense"]
+    monkeypatch.setitem(keras_layers.CONVERTERS, "Dense", off_by_one)
+    keras.utils.set_random_seed(8)
+    model = keras.Sequential([keras.Input((6, 6, 1)), L.Conv2D(2, 3), L.Flatten(), L.Dense(3)])
+    with pytest.warns(UserWarning, match=r"conversion to torch was refused: the converted model's output differs"):
+        clf = cl.Classifier.from_keras(model, device="cpu")
+    assert isinstance(clf.module, KerasWrapped)
+
+
 def test_lambda_layer_is_refused_without_trust(tmp_path):
     keras.utils.set_random_seed(5)
     model = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(2, 3), L.Lambda(lambda t: t * 2.0, name="double"),

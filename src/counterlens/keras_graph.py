@@ -245,6 +245,9 @@ class _Builder:
         except Unconvertible as exc:
             self.problems.append(f"{layer.name} ({cls}: {exc})")
             return None
+        except Exception as exc:  # noqa: BLE001 - a configuration no converter foresaw: wrap, do not crash
+            self.problems.append(f"{layer.name} ({cls}: cannot convert, {type(exc).__name__}: {exc})")
+            return None
         base = prefix + layer.name
         # a layer on the Keras order (Reshape, Permute) moves its input and output
         # itself: every feature map between modules keeps its channels on axis 1

@@ -23,6 +23,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .errors import InputError, ModelLoadError, UntrustedModelError
@@ -168,6 +169,33 @@ def head_of(model) -> str:
     return "logits"
 
 
+PROBE_SIZE = 32         # spatial size of the probe for an input axis the model leaves open (None)
+
+
+def probe_gap(model, module: nn.Module, layout: InputLayout, atol: float = 1e-4, rtol: float = 1e-3) -> float | None:
+    """Run two seeded random inputs through the Keras model and the converted ``module``; None
+    when the outputs agree (``|a - b| <= atol * max(1, max|a|) + rtol * |a|``), else the largest
+    difference. A last guard against a layer configuration converted wrongly."""
+    shape = [2] + [s if isinstance(s, int) else PROBE_SIZE for s in model.inputs[0].shape[1:]]
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    ours = x.movedim(-1, 1) if layout.kind == "channels_last" else x[:, None] if layout.kind == "no_channels" else x
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        try:
+            expected = torch.as_tensor(model(x, training=False)).detach().float().cpu()
+        except Exception:  # noqa: BLE001 - Keras cannot run this probe (e.g. an input range it refuses): skip
+            return None
+        was = module.training
+        got = module.eval()(ours.to(device)).float().cpu()
+        module.train(was)
+    if got.shape != expected.shape:
+        return float("inf")
+    scale = float(expected[torch.isfinite(expected)].abs().max()) if torch.isfinite(expected).any() else 1.0
+    if torch.allclose(got, expected, atol=atol * max(1.0, scale), rtol=rtol, equal_nan=True):
+        return None
+    return float((got - expected).abs().nan_to_num(float("inf")).max())
+
+
 def keras_module(model, convert: bool = True, trust_model_file: bool = False) -> tuple[nn.Module, dict]:
     """A torch module for the Keras ``model`` (a ``keras.Model``, or a ``.keras`` / ``.h5`` path
     loaded with ``trust_model_file``, see :func:`load_keras_file`), fed ``[B, C, *spatial]``, and
@@ -196,12 +224,15 @@ def keras_module(model, convert: bool = True, trust_model_file: bool = False) ->
     default_format = keras.config.image_data_format()
     layout = input_layout(model, default_format)
     module, problems = convert_keras(model, default_format) if convert else (None, ["convert=False"])
+    what = f"{len(problems)} layer(s) could not be converted to torch: "
+    if module is not None and (gap := probe_gap(model, module, layout)) is not None:
+        module, problems = None, [f"the converted model's output differs from Keras' by {gap:.3g} on a probe input"]
+        what = "its conversion to torch was refused: "
     if module is None:
         module = KerasWrapped(model, layout, problems)
         if convert:
             warnings.warn(
-                f"Keras model {model.name!r}: {len(problems)} layer(s) could not be converted to torch: "
-                f"{'; '.join(problems)}. It runs as the wrapped Keras model (slower); CAM methods "
+                f"Keras model {model.name!r}: {what}{'; '.join(problems)}. It runs as the wrapped Keras model (slower); CAM methods "
                 f"({', '.join(CAM_METHODS)}) and the model-randomisation sanity check cannot run on it (no torch "
                 "layers to hook or re-initialise); gradient, perturbation and surrogate methods, metrics and "
                 "counterfactuals do", stacklevel=2)
