@@ -13,7 +13,10 @@ What :func:`load_model` accepts (``source``):
     ``weights_only=False`` (pickled payloads, custom objects, sample inputs that fail a safe load),
     so an archive holding any of those needs ``trust_model_file=True`` too;
 (e) a **fully pickled module** (``torch.save(model)``): unpickling can run any code hidden in the
-    file, so it loads only with ``trust_model_file=True``; otherwise :class:`UntrustedModelError`.
+    file, so it loads only with ``trust_model_file=True``; otherwise :class:`UntrustedModelError`;
+(f) a **Keras 3** ``.keras`` or legacy ``.h5`` file (recognised by content; ``counterlens[keras]``),
+    loaded with Keras' ``safe_mode`` (a Lambda layer's code needs ``trust_model_file=True``) and
+    converted to native torch modules, or wrapped (:mod:`counterlens.keras_models`).
 
 Nothing is ever unpickled with ``weights_only=False`` unless ``trust_model_file=True``.
 
