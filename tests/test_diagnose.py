@@ -5,6 +5,7 @@ override its card, and are recorded; what the loader does to each image is said 
 run.yaml and the report."""
 import argparse
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -323,3 +324,43 @@ def test_flag_errors_are_one_line(world, tmp_path, capsys):
     assert one_error(capsys).startswith("--size 32: give the model's input size as H W")
     assert main(explain(world / "grey.ts", world / "grey", tmp_path / "run", "--value-range", "1", "0")) == 2
     assert one_error(capsys).startswith("--value-range 1 0: LOW must be below HIGH")
+
+
+class Volume3D(nn.Module):
+    """A 3-D CNN with a fixed input (Flatten + Linear): 16 x 16 x 16 volumes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, 3, padding=1)
+        self.head = nn.Linear(2 * 8 ** 3, 2)
+
+    def forward(self, x):
+        return self.head(nn.functional.max_pool3d(torch.relu(self.conv(x)), 2).flatten(1))
+
+
+def test_a_3d_model_on_volumes_without_a_size(tmp_path, capsys):
+    torch.manual_seed(0)
+    torch.jit.script(Volume3D().eval()).save(str(tmp_path / "vol.ts"))
+    (tmp_path / "vols").mkdir()
+    shutil.copy(ANAT, tmp_path / "vols" / "a.nii")
+    assert main(explain(tmp_path / "vol.ts", tmp_path / "vols", tmp_path / "run")) == 2
+    assert one_error(capsys) == (f"the model takes 3-D volumes (its first layer is 3-D); the data in {tmp_path / 'vols'} "
+                                 "hold volumes (25x41x33) that are read as 2-D slices without a 3-D size: add --size 16 "
+                                 "16 16 (reads whole volumes, resized to it) or give a model card with input_size")
+    assert main(explain(tmp_path / "vol.ts", tmp_path / "vols", tmp_path / "run", "--size", "16", "16", "16")) == 0
+    assert "1 volume: resized from 25x41x33 to 16x16x16" in capsys.readouterr().out
+    assert cl.open_run(tmp_path / "run").map("a.nii", "saliency").shape == (16, 16, 16)
+
+
+def test_12_bit_data_in_16_bit_pngs_is_named(ct_world, tmp_path, capsys):
+    for i in range(2):
+        values = np.random.default_rng(i).integers(0, 4096, (32, 32)).astype(np.uint16)   # 12-bit data
+        png16 = tmp_path / "data" / f"x{i}.png"
+        png16.parent.mkdir(exist_ok=True)
+        Image.fromarray(values).save(png16)
+    assert main(explain(ct_world / "model", tmp_path / "data", tmp_path / "run")) == 0
+    out = capsys.readouterr().out
+    assert "2 images: 16-bit values / 65535" in out
+    warning = next(line for line in out.splitlines() if line.startswith("warning: "))
+    assert re.search(r"16-bit images in .* use only [0-9.e-]+\.\.0\.06\d* of the range the model takes \(0\.\.1", warning)
+    assert "--preprocess normalize:" in warning

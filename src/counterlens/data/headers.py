@@ -188,6 +188,8 @@ def read_steps(info: FileInfo, *, channels=None, size=None, slice_index="middle"
             steps.append("DICOM window applied (values 0..1)")
         elif info.units:
             steps.append(f"values in {info.units} (no window)")
+    if info.bits == 16:
+        steps.append("16-bit values / 65535")
     if channels == 1 and info.channels == 3:
         steps.append("RGB -> grey (luminance)")
     elif channels == 3 and info.channels == 1:

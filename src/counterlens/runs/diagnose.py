@@ -157,21 +157,19 @@ def _declared(module) -> tuple[int | None, tuple[int, ...] | None]:
     return None, None
 
 
-def _first_layer_channels(module) -> int | None:
-    """Input channels of the first convolution (eager or TorchScript), None when a Linear or an
-    embedding comes first or nothing is found."""
-    if not isinstance(module, torch.nn.Module):
-        return None
-    for _, sub in module.named_modules():
+def _first_conv(module) -> tuple[int | None, int | None]:
+    """``(input channels, spatial dims)`` of the first convolution (eager or TorchScript); Nones when
+    a Linear or an embedding comes first or nothing is found."""
+    for _, sub in module.named_modules() if isinstance(module, torch.nn.Module) else ():
         kind = getattr(sub, "original_name", None) or type(sub).__name__
         if kind in ("Conv1d", "Conv2d", "Conv3d"):
             weight, groups = getattr(sub, "weight", None), getattr(sub, "groups", 1)
             if isinstance(weight, torch.Tensor) and weight.dim() >= 3:
-                return int(weight.shape[1]) * (groups if isinstance(groups, int) else 1)
-            return None
+                return int(weight.shape[1]) * (groups if isinstance(groups, int) else 1), weight.dim() - 2
+            return None, None
         if kind in ("Linear", "Embedding", "MultiheadAttention"):
-            return None
-    return None
+            return None, None
+    return None, None
 
 
 def _find_size(clf, channels: int, shape, error: str | None) -> tuple[int, ...] | None:
@@ -239,6 +237,15 @@ def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagno
                                                                     f"{flag_text(key, card, bare=True)}"))
     probe_shape = tuple(clf.input_size) if clf.input_size else (shapes.most_common(1)[0][0] if shapes else None)
     declared_channels, declared_size = _declared(clf.module)
+    first_channels, dims = _first_conv(clf.module)
+    volumes = [i.shape for i in known if len(i.shape) == 3]
+    if not clf.input_size and (dims == 3 or len(declared_size or ()) == 3) and volumes and dataset.slice_index is not None:
+        hint = declared_size or volumes[0]
+        error = None if declared_size else _try(clf, first_channels or 1, hint)
+        hint = " ".join(map(str, (_find_size(clf, first_channels or 1, hint, error) or hint) if error else hint))
+        raise InputError(f"the model takes 3-D volumes (its first layer is 3-D); the data in {root} hold volumes "
+                         f"({shape_text(volumes[0])}) that are read as 2-D slices without a 3-D size: add --size {hint} "
+                         "(reads whole volumes, resized to it) or give a model card with input_size")
 
     # channels
     stated = clf.in_channels
@@ -254,7 +261,7 @@ def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagno
             raise InputError(f"the model expects {wanted}-channel images but {_who(clf, 'in_channels')} says {stated}: "
                              f"pass {_channel_fix(wanted)} or correct in_channels in the model card")
     else:
-        found = declared_channels or _first_layer_channels(clf.module)
+        found = declared_channels or first_channels
         guess = (found or Counter(i.channels for i in known).most_common(1)[0][0]) if known else found
         error = _try(clf, guess, probe_shape) if guess and probe_shape else None
         channels = _channels_in(error or "") or guess
@@ -313,7 +320,7 @@ def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagno
             raise InputError(f"the model cannot run on the images in {root} (read as shape {tuple(images[0].shape)}; it "
                              f"said: {error}): describe its input with --channels N, --size H W or --preprocess, or give "
                              "a model card")
-    warnings = [w for w in [_value_range_advice(clf, images, root)] if w]
+    warnings = [w for w in [_value_range_advice(clf, images, root, any(i.bits == 16 for i in known))] if w]
     loading = describe_loading(dataset, channels=channels, size=size, infos=infos)
     lines += [f"model input: {n}" for n in notes]
     lines.append(f"loading {loading['files']} file(s) of {root}:")
@@ -350,16 +357,22 @@ def _try_image(clf, image: np.ndarray) -> str | None:
     return None
 
 
-def _value_range_advice(clf, images, root) -> str | None:
-    """When the sampled values lie outside the model's value_range: what maps one onto the other."""
+def _value_range_advice(clf, images, root, sixteen_bit: bool = False) -> str | None:
+    """When the sampled values lie outside the model's value_range, or 16-bit files fill only a small
+    part of it (10- or 12-bit data): what maps one onto the other."""
     if not clf.value_range or not images:
         return None
     a, b = clf.value_range
     lo, hi = float(min(np.min(x) for x in images)), float(max(np.max(x) for x in images))
     slack = 0.1 * (b - a)
+    std = (hi - lo) / (b - a) if hi > lo else 1.0
+    if sixteen_bit and lo >= a - slack and hi - lo < (b - a) / 8:
+        return (f"the 16-bit images in {root} use only {lo:.4g}..{hi:.4g} of the range the model takes ({a:g}..{b:g}, "
+                f"{_who(clf, 'value_range')}) in the {len(images)} sampled: 10- or 12-bit data stored in 16 bits looks "
+                f"almost black to it. If it was trained on stretched images, add --preprocess "
+                f"{_normalize_flag(clf, lo - a * std, std)} (maps {lo:.4g}..{hi:.4g} onto {a:g}..{b:g} inside the model)")
     if lo >= a - slack and hi <= b + slack:
         return None
-    std = (hi - lo) / (b - a) if hi > lo else 1.0
     hu = " (Hounsfield units?)" if lo < -500 else ""
     return (f"the images in {root} have values {lo:.4g}..{hi:.4g}{hu} in the {len(images)} sampled, outside the range "
             f"the model takes ({a:g}..{b:g}, {_who(clf, 'value_range')}): the explanations would be of inputs it never "
