@@ -4,6 +4,8 @@
     python benchmarks/precision.py --device cuda       # on a GPU
     python benchmarks/precision.py --quick             # small settings, a smoke run
 
+Measured on the CPU it says "CPU (n threads)"; on a GPU the device's name.
+
 For the same trained network and images, each of the 17 methods runs four ways:
 
 - ``float32``: the reference;
@@ -146,9 +148,14 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--methods", help="comma-separated (default: all 17)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    results = run(args.size, args.images, args.epochs, args.repeats, args.quick, args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = run(args.size, args.images, args.epochs, args.repeats, args.quick, args.device,
+                  methods=args.methods.split(",") if args.methods else None)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(markdown(results, name))
     if args.json:

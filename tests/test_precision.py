@@ -125,3 +125,19 @@ def test_precision_argument_is_checked():
         cl.Classifier(nn.Linear(2, 2), device="cpu", precision="int8")
     assert cl.Classifier(nn.Linear(2, 2), device="cpu", precision="bfloat16").precision == "bf16"
     assert cl.Classifier(nn.Linear(2, 2), device="cpu", precision=None).precision is None
+
+
+def test_precision_benchmark_smoke(tmp_path):
+    """benchmarks/precision.py at tiny settings: every way runs and the table names the device."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "precision.py"
+    spec = importlib.util.spec_from_file_location("precision_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.run(size=16, images=2, epochs=1, repeats=1, quick=True, methods=["saliency", "gradcam"])
+    for name in ("saliency", "gradcam"):
+        for way in bench.WAYS:
+            row = results[name][way]
+            assert row["error"] is None and row["finite"] and row["dtype"] == "float32" and row["speed_ratio"] > 0
+    assert "| saliency |" in bench.markdown(results, "CPU")
