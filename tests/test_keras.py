@@ -175,11 +175,13 @@ def _zoo():
     """Architectures beyond the seed: other layers, Functional graphs, 1D/3D, channels_first, heads."""
     yield "residual", _residual(), (16, 16, 3)
     i = keras.Input((17, 15, 2))
-    h = L.SeparableConv2D(6, 3, padding="same", activation="elu")(L.DepthwiseConv2D(3, depth_multiplier=2)(i))
+    h = L.Resizing(15, 13, interpolation="bilinear")(i)
+    h = L.SeparableConv2D(6, 3, padding="same", activation="elu")(L.DepthwiseConv2D(3, depth_multiplier=2)(h))
     a = L.AveragePooling2D(3, strides=2, padding="same")(h)
     m = L.MaxPooling2D(3, strides=2, padding="same")(h)
     h = L.Concatenate()([L.ZeroPadding2D(((1, 0), (0, 1)))(a), L.ZeroPadding2D(((0, 1), (1, 0)))(m)])
-    h = L.PReLU(shared_axes=[1, 2])(L.LeakyReLU(0.1)(L.UpSampling2D(2)(L.Cropping2D(((1, 0), (0, 1)))(h))))
+    h = L.UpSampling2D(2, interpolation="bilinear")(L.Cropping2D(((1, 0), (0, 1)))(h))
+    h = L.PReLU(shared_axes=[1, 2])(L.LeakyReLU(0.1)(L.UpSampling2D(2)(h)))
     g = L.Concatenate()([L.GlobalAveragePooling2D()(h), L.GlobalMaxPooling2D()(h)])
     yield "functional_mix", keras.Model(i, L.Dense(3, activation="softmax")(g)), (17, 15, 2)
     yield "conv1d", keras.Sequential([

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .keras_modules import (Affine, AvgPoolSame, ChannelLinear, ChannelNorm, Crop, Exp, FlattenKerasOrder, GlobalPool, KerasReLU,
-                            LayerNorm, Merge, Permute, PReLU, Reshape, SamePad)
+                            LayerNorm, Merge, Permute, PReLU, Reshape, Resize, SamePad)
 
 
 class Unconvertible(Exception):
@@ -341,10 +341,22 @@ def _pad_crop(layer, cfg, shapes, moved):
 @converts("UpSampling1D", "UpSampling2D", "UpSampling3D")
 def _upsample(layer, cfg, shapes, moved):
     cls, last = type(layer).__name__, _channels_last(cfg)
-    if cfg.get("interpolation", "nearest") != "nearest":
-        raise Unconvertible(f"interpolation={cfg['interpolation']!r}")
-    size = _tuple(cfg["size"], _spatial(cls))
-    return Converted([("", nn.Upsample(scale_factor=tuple(float(v) for v in size), mode="nearest"))], last, last)
+    size, interpolation = _tuple(cfg["size"], _spatial(cls)), cfg.get("interpolation", "nearest")
+    if interpolation == "nearest":                        # Keras repeats each value
+        return Converted([("", nn.Upsample(scale_factor=tuple(float(v) for v in size), mode="nearest"))], last, last)
+    if cls != "UpSampling2D" or interpolation not in Resize.MODES:
+        raise Unconvertible(f"interpolation={interpolation!r}")
+    return Converted([("", Resize(interpolation, factor=size))], last, last)
+
+
+@converts("Resizing")
+def _resizing(layer, cfg, shapes, moved):
+    last = _channels_last(cfg)
+    if cfg.get("crop_to_aspect_ratio") or cfg.get("pad_to_aspect_ratio") or cfg["interpolation"] not in Resize.MODES:
+        raise Unconvertible("crop_to_aspect_ratio / pad_to_aspect_ratio / interpolation "
+                            f"{cfg['interpolation']!r}")
+    module = Resize(cfg["interpolation"], size=(cfg["height"], cfg["width"]), antialias=cfg.get("antialias", False))
+    return Converted([("", module)], last, last)
 
 
 @converts("Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate")

@@ -201,6 +201,24 @@ class Crop(nn.Module):
         return x[tuple(index)]
 
 
+class Resize(nn.Module):
+    """Keras Resizing / UpSampling2D(interpolation=...) on the torch backend: ``F.interpolate`` to
+    ``size``, or to the input's size times ``factor``."""
+
+    MODES = {"bilinear": "bilinear", "nearest": "nearest-exact", "bicubic": "bicubic"}
+
+    def __init__(self, interpolation: str, size=None, factor=None, antialias: bool = False):
+        super().__init__()
+        self.mode, self.antialias = self.MODES[interpolation], bool(antialias)
+        self.size, self.factor = (tuple(size) if size else None), (tuple(factor) if factor else None)
+
+    def forward(self, x):
+        size = self.size or tuple(n * f for n, f in zip(x.shape[2:], self.factor))
+        corners = False if self.mode in ("bilinear", "bicubic") else None
+        return F.interpolate(x, size=size, mode=self.mode, align_corners=corners,
+                             antialias=self.antialias and self.mode in ("bilinear", "bicubic"))
+
+
 class Exp(nn.Module):
     def forward(self, x):
         return torch.exp(x)
