@@ -138,12 +138,10 @@ def _quiet():
 def _from_torchscript(clf, x: torch.Tensor) -> nn.Module:
     from torch._export.converter import TS2EPConverter
     rows = x[:2] if x.shape[0] >= 2 else x[:1].expand(2, *x.shape[1:])     # 2 rows: the batch stays dynamic
-    with torch.no_grad(), clf.eval_mode():
-        z = clf.preprocess(rows) if clf.preprocess is not None else rows
-        example = to_module_dtype(clf.module, z).contiguous()
     try:
-        with _quiet():
-            program = TS2EPConverter(clf.module, (example,)).convert()
+        with torch.no_grad(), clf.eval_mode(), _quiet():       # converted as explained: in eval mode
+            z = clf.preprocess(rows) if clf.preprocess is not None else rows
+            program = TS2EPConverter(clf.module, (to_module_dtype(clf.module, z).contiguous(),)).convert()
     except Exception as exc:  # noqa: BLE001 - the converter is experimental: say what failed
         raise MethodError(f"this TorchScript model could not be converted to a graph whose feature maps can be "
                           f"hooked ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
