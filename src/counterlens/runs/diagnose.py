@@ -20,6 +20,7 @@ resize and aspect change, DICOM window) into the lines of the console summary, `
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -226,6 +227,7 @@ def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagno
     the :class:`Diagnosis`; ``dataset`` is not changed (set ``channels`` / ``size`` from it).
     """
     root = dataset.root
+    probe = functools.lru_cache(maxsize=None)(lambda c, shape: _try(clf, c, tuple(shape)))   # each shape tried once
     infos = [file_info(r.path) for r in dataset.records[:MAX_HEADERS]]
     known = [i for i in infos if i is not None]
     shapes = Counter(final_shape(i, slice_index=dataset.slice_index) for i in known)
@@ -241,7 +243,7 @@ def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagno
     volumes = [i.shape for i in known if len(i.shape) == 3]
     if not clf.input_size and (dims == 3 or len(declared_size or ()) == 3) and volumes and dataset.slice_index is not None:
         hint = declared_size or volumes[0]
-        error = None if declared_size else _try(clf, first_channels or 1, hint)
+        error = None if declared_size else probe(first_channels or 1, hint)
         hint = " ".join(map(str, (_find_size(clf, first_channels or 1, hint, error) or hint) if error else hint))
         raise InputError(f"the model takes 3-D volumes (its first layer is 3-D); the data in {root} hold volumes "
                          f"({shape_text(volumes[0])}) that are read as 2-D slices without a 3-D size: add --size {hint} "
@@ -255,7 +257,7 @@ def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagno
                              "images as grey (1 channel) or RGB (3): wrap the model in counterlens.Classifier with a "
                              "preprocess that makes its channels")
         channels = stated
-        error = _try(clf, channels, probe_shape) if probe_shape else None
+        error = probe(channels, probe_shape) if probe_shape else None
         wanted = _channels_in(error or "")
         if wanted is not None and wanted != stated:
             raise InputError(f"the model expects {wanted}-channel images but {_who(clf, 'in_channels')} says {stated}: "
@@ -263,7 +265,7 @@ def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagno
     else:
         found = declared_channels or first_channels
         guess = (found or Counter(i.channels for i in known).most_common(1)[0][0]) if known else found
-        error = _try(clf, guess, probe_shape) if guess and probe_shape else None
+        error = probe(guess, probe_shape) if guess and probe_shape else None
         channels = _channels_in(error or "") or guess
         how = "its input signature" if declared_channels else ("its first layer" if found else "a probe pass")
         if channels is not None and any(i.channels != channels for i in known):
@@ -280,7 +282,7 @@ def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagno
     # size
     size = tuple(clf.input_size) if clf.input_size else None
     if size is not None and channels is not None:
-        error = _try(clf, channels, size)
+        error = probe(channels, size)
         if error is not None and _channels_in(error) is None:
             found = declared_size or _find_size(clf, channels, size, error)
             fix = f"pass --size {' '.join(map(str, found))}" if found else "pass --size H W with the size it was trained on"
@@ -293,7 +295,7 @@ def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagno
             failing = {s: None for s in shapes if tuple(s) != declared_size}
         else:
             for s, _ in shapes.most_common(4):
-                error = _try(clf, channels, s)
+                error = probe(channels, s)
                 if error is not None:
                     failing[s] = error
         if failing:
