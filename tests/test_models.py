@@ -3,17 +3,28 @@ import torch
 from torch import nn
 
 from counterlens.errors import InputError
-from counterlens.models import (ARCHITECTURES, PlainCNN, brain_tumor_cnn, build_model, pneumonia_cnn,
-                                small_resnet)
+from counterlens.models import (ARCHITECTURES, VOLUME_ARCHITECTURES, PlainCNN, brain_tumor_cnn, build_model,
+                                pneumonia_cnn, small_resnet)
 
-N_CLASSES = {"pneumonia-cnn": 2, "brain-tumor-cnn": 4, "small-resnet": 2}
+N_CLASSES = {"pneumonia-cnn": 2, "brain-tumor-cnn": 4, "small-resnet": 2, "chest-findings-cnn": 3}
 
 
 def n_params(m):
     return sum(p.numel() for p in m.parameters())
 
 
-@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+PLANAR = sorted(set(ARCHITECTURES) - set(VOLUME_ARCHITECTURES))   # 2-D by an int or 2-tuple input_size
+
+
+@pytest.mark.parametrize("name", sorted(VOLUME_ARCHITECTURES))
+def test_volume_architectures(name):
+    net = build_model(name, num_classes=3, input_size=(16, 24, 20), width=0.25).eval()
+    with torch.no_grad():
+        out = net(torch.rand(2, 1, 16, 24, 20))
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", PLANAR)
 @pytest.mark.parametrize("size", [64, 128])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_shapes(name, size, channels):
@@ -24,7 +35,7 @@ def test_shapes(name, size, channels):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("name", PLANAR)
 def test_num_classes_and_tuple_size(name):
     net = build_model(name, num_classes=5, input_size=(64, 48), width=0.25).eval()
     with torch.no_grad():
@@ -69,7 +80,7 @@ def test_structure():
 
 
 def test_errors():
-    with pytest.raises(InputError, match="brain-tumor-cnn, pneumonia-cnn, small-resnet"):
+    with pytest.raises(InputError, match="brain-tumor-cnn, brain-tumor-cnn3d, .*pneumonia-cnn, small-resnet"):
         build_model("vgg16")
     with pytest.raises(InputError, match="unexpected keyword"):
         build_model("small-resnet", depth=50)
