@@ -367,14 +367,24 @@ def test_a_conversion_that_does_not_reproduce_keras_is_refused(monkeypatch):
     assert isinstance(clf.module, KerasWrapped)
 
 
-def test_lambda_layer_is_refused_without_trust(tmp_path):
+def test_lambda_layer_is_refused_without_trust(tmp_path, capsys):
     keras.utils.set_random_seed(5)
     model = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(2, 3), L.Lambda(lambda t: t * 2.0, name="double"),
                               L.Flatten(), L.Dense(2, activation="softmax")])
     path = tmp_path / "lambda.keras"
     model.save(path)
-    with pytest.raises(UntrustedModelError, match="--trust-model-file"):
-        load_model(path, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save(tmp_path / "lambda.h5")
+    for refused in (path, tmp_path / "lambda.h5"):
+        with pytest.raises(UntrustedModelError, match="--trust-model-file"):
+            load_model(refused, device="cpu")
+    from counterlens.cli import main
+    (tmp_path / "images").mkdir()
+    assert main(["explain", "--model", str(path), "--data", str(tmp_path / "images"), "--out", str(tmp_path / "run"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Lambda" in err[0] and "--trust-model-file" in err[0]
     x = np.random.default_rng(0).random((2, 8, 8, 1), dtype=np.float32)
     with pytest.warns(UserWarning, match=r"double \(Lambda\)"):
         clf = load_model(path, device="cpu", trust_model_file=True)
