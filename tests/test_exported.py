@@ -149,13 +149,15 @@ def test_cli_run_of_a_torchscript_model_keeps_going_and_says_why(tmp_path, capsy
     data = _folder(tmp_path / "data", n=2)
     code = main(["explain", "--model", str(tmp_path / "mlp.pt"), "--data", str(data), "--out", str(tmp_path / "run"),
                  "--methods", "gradcam,saliency,occlusion", "--param", "occlusion.window=4", "--quiet", "--no-report",
-                 "--workers", "1"])
+                 "--workers", "1", "--precision", "bf16"])
     out = capsys.readouterr().out
     assert code == 0 and "explained 4 images" in out
     assert "skipped gradcam: gradcam cannot run on this model" in out
     run = cl.open_run(tmp_path / "run")
     assert set(run.skipped) == {"gradcam"}
-    assert all(run.map(p, m).shape == (8, 8) for p in run.cases.path for m in ("saliency", "occlusion"))
+    assert all(run.map(p, m).shape == (8, 8) and np.isfinite(run.map(p, m)).all()
+               for p in run.cases.path for m in ("saliency", "occlusion"))
+    assert run.spec["model"]["precision"] == "bf16"               # --precision: autocast, recorded in run.yaml
 
 
 def test_fixed_batch_export_says_how_to_fix(tmp_path):
