@@ -435,3 +435,21 @@ def test_cli_explain_a_keras_model_end_to_end(seed_model, tmp_path, capsys):
     assert (result.cases.status == "done").sum() == 4 and len(result.attributions) == 8
     for path in result.cases.path:
         assert result.map(path, "gradcam").shape == (32, 32)
+
+
+@pytest.mark.slow
+def test_conversion_benchmark_smoke(tmp_path, capsys):
+    """benchmarks/keras_conversion.py at tiny settings (no timing asserted): both models agree."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "keras_conversion", Path(__file__).resolve().parents[1] / "benchmarks" / "keras_conversion.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--sizes", "16", "--batches", "2", "--repeats", "1", "--json", str(out)]) == 0
+    import json
+    row, = json.loads(out.read_text())["rows"]
+    assert row["wrapped_ms"] > 0 and row["converted_ms"] > 0 and row["speedup"] > 0
+    assert row["max_prob_diff"] < 1e-5 and row["saliency_corr"] > 0.999
+    assert "| 16x16 x2 |" in capsys.readouterr().out
