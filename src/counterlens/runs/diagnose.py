@@ -323,7 +323,13 @@ def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagno
                              f"said: {error}): describe its input with --channels N, --size H W or --preprocess, or give "
                              "a model card")
     warnings = [w for w in [_value_range_advice(clf, images, root, any(i.bits == 16 for i in known))] if w]
+    if images and not clf.value_range:
+        lo, hi = float(min(np.min(x) for x in images)), float(max(np.max(x) for x in images))
+        notes.append(f"values {lo:.4g}..{hi:.4g} in the {len(images)} images sampled; the range the model takes is not "
+                     "stated (no card): --value-range LOW HIGH states it, --preprocess maps the data onto it")
     loading = describe_loading(dataset, channels=channels, size=size, infos=infos)
+    if notes:
+        loading["model_input"] = notes
     lines += [f"model input: {n}" for n in notes]
     lines.append(f"loading {loading['files']} file(s) of {root}:")
     lines += [f"  {line}" for line in loading["lines"]]

@@ -321,4 +321,4 @@ def loading_view(spec: dict) -> dict | None:
     from ..runs.diagnose import flag_text
     described = [flag_text(k, v) for k, v in overrides.items()]
     return {"lines": [str(line) for line in loading.get("lines") or []], "warnings": list(loading.get("warnings") or []),
-            "described": described}
+            "described": described, "notes": [str(n) for n in loading.get("model_input") or []]}
