@@ -342,13 +342,15 @@ def _load_export(path: Path, trust: bool) -> nn.Module:
 def load_model(source, *, factory=None, factory_kwargs: Mapping | None = None, trust_model_file: bool = False,
                device="auto", classes: Sequence[str] | None = None, preprocess=None,
                in_channels: int | None = None, input_size: Sequence[int] | None = None,
-               value_range: Sequence[float] | None = None, output: str | None = None) -> Classifier:
+               value_range: Sequence[float] | None = None, output: str | None = None,
+               precision: str | None = None) -> Classifier:
     """Load ``source`` (a model directory or a model file, see the module doc) as a ``Classifier``.
 
     ``factory`` builds the network for a state_dict file (with ``factory_kwargs``); it overrides a
     card's architecture. ``classes``, ``preprocess`` (a module or its JSON spec), ``in_channels``,
     ``input_size``, ``value_range`` and ``output`` (the head, see :class:`Classifier`; default the
-    card's, else ``"auto"``) override the card's. The result has ``card`` (the card dict
+    card's, else ``"auto"``) override the card's; ``precision`` (``"bf16"`` / ``"fp16"``: autocast)
+    as in :class:`Classifier`. The result has ``card`` (the card dict
     or None) and ``source_hash`` (SHA-256 of the weights / model file). Raises
     :class:`ModelLoadError` (:class:`UntrustedModelError` for code the caller did not allow).
     """
@@ -384,7 +386,7 @@ def load_model(source, *, factory=None, factory_kwargs: Mapping | None = None, t
                      in_channels=in_channels if in_channels is not None else card.get("in_channels"),
                      input_size=input_size if input_size is not None else card.get("input_size"),
                      value_range=value_range if value_range is not None else card.get("value_range"),
-                     output=output if output is not None else (card.get("output") or "auto"))
+                     output=output if output is not None else (card.get("output") or "auto"), precision=precision)
     clf.card = card or None
     clf.source_hash = digest
     return clf
