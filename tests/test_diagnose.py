@@ -27,7 +27,8 @@ from counterlens.data.headers import file_info, read_steps
 from counterlens.data.images import ImageFolder, load_image
 from counterlens.errors import InputError
 from counterlens.models import build_model
-from counterlens.runs.diagnose import _find_size, describe_loading, diagnose
+from counterlens.runs.diagnose import describe_loading, diagnose
+from counterlens.runs.probe import find_size
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
@@ -191,8 +192,8 @@ def test_find_size_prefers_the_round_size():
     """MaxPool floors 33 to 16 as it does 32: both work, 32 is named."""
     clf = cl.Classifier(fixed_size(32).eval(), device="cpu")
     error = "mat1 and mat2 shapes cannot be multiplied (1x2304 and 1024x2)"
-    assert _find_size(clf, 1, (48, 48), error) == (32, 32)
-    assert _find_size(cl.Classifier(fixed_size(28).eval(), device="cpu"), 1, (48, 48), None) == (28, 28)
+    assert find_size(clf, 1, (48, 48), error) == (32, 32)
+    assert find_size(cl.Classifier(fixed_size(28).eval(), device="cpu"), 1, (48, 48), None) == (28, 28)
 
 
 # -- values ------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ resize and aspect change, DICOM window) into the lines of the console summary, `
 from __future__ import annotations
 
 import functools
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -30,12 +29,12 @@ import torch
 
 from ..data.headers import file_info, final_shape, read_steps, shape_text
 from ..errors import CounterlensError, InputError
+from .probe import channels_in, declared_input, find_size, first_conv, said, try_shape
 
 __all__ = ["Diagnosis", "diagnose", "describe_loading", "flag_text", "MAX_HEADERS"]
 
 MAX_HEADERS = 20_000          #: files whose headers are read for the summary (a sample of larger folders)
 SHOWN_GROUPS = 8              #: loader groups listed one by one; the rest are counted
-_COMMON_SIDES = (28, 32, 48, 64, 96, 112, 128, 160, 192, 224, 227, 256, 299, 320, 384, 448, 512)
 _FLAG = {"in_channels": "--channels", "input_size": "--size", "value_range": "--value-range",
          "preprocess": "--preprocess"}
 
@@ -113,86 +112,6 @@ def _relative(path, root) -> str:
         return path.name
 
 
-# -- probing the model -----------------------------------------------------------------------------
-def _said(exc: BaseException) -> str:
-    """The line of an error that says what went wrong (TorchScript puts it after its own traceback)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if re.match(r"^\w*(Error|Exception): ", ln):
-            return ln.split(": ", 1)[1]
-    return lines[0] if lines else type(exc).__name__
-
-
-def _try(clf, channels: int, shape) -> str | None:
-    """None when the model runs on one random image ``[1, channels, *shape]``, else what it said."""
-    lo, hi = clf.value_range or (0.0, 1.0)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand((1, int(channels), *shape), generator=gen) * (hi - lo) + lo
-    try:
-        with torch.no_grad():
-            clf.logits(x)
-    except CounterlensError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever the model raises on a shape it does not take
-        return str(exc)
-    return None
-
-
-def _channels_in(error: str) -> int | None:
-    """The channels a model's error says it expects (eager conv, TorchScript, torch.export guard)."""
-    for pattern in (r"to have (\d+) channels", r"size\(\)\[1\] == (\d+)", r"shape\[1\] to be equal to (\d+)"):
-        m = re.search(pattern, error)
-        if m:
-            return int(m.group(1))
-    return None
-
-
-def _declared(module) -> tuple[int | None, tuple[int, ...] | None]:
-    """``(channels, size)`` fixed by an exported program's input (None where it is dynamic or unknown)."""
-    graph = getattr(getattr(module, "program", None), "graph", None)
-    for node in getattr(graph, "nodes", ()):
-        shape = getattr(node.meta.get("val"), "shape", None) if node.op == "placeholder" else None
-        if shape is not None and len(shape) >= 3:
-            dims = [d if isinstance(d, int) else None for d in shape]
-            return dims[1], (tuple(dims[2:]) if None not in dims[2:] else None)
-    return None, None
-
-
-def _first_conv(module) -> tuple[int | None, int | None]:
-    """``(input channels, spatial dims)`` of the first convolution (eager or TorchScript); Nones when
-    a Linear or an embedding comes first or nothing is found."""
-    for _, sub in module.named_modules() if isinstance(module, torch.nn.Module) else ():
-        kind = getattr(sub, "original_name", None) or type(sub).__name__
-        if kind in ("Conv1d", "Conv2d", "Conv3d"):
-            weight, groups = getattr(sub, "weight", None), getattr(sub, "groups", 1)
-            if isinstance(weight, torch.Tensor) and weight.dim() >= 3:
-                return int(weight.shape[1]) * (groups if isinstance(groups, int) else 1), weight.dim() - 2
-            return None, None
-        if kind in ("Linear", "Embedding", "MultiheadAttention"):
-            return None, None
-    return None, None
-
-
-def _find_size(clf, channels: int, shape, error: str | None) -> tuple[int, ...] | None:
-    """A spatial size the model takes, near what its Linear layer's in_features imply, else a
-    common square size; None when none is found. Of several that work (pooling floors sizes), the
-    one divisible by the highest power of two."""
-    est = list(shape)
-    m = re.search(r"mat1 and mat2 shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)", error or "")
-    if m and int(m.group(2)) > 0:
-        scale = (int(m.group(3)) / int(m.group(2))) ** (1 / len(shape))
-        est = [max(1, round(s * scale)) for s in shape]
-    side = round(float(np.mean(est)))
-    near = [(s,) * len(shape) for s in range(max(1, side - 8), side + 9)]
-    works = [s for s in near if _try(clf, channels, s) is None]
-    if works:
-        return max(works, key=lambda s: ((s[0] & -s[0]), -abs(s[0] - side)))
-    for s in sorted(_COMMON_SIDES, key=lambda v: abs(v - side)):
-        if _try(clf, channels, (s,) * len(shape)) is None:
-            return (s,) * len(shape)
-    return None
-
-
 # -- the check ---------------------------------------------------------------------------------------
 def _data_channels(infos) -> str:
     counts = Counter(i.channels for i in infos if i is not None)
@@ -227,7 +146,7 @@ def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagno
     the :class:`Diagnosis`; ``dataset`` is not changed (set ``channels`` / ``size`` from it).
     """
     root = dataset.root
-    probe = functools.lru_cache(maxsize=None)(lambda c, shape: _try(clf, c, tuple(shape)))   # each shape tried once
+    probe = functools.lru_cache(maxsize=None)(lambda c, shape: try_shape(clf, c, tuple(shape)))   # each shape tried once
     infos = [file_info(r.path) for r in dataset.records[:MAX_HEADERS]]
     known = [i for i in infos if i is not None]
     shapes = Counter(final_shape(i, slice_index=dataset.slice_index) for i in known)
@@ -238,13 +157,13 @@ def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagno
                                               if card == value else f" overrides the model card's {key} "
                                                                     f"{flag_text(key, card, bare=True)}"))
     probe_shape = tuple(clf.input_size) if clf.input_size else (shapes.most_common(1)[0][0] if shapes else None)
-    declared_channels, declared_size = _declared(clf.module)
-    first_channels, dims = _first_conv(clf.module)
+    declared_channels, declared_size = declared_input(clf.module)
+    first_channels, dims = first_conv(clf.module)
     volumes = [i.shape for i in known if len(i.shape) == 3]
     if not clf.input_size and (dims == 3 or len(declared_size or ()) == 3) and volumes and dataset.slice_index is not None:
         hint = declared_size or volumes[0]
         error = None if declared_size else probe(first_channels or 1, hint)
-        hint = " ".join(map(str, (_find_size(clf, first_channels or 1, hint, error) or hint) if error else hint))
+        hint = " ".join(map(str, (find_size(clf, first_channels or 1, hint, error) or hint) if error else hint))
         raise InputError(f"the model takes 3-D volumes (its first layer is 3-D); the data in {root} hold volumes "
                          f"({shape_text(volumes[0])}) that are read as 2-D slices without a 3-D size: add --size {hint} "
                          "(reads whole volumes, resized to it) or give a model card with input_size")
@@ -258,7 +177,7 @@ def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagno
                              "preprocess that makes its channels")
         channels = stated
         error = probe(channels, probe_shape) if probe_shape else None
-        wanted = _channels_in(error or "")
+        wanted = channels_in(error or "")
         if wanted is not None and wanted != stated:
             raise InputError(f"the model expects {wanted}-channel images but {_who(clf, 'in_channels')} says {stated}: "
                              f"pass {_channel_fix(wanted)} or correct in_channels in the model card")
@@ -266,7 +185,7 @@ def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagno
         found = declared_channels or first_channels
         guess = (found or Counter(i.channels for i in known).most_common(1)[0][0]) if known else found
         error = probe(guess, probe_shape) if guess and probe_shape else None
-        channels = _channels_in(error or "") or guess
+        channels = channels_in(error or "") or guess
         how = "its input signature" if declared_channels else ("its first layer" if found else "a probe pass")
         if channels is not None and any(i.channels != channels for i in known):
             if channels not in (1, 3):
@@ -283,11 +202,11 @@ def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagno
     size = tuple(clf.input_size) if clf.input_size else None
     if size is not None and channels is not None:
         error = probe(channels, size)
-        if error is not None and _channels_in(error) is None:
-            found = declared_size or _find_size(clf, channels, size, error)
+        if error is not None and channels_in(error) is None:
+            found = declared_size or find_size(clf, channels, size, error)
             fix = f"pass --size {' '.join(map(str, found))}" if found else "pass --size H W with the size it was trained on"
             raise InputError(f"the model does not take {shape_text(size)} images (the size from {_who(clf, 'input_size')}; "
-                             f"it said: {_said(RuntimeError(error))})"
+                             f"it said: {said(RuntimeError(error))})"
                              + (f"; it expects {shape_text(found)}" if found else "") + f": {fix}")
     elif shapes and channels is not None:
         failing = {}
@@ -300,10 +219,10 @@ def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagno
                     failing[s] = error
         if failing:
             first, error = next(iter(failing.items()))
-            found = declared_size or _find_size(clf, channels, first, error)
+            found = declared_size or find_size(clf, channels, first, error)
             if found is None:
                 raise InputError(f"the model cannot take the images in {root} at {shape_text(first)} (it said: "
-                                 f"{_said(RuntimeError(error))}) and no size it takes was found: add --size H W with "
+                                 f"{said(RuntimeError(error))}) and no size it takes was found: add --size H W with "
                                  "the size it was trained on, or give a model card with input_size")
             raise InputError(f"the model expects {shape_text(found)} images; the images in {root} {_sizes_text(shapes)}: "
                              f"add --size {' '.join(map(str, found))} (resizes them) or give a model card with input_size")
@@ -361,7 +280,7 @@ def _try_image(clf, image: np.ndarray) -> str | None:
     except CounterlensError:
         raise
     except Exception as exc:  # noqa: BLE001 - the model's own error, said in one line
-        return _said(exc)
+        return said(exc)
     return None
 
 
