@@ -92,6 +92,7 @@ def test_seed_model_file_loads_converted_with_keras_probabilities(seed_model, su
     assert isinstance(clf.module, torch.nn.Sequential)                 # native torch, no Keras inside
     assert not any(isinstance(m, keras.layers.Layer) for m in clf.module.modules())
     assert clf.in_channels == 1 and clf.input_size == (32, 32) and clf.output == "probabilities"
+    assert clf.value_range is None                           # not stated by the model
     assert "converted to torch" in clf.card["architecture"]
     expected = model.predict(x, verbose=0)
     torch.testing.assert_close(clf.probs(nchw(x)), torch.from_numpy(expected), atol=1e-5, rtol=0)
@@ -289,12 +290,13 @@ def test_from_keras_takes_a_path_and_refuses_an_unbuilt_model(seed_model):
 # -- heads -----------------------------------------------------------------------------------------
 def test_one_sigmoid_output_is_a_binary_classifier():
     keras.utils.set_random_seed(2)
-    model = keras.Sequential([keras.Input((12, 12, 1)), L.Conv2D(3, 3, activation="relu"), L.Flatten(),
-                              L.Dense(1, activation="sigmoid")])
-    x = np.random.default_rng(0).random((5, 12, 12, 1), dtype=np.float32)
+    model = keras.Sequential([keras.Input((12, 12, 1)), L.Rescaling(1 / 255.0), L.Conv2D(3, 3, activation="relu"),
+                              L.Flatten(), L.Dense(1, activation="sigmoid")])
+    x = np.random.default_rng(0).random((5, 12, 12, 1), dtype=np.float32) * 255
     clf = cl.Classifier.from_keras(model, device="cpu", classes=["tumour"])
     p = model.predict(x, verbose=0)[:, 0]
     assert clf.output == "sigmoid"
+    assert clf.value_range == (0.0, 255.0)                  # Rescaling(1/255) first: it takes 8-bit values
     probs = clf.probs(nchw(x))
     assert probs.shape == (5, 2) and clf.class_names(2) == ["not tumour", "tumour"]
     torch.testing.assert_close(probs[:, 1], torch.from_numpy(p), atol=1e-5, rtol=0)

@@ -169,6 +169,21 @@ def head_of(model) -> str:
     return "logits"
 
 
+def value_range_of(model) -> tuple[float, float] | None:
+    """``(0, 255)`` when the model's first layer is Keras' usual ``Rescaling(1/255)`` or
+    ``Rescaling(1/127.5, offset=-1)`` (it takes 8-bit pixel values), else None (not stated)."""
+    first = next((layer for layer in getattr(model, "layers", []) if type(layer).__name__ != "InputLayer"), None)
+    if type(first).__name__ != "Rescaling":
+        return None
+    cfg = first.get_config()
+    scale, offset = cfg.get("scale"), cfg.get("offset", 0.0)
+    if not isinstance(scale, (int, float)) or not isinstance(offset, (int, float)):
+        return None
+    if (abs(scale * 255 - 1) < 1e-3 and offset == 0) or (abs(scale * 127.5 - 1) < 1e-3 and offset == -1):
+        return (0.0, 255.0)
+    return None
+
+
 PROBE_SIZE = 32         # spatial size of the probe for an input axis the model leaves open (None)
 
 
@@ -200,7 +215,8 @@ def keras_module(model, convert: bool = True, trust_model_file: bool = False) ->
     """A torch module for the Keras ``model`` (a ``keras.Model``, or a ``.keras`` / ``.h5`` path
     loaded with ``trust_model_file``, see :func:`load_keras_file`), fed ``[B, C, *spatial]``, and
     what counterlens needs to know about it: ``{"in_channels", "input_size", "output" (the head),
-    "converted", "unconverted" (layers that kept it wrapped), "layout"}``.
+    "value_range" (see :func:`value_range_of`), "converted", "unconverted" (layers that kept it
+    wrapped), "layout"}``.
 
     ``convert=True`` converts the graph to native torch modules; a layer that cannot be converted
     leaves the model wrapped (:class:`KerasWrapped`), with a warning naming the layers and what does
@@ -238,19 +254,22 @@ def keras_module(model, convert: bool = True, trust_model_file: bool = False) ->
                 "counterfactuals do", stacklevel=2)
     module.eval()
     info = {"in_channels": layout.in_channels, "input_size": layout.input_size, "output": head_of(model),
+            "value_range": value_range_of(model),
             "converted": not isinstance(module, KerasWrapped), "unconverted": problems, "layout": layout.kind}
     return module, info
 
 
 def load_keras(path, trust_model_file: bool = False, convert: bool = True, factory=None) -> tuple[nn.Module, dict]:
     """:func:`load_keras_file` then :func:`keras_module`: the module and its card entries
-    (``in_channels``, ``input_size``, ``output``, ``architecture`` (a description), ``keras``: the rest)."""
+    (``in_channels``, ``input_size``, ``output``, ``value_range``, ``architecture`` (a description),
+    ``keras``: the rest)."""
     if factory is not None:
         raise ModelLoadError(f"{path} is a Keras model file and holds its own architecture; drop factory / --factory")
     model = load_keras_file(path, trust_model_file)
     module, info = keras_module(model, convert=convert)
-    card = {key: info.pop(key) for key in ("in_channels", "input_size", "output")}
-    card["input_size"] = list(card["input_size"]) if card["input_size"] else None
+    card = {key: info.pop(key) for key in ("in_channels", "input_size", "output", "value_range")}
+    for key in ("input_size", "value_range"):
+        card[key] = list(card[key]) if card[key] else None
     card["architecture"] = f"keras {type(model).__name__} {model.name!r} " + \
         ("converted to torch" if info["converted"] else "wrapped (not converted)")
     card["keras"] = info

@@ -244,11 +244,12 @@ class Classifier:
         """A Keras 3 ``keras.Model`` (or a ``.keras`` / ``.h5`` path; a Lambda layer's code loads only
         with ``trust_model_file``) as a classifier (see :mod:`counterlens.keras_models`): converted
         to native torch modules (``convert=False``, or a layer it cannot convert: the Keras model
-        wrapped, with a warning). ``in_channels``, ``input_size`` and ``output`` default to the
-        Keras model's input shape and final activation; other ``kwargs`` as for ``Classifier``."""
+        wrapped, with a warning). ``in_channels``, ``input_size``, ``output`` and ``value_range``
+        default to the Keras model's input shape, final activation and first Rescaling layer;
+        other ``kwargs`` as for ``Classifier``."""
         from .keras_models import keras_module
         module, info = keras_module(model, convert=convert, trust_model_file=trust_model_file)
-        for key in ("in_channels", "input_size", "output"):
+        for key in ("in_channels", "input_size", "output", "value_range"):
             if kwargs.get(key) is None:
                 kwargs[key] = info[key]
         clf = cls(module, **kwargs)
