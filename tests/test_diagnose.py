@@ -365,3 +365,17 @@ def test_12_bit_data_in_16_bit_pngs_is_named(ct_world, tmp_path, capsys):
     warning = next(line for line in out.splitlines() if line.startswith("warning: "))
     assert re.search(r"16-bit images in .* use only [0-9.e-]+\.\.0\.06\d* of the range the model takes \(0\.\.1", warning)
     assert "--preprocess normalize:" in warning
+
+
+def test_ray_actors_load_the_model_as_the_flags_describe_it(world):
+    """--engine ray sends the model's bytes and these keyword arguments to every actor."""
+    from counterlens.cli.engine import model_args
+    from counterlens.cli.parser import build_parser
+    from counterlens.runs.worker import load_classifier, pack_model
+    args = build_parser().parse_args(explain(world / "fixed.pt2", world / "big", "run", "--size", "32", "32",
+                                             "--channels", "1", "--value-range", "0", "1", "--preprocess", "imagenet"))
+    kwargs = {k: v for k, v in model_args(args).items() if k not in ("source", "device")}
+    clf = load_classifier(pack_model(args.model), device="cpu", **kwargs)
+    assert (clf.in_channels, clf.input_size, clf.value_range) == (1, (32, 32), (0.0, 1.0))
+    spec = clf.preprocess.to_spec()["normalize"]
+    assert spec["mean"] == pytest.approx([0.485, 0.456, 0.406]) and spec["std"] == pytest.approx([0.229, 0.224, 0.225])
