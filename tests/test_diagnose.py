@@ -96,6 +96,7 @@ def one_error(capsys) -> str:
 
 
 # -- channels ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_rgb_torchscript_on_grey_pngs_says_channels_3_then_runs(world, tmp_path, capsys):
     assert main(explain(world / "rgb.ts", world / "grey", tmp_path / "run")) == 2
     assert one_error(capsys) == (f"the model expects 3-channel images; the data in {world / 'grey'} are grey (1 channel): "
@@ -109,6 +110,7 @@ def test_rgb_torchscript_on_grey_pngs_says_channels_3_then_runs(world, tmp_path,
     assert run.spec["model"]["overrides"] == {"in_channels": 3} and run.spec["model"]["in_channels"] == 3
 
 
+@pytest.mark.slow
 def test_grey_model_on_rgb_data_says_channels_1(world, tmp_path, capsys):
     assert main(explain(world / "grey.ts", world / "rgb", tmp_path / "run")) == 2
     assert one_error(capsys) == (f"the model expects grey (1-channel) images; the data in {world / 'rgb'} are RGB "
@@ -118,6 +120,7 @@ def test_grey_model_on_rgb_data_says_channels_1(world, tmp_path, capsys):
     assert "4 images: RGB -> grey (luminance)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_model_that_matches_the_data_needs_no_flag(world, tmp_path, capsys):
     """RGB data, an RGB model without a card: its first layer says 3 channels, the data has them."""
     assert main(explain(world / "rgb.ts", world / "rgb", tmp_path / "run")) == 0
@@ -126,12 +129,14 @@ def test_a_model_that_matches_the_data_needs_no_flag(world, tmp_path, capsys):
     assert cl.open_run(tmp_path / "run").spec["data"]["read"]["channels"] == 3
 
 
+@pytest.mark.slow
 def test_channels_that_contradict_the_model(world, tmp_path, capsys):
     assert main(explain(world / "fixed.pt2", world / "grey", tmp_path / "run", "--channels", "3")) == 2
     assert one_error(capsys).startswith("the model expects 1-channel images but --channels says 3: pass --channels 1")
 
 
 # -- size --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_fixed_size_model_on_48px_images_says_size_32_then_runs(world, tmp_path, capsys):
     assert main(explain(world / "fixed.ts", world / "big", tmp_path / "run")) == 2
     assert one_error(capsys) == (f"the model expects 32x32 images; the images in {world / 'big'} are 48x48: add --size "
@@ -141,6 +146,7 @@ def test_fixed_size_model_on_48px_images_says_size_32_then_runs(world, tmp_path,
     assert cl.open_run(tmp_path / "run").spec["model"]["input_size"] == [32, 32]
 
 
+@pytest.mark.slow
 def test_mixed_sizes(world, tmp_path, capsys):
     mixed = world / "mixed"
     assert main(explain(world / "fixed.ts", mixed, tmp_path / "fixed")) == 2
@@ -162,6 +168,7 @@ def test_mixed_sizes(world, tmp_path, capsys):
                                       "most common size)")
 
 
+@pytest.mark.slow
 def test_pt2_without_card_described_by_flags(world, tmp_path, capsys):
     assert main(explain(world / "fixed.pt2", world / "big", tmp_path / "run")) == 2
     assert "add --size 32 32" in one_error(capsys)
@@ -180,6 +187,7 @@ def test_pt2_without_card_described_by_flags(world, tmp_path, capsys):
     assert one_error(capsys).startswith("--size 48 48 differs from the run's 32 32")
 
 
+@pytest.mark.slow
 def test_rerun_with_another_size_is_refused(world, tmp_path, capsys):
     assert main(explain(world / "grey.ts", world / "big", tmp_path / "run", "--size", "32", "32")) == 0
     capsys.readouterr()
@@ -212,6 +220,7 @@ def ct_world(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_hounsfield_units_into_a_0_1_model_warn_with_the_flags_that_fix_it(ct_world, tmp_path, capsys):
     assert main(explain(ct_world / "model", ct_world / "ct", tmp_path / "run")) == 0
     out = capsys.readouterr().out
@@ -234,6 +243,7 @@ def test_hounsfield_units_into_a_0_1_model_warn_with_the_flags_that_fix_it(ct_wo
 
 
 # -- what the loader does: console, run.yaml, report ------------------------------------------------
+@pytest.mark.slow
 def test_the_loader_description_is_in_stdout_run_yaml_and_the_report(world, tmp_path, capsys):
     args = explain(world / "fixed.ts", world / "mixed", tmp_path / "run", "--size", "32", "32")
     args.remove("--no-report")
@@ -320,6 +330,7 @@ def test_preprocess_syntax_errors(text):
         preprocess_arg(text)
 
 
+@pytest.mark.slow
 def test_flag_errors_are_one_line(world, tmp_path, capsys):
     assert main(explain(world / "grey.ts", world / "grey", tmp_path / "run", "--size", "32")) == 2
     assert one_error(capsys).startswith("--size 32: give the model's input size as H W")
@@ -339,6 +350,7 @@ class Volume3D(nn.Module):
         return self.head(nn.functional.max_pool3d(torch.relu(self.conv(x)), 2).flatten(1))
 
 
+@pytest.mark.slow
 def test_a_3d_model_on_volumes_without_a_size(tmp_path, capsys):
     torch.manual_seed(0)
     torch.jit.script(Volume3D().eval()).save(str(tmp_path / "vol.ts"))
@@ -353,6 +365,7 @@ def test_a_3d_model_on_volumes_without_a_size(tmp_path, capsys):
     assert cl.open_run(tmp_path / "run").map("a.nii", "saliency").shape == (16, 16, 16)
 
 
+@pytest.mark.slow
 def test_12_bit_data_in_16_bit_pngs_is_named(ct_world, tmp_path, capsys):
     for i in range(2):
         values = np.random.default_rng(i).integers(0, 4096, (32, 32)).astype(np.uint16)   # 12-bit data
