@@ -8,7 +8,8 @@
 6. score the maps (faithfulness, localisation in the tumour mask, complexity, randomisation
    sanity check) and write the report with per-case figures.
 
-``counterlens demo --shortcut`` runs the chest X-ray shortcut case instead (see :mod:`.demo_shortcut`).
+``counterlens demo --shortcut`` runs the chest X-ray shortcut case instead (see :mod:`.demo_shortcut`);
+``counterlens demo --multilabel`` the multi-label chest model (see :mod:`.demo_multilabel`).
 """
 from __future__ import annotations
 
@@ -63,6 +64,9 @@ def run_demo(args) -> Path:
     if getattr(args, "shortcut", False):
         from .demo_shortcut import run_shortcut_demo
         return run_shortcut_demo(args)
+    if getattr(args, "multilabel", False):
+        from .demo_multilabel import run_multilabel_demo
+        return run_multilabel_demo(args)
     from ..data.images import ImageFolder
     from ..data.synthetic import make_dataset, write_dataset
     from ..loading import load_model
