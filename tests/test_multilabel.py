@@ -188,3 +188,26 @@ def test_switched_off_counterfactual_is_valid_and_reports_the_others(clf, data, 
         assert len(before) == len(after) == 3 and before[0] >= 0.5 and after[0] <= 0.5
         x = torch.from_numpy(cl.open_run(run_dir).counterfactual(path)[None])
         np.testing.assert_allclose(clf.probs(x)[0].numpy(), after, atol=1e-4)       # the others, as stored
+
+
+@pytest.mark.slow
+def test_command_line_train_then_explain_evaluate_counterfactual_without_flags(tmp_path, capsys):
+    """The card written by ``train`` makes every later command multi-label: no head or class flags."""
+    from counterlens.cli import main
+    data, model, run = tmp_path / "data", tmp_path / "model", tmp_path / "run"
+    assert main(["data", "synth", "chest-multilabel", "--out", str(data), "--n-train", "96", "--n-test", "8",
+                 "--size", "32"]) == 0
+    assert main(["train", "--data", str(data), "--arch", "chest-findings-cnn", "--out", str(model), "--size", "32",
+                 "--epochs", "2", "--quiet"]) == 0
+    card = json.loads((model / "model.json").read_text())
+    assert card["output"] == "multilabel" and card["classes"] == FINDINGS and set(card["test_auc"]) == set(FINDINGS)
+    assert main(["explain", "--model", str(model), "--data", str(data / "Testing"), "--masks", str(data / "masks"),
+                 "--out", str(run), "--methods", "saliency", "--target", "effusion", "--quiet", "--workers", "1"]) == 0
+    assert main(["evaluate", str(run), "--metrics", "relevance_mass", "--sanity-images", "0", "--quiet"]) == 0
+    assert main(["counterfactual", "--model", str(model), "--data", str(data / "Testing"), "--out", str(run),
+                 "--target", "opacity:on", "--limit", "2", "--steps", "20", "--quiet", "--workers", "1"]) == 0
+    result = cl.open_run(run)
+    assert result.multilabel and (result.attributions.target_name == "effusion").all()
+    assert len(result.attributions) == 8 and set(result.metrics.target_name) == {"effusion"}
+    assert (result.counterfactuals.target_name == "opacity:on").all() and len(result.counterfactuals) == 2
+    assert "labels.csv" in capsys.readouterr().out

@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "when present, and save a model directory (weights + model.json card).")
     train.add_argument("--data", required=True, type=Path, help="dataset folder in class-subfolder layout")
     train.add_argument("--arch", required=True,
-                       help="pneumonia-cnn, brain-tumor-cnn, small-resnet or brain-tumor-cnn3d (volumes)")
+                       help="pneumonia-cnn, brain-tumor-cnn, small-resnet, brain-tumor-cnn3d (volumes) or "
+                            "chest-findings-cnn (multi-label: on a folder with labels.csv it is trained with a "
+                            "sigmoid per finding, and its card says output: multilabel)")
     train.add_argument("--volume", action="store_true",
                        help="train on whole volumes (NIfTI, DICOM series folders) resized to SIZE^3 with the 3-D "
                             "version of --arch (implied by brain-tumor-cnn3d)")
