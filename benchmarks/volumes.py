@@ -9,8 +9,9 @@ Model: ``brain_tumor_cnn3d`` (width 1, ~80 k parameters, 4 classes) on synthetic
 (``batch_size=64``; IG 50 steps, SmoothGrad/VarGrad/SquareGrad 25 samples, RISE 2000 masks, LIME
 1000 and KernelSHAP 2048 samples of 50 supervoxels, occlusion with its default window). For each
 method: one warm-up call, then ``--repeats`` calls on ``--volumes`` volumes; volumes per second is
-``volumes / median time`` (occlusion, whose default 1/8-side window makes 3,375 windows a volume:
-one call on one volume). The model's own floor is given too: forward and forward+backward time per
+``volumes / median time`` (occlusion, whose default 1/8-side window makes 3,375 windows a volume,
+RISE, LIME and KernelSHAP: one call on one volume). Results are written after every method, so a
+long run stopped halfway keeps what it measured. The model's own floor is given too: forward and forward+backward time per
 volume at batch 16 (the best of 5). Writes a Markdown table to stdout and ``--json``.
 """
 from __future__ import annotations
@@ -58,8 +59,9 @@ def floor(clf, x: torch.Tensor, repeats: int = 5) -> dict:
     return out
 
 
-#: Methods whose default costs minutes a 32^3 volume: timed once on one volume, without a warm-up.
-ONCE = ("occlusion",)
+#: Methods of thousands of model calls a volume (a minute or more each at 32^3 on 2 cores): timed once on
+#: one volume, without a warm-up (their time is the sum of many equal calls, so it varies little).
+ONCE = ("occlusion", "rise", "lime", "kernel_shap")
 
 
 def measure(clf, x: torch.Tensor, method: str, params: dict, repeats: int) -> dict:
@@ -105,25 +107,38 @@ def main(argv=None) -> int:
     rows = []
     for m in methods:
         row = measure(clf, x, m, QUICK.get(m, {}) if args.quick else {}, args.repeats)
+        row["load_average_1min"] = os.getloadavg()[0]
         rows.append(row)
         print(f"{m}: {row['volumes_per_s']:.3g} volumes/s", file=sys.stderr)
-    result = {"size": args.size, "volumes": args.volumes, "repeats": args.repeats, "device": str(clf.device),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or
-              platform.machine(), "floor_s_per_volume": base, "quick": args.quick,
-              "load_average_1min": {"before": load_before, "after": os.getloadavg()[0], "cores": os.cpu_count()},
-              "methods": rows}
+        _write(args, rows, base, load_before)
+    result = _write(args, rows, base, load_before)
     print(f"| method ({args.size}^3, {args.volumes} volumes a call, median of {args.repeats}) | volumes/s | s/volume |")
     print("|---|---:|---:|")
-    for r in rows:
+    for r in result["methods"]:
         once = " (1 volume, once)" if r["method"] in ONCE else ""
         print(f"| {r['method']}{once} | {r['volumes_per_s']:.3g} | {r['median_s'] / r['volumes']:.3g} |")
     print(f"\nfloor: forward {1000 * base['forward']:.2f} ms/volume, forward+backward "
           f"{1000 * base['forward_backward']:.2f} ms/volume (batch 16); load average {load_before:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores")
+    return 0
+
+
+def _write(args, rows, base, load_before) -> dict:
+    """The results so far; rows of methods measured in an earlier run (same settings) are kept."""
+    result = {"size": args.size, "volumes": args.volumes, "repeats": args.repeats, "device": str(args.device),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or
+              platform.machine(), "floor_s_per_volume": base, "quick": args.quick,
+              "load_average_1min": {"before": load_before, "after": os.getloadavg()[0], "cores": os.cpu_count()},
+              "methods": rows}
     if args.json:
+        earlier = json.loads(args.json.read_text()) if args.json.exists() else {}
+        same = all(earlier.get(k) == result[k] for k in ("size", "volumes", "repeats", "device", "quick"))
+        if same:
+            mine = {r["method"] for r in rows}
+            result["methods"] = [r for r in earlier.get("methods", []) if r["method"] not in mine] + rows
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -277,3 +277,16 @@ def test_audit_box_in_a_volume():
         _parse_box("1,2,3,4", (8, 7, 6))
     with pytest.raises(cl.errors.InputError, match="z1 exclusive"):
         _parse_box("0,0,0,6,7,9", (8, 7, 6))
+
+
+def test_volume_benchmark_smoke(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_volumes", Path(__file__).parents[1] / "benchmarks" / "volumes.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "v.json"
+    assert bench.main(["--quick", "--methods", "saliency,rise", "--json", str(out)]) == 0
+    assert bench.main(["--quick", "--methods", "gradcam", "--json", str(out)]) == 0      # merged into the file
+    rows = {r["method"]: r for r in json.loads(out.read_text())["methods"]}
+    assert sorted(rows) == ["gradcam", "rise", "saliency"]
+    assert all(r["volumes_per_s"] > 0 for r in rows.values()) and rows["rise"]["volumes"] == 1
