@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ..errors import InputError, ModelLoadError
-from .pipeline import explain_arrays, score_arrays
+from .pipeline import all_positive, explain_arrays, score_arrays
 from .spec import resolved_methods
 
 CARD = "model.json"
@@ -146,7 +146,8 @@ def explain_cases(clf, x, ids, *, labels=None, masks=None, methods, params: dict
         ``batch_size`` and ``seed`` complete a list as ``counterlens explain`` does.
     metrics : metric names (see ``counterlens.metrics.evaluate.METRICS``), default none.
     metric_options : ``steps`` (20), ``baseline`` ("blur"), ``n_subsets`` (32) of the metrics.
-    target : "predicted", a class index or name: the class each map explains.
+    target : "predicted", a class index or name: the class each map explains (multi-label models: a
+        finding; ``"all-positive"``, several maps per image, is for ``explain_arrays`` or a run).
 
     Returns
     -------
@@ -179,6 +180,9 @@ def explain_cases(clf, x, ids, *, labels=None, masks=None, methods, params: dict
         mask_arr = np.stack([np.asarray(m, bool) if m is not None else np.zeros(x.shape[2:], bool) for m in masks])
         if mask_arr.shape[1:] != x.shape[2:]:
             raise InputError(f"masks have shape {mask_arr.shape[1:]} per image; expected the images' {x.shape[2:]}")
+    if all_positive(target):
+        raise InputError("explain_cases gives one map per case and method; target='all-positive' gives several: use "
+                         "counterlens.runs.pipeline.explain_arrays (maps with their rows) or a finding name")
     out = explain_arrays(clf, x, resolved, target, keys=ids)
     unknown = set(metric_options or {}) - {"steps", "baseline", "n_subsets"}
     if unknown:
