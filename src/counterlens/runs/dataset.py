@@ -48,7 +48,8 @@ def check_value_range(clf, dataset, sample: int = 4) -> str | None:
         if a < lo - slack or b > hi + slack:
             text = (f"{rec.path} has values {a:.4g}..{b:.4g}, outside the range the model takes ({lo:g}..{hi:g}, from "
                     "its card): the explanations would be of inputs it never saw. Scale the data to its range "
-                    "(e.g. apply the DICOM window), or correct value_range in model.json")
+                    "(e.g. apply the DICOM window; command line: --preprocess normalize:MEAN,STD maps it onto the "
+                    "model's range), or correct value_range in model.json (--value-range LOW HIGH)")
             warnings.warn(text, stacklevel=3)
             return text
     return None
