@@ -392,3 +392,28 @@ def test_ray_actors_load_the_model_as_the_flags_describe_it(world):
     assert (clf.in_channels, clf.input_size, clf.value_range) == (1, (32, 32), (0.0, 1.0))
     spec = clf.preprocess.to_spec()["normalize"]
     assert spec["mean"] == pytest.approx([0.485, 0.456, 0.406]) and spec["std"] == pytest.approx([0.229, 0.224, 0.225])
+
+
+class GreyInside(nn.Module):
+    """Takes grey or RGB: averages the channels itself, then a grey conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x.mean(dim=1, keepdim=True))).mean(dim=(2, 3)))
+
+
+def test_a_model_that_takes_the_files_as_they_are_is_not_refused(world):
+    """The first conv says 1 channel, but the model runs on the RGB files as stored: no conversion."""
+    found = diagnose(cl.Classifier(GreyInside().eval(), device="cpu"), ImageFolder(world / "rgb"))
+    assert found.channels == 3 and "3 channels, from a probe pass (no card or --channels says)" in found.lines[0]
+
+
+def test_find_size_of_a_model_with_a_non_square_input():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * 16 * 32, 2)).eval()
+    clf = cl.Classifier(net, device="cpu")
+    error = "mat1 and mat2 shapes cannot be multiplied (1x4096 and 1024x2)"      # what it says at 64x128
+    assert find_size(clf, 1, (64, 128), error) == (32, 64)

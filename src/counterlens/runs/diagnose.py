@@ -183,10 +183,13 @@ def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagno
                              f"pass {_channel_fix(wanted)} or correct in_channels in the model card")
     else:
         found = declared_channels or first_channels
+        stored = {i.channels for i in known}
+        if len(stored) == 1 and probe_shape and found not in stored and probe(next(iter(stored)), probe_shape) is None:
+            found = None                     # the model takes the files' channels as they are (it converts them itself)
         guess = (found or Counter(i.channels for i in known).most_common(1)[0][0]) if known else found
         error = probe(guess, probe_shape) if guess and probe_shape else None
         channels = channels_in(error or "") or guess
-        how = "its input signature" if declared_channels else ("its first layer" if found else "a probe pass")
+        how = "its input signature" if declared_channels and found else ("its first layer" if found else "a probe pass")
         if channels is not None and any(i.channels != channels for i in known):
             if channels not in (1, 3):
                 raise InputError(f"the model expects {channels}-channel images (from {how}); counterlens reads images "

@@ -76,8 +76,8 @@ def first_conv(module) -> tuple[int | None, int | None]:
 
 
 def find_size(clf, channels: int, shape, error: str | None) -> tuple[int, ...] | None:
-    """A spatial size the model takes, near what its Linear layer's in_features imply, else a
-    common square size; None when none is found. Of several that work (pooling floors sizes), the
+    """A spatial size the model takes, near what its Linear layer's in_features imply (square, then
+    with the data's aspect), else a common square size; None when none is found. Of several that work (pooling floors sizes), the
     one divisible by the highest power of two."""
     est = list(shape)
     m = re.search(r"mat1 and mat2 shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)", error or "")
@@ -89,6 +89,10 @@ def find_size(clf, channels: int, shape, error: str | None) -> tuple[int, ...] |
     works = [s for s in near if try_shape(clf, channels, s) is None]
     if works:
         return max(works, key=lambda s: ((s[0] & -s[0]), -abs(s[0] - side)))
+    kept = [tuple(max(q, round(e / q) * q) for e in est) for q in (32, 16, 8, 4)] + [tuple(est)]   # the data's aspect
+    for s in dict.fromkeys(kept):
+        if len(set(s)) > 1 and try_shape(clf, channels, s) is None:
+            return s
     for s in sorted(_COMMON_SIDES, key=lambda v: abs(v - side)):
         if try_shape(clf, channels, (s,) * len(shape)) is None:
             return (s,) * len(shape)
