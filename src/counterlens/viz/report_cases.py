@@ -44,6 +44,7 @@ class CaseContext:
     sanity: dict = field(default_factory=dict)
     cf_extra: list[str] = field(default_factory=list)
     figures: set = field(default_factory=set)            # names of the case figures in RUN/figures/
+    multilabel: bool = False                             # classes are findings, each with its own sigmoid
 
 
 def anchor(pos: int) -> str:
@@ -117,7 +118,8 @@ def build_case(row: dict, arrays: dict | None, pair_rows: list[dict], cf_rows: l
         amap = amap if amap is not None else arrays["maps"].get(method)
         if amap is None:
             continue
-        volume_maps[f"{method}: {pair.get('target_name')}" if by_target else method] = amap
+        several = sum(p["method"] == method for p in pair_rows) > 1     # multi-label: one map per finding
+        volume_maps[f"{method}: {pair.get('target_name')}" if several else method] = amap
         png, scale = map_png(amap, ctx.clip_percentile, THUMB)
         room = number(pair.get("insertion_room"))
         if case["note"] is None and room is not None and room < ROOM_MIN:
@@ -131,6 +133,8 @@ def build_case(row: dict, arrays: dict | None, pair_rows: list[dict], cf_rows: l
             "labels": scale_labels(scale["vmin"], scale["vmax"], scale["signed"]), "badges": badges,
             "metrics": [{"name": m, "value": fmt(pair[m]), "hint": METRIC_HINTS.get(m, "")}
                         for m in ctx.metric_order if number(pair.get(m)) is not None]})
+    if ctx.multilabel and not case["overlays"] and pair_rows == [] and row["prediction"] == "none":
+        case["note"] = "No finding reaches the probability that counts as present: no finding to explain."
     if image is not None and image.ndim == 4:         # a volume: the slice viewer (axial, coronal, sagittal)
         from .report_volumes import shown_spacing, volume_view
         case["volume"] = volume_view(image, volume_maps, ctx.value_range, ctx.clip_percentile,
@@ -164,6 +168,11 @@ def counterfactual_view(image: np.ndarray, x: np.ndarray, cf: dict, names: list[
     target = int(cf["target"])
     extra = [{"name": k, "label": CF_EXTRA_LABELS.get(k, k), "value": fmt(cf[k])}
              for k in ctx.cf_extra if number(cf.get(k)) is not None]
+    view = {}
+    if ctx.multilabel and 0 <= target < len(before) and len(after) == len(before):
+        # a finding switched off or on: its own probability before and after (the others are in the table)
+        view = {"before_name": names[target], "before_p": float(before[target]), "after_name": names[target],
+                "after_p": float(after[target]), "column": "finding"}
     return {
         "target": _text(cf.get("target_name")) or (names[target] if 0 <= target < len(names) else str(target)),
         "valid": bool(cf["valid"]), "reason": _text(cf.get("reason")) or "",
@@ -176,7 +185,7 @@ def counterfactual_view(image: np.ndarray, x: np.ndarray, cf: dict, names: list[
                   for i, (n, b, a) in enumerate(zip(names, before, after))],
         "distances": [{"name": k.upper() if k != "linf" else "L\u221e", "value": fmt(cf.get(k))}
                       for k in ("l0", "l1", "l2", "linf") if number(cf.get(k)) is not None],
-        "extra": extra}
+        "extra": extra, "column": "class", **view}
 
 
 # -- what to look at first -------------------------------------------------------------------------
