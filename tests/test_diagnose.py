@@ -417,3 +417,11 @@ def test_find_size_of_a_model_with_a_non_square_input():
     clf = cl.Classifier(net, device="cpu")
     error = "mat1 and mat2 shapes cannot be multiplied (1x4096 and 1024x2)"      # what it says at 64x128
     assert find_size(clf, 1, (64, 128), error) == (32, 64)
+
+
+def test_many_sizes_are_summed_up_after_eight_groups(tmp_path):
+    for i in range(10):
+        png(tmp_path / "d" / f"{i}.png", (20 + i, 20), i)
+    loading = describe_loading(ImageFolder(tmp_path / "d", channels=1, size=16))
+    assert len(loading["lines"]) == 9 and loading["lines"][-1] == "2 more files in 2 other groups (run.yaml lists them)"
+    assert len(loading["groups"]) == 10 and sum(g["images"] for g in loading["groups"]) == 10

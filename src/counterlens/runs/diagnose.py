@@ -30,11 +30,13 @@ import torch
 from ..data.headers import file_info, final_shape, read_steps, shape_text
 from ..errors import CounterlensError, InputError
 from .probe import channels_in, declared_input, find_size, first_conv, said, try_shape
+from .records import text_of
 
 __all__ = ["Diagnosis", "diagnose", "describe_loading", "flag_text", "MAX_HEADERS"]
 
 MAX_HEADERS = 20_000          #: files whose headers are read for the summary (a sample of larger folders)
-SHOWN_GROUPS = 8              #: loader groups listed one by one; the rest are counted
+SHOWN_GROUPS = 8              #: loader groups listed one by one in the console and report; the rest are counted
+KEPT_GROUPS = 100             #: loader groups recorded in run.yaml (the largest)
 _FLAG = {"in_channels": "--channels", "input_size": "--size", "value_range": "--value-range",
          "preprocess": "--preprocess"}
 
@@ -53,7 +55,7 @@ class Diagnosis:
 # -- what the loader does --------------------------------------------------------------------------
 def describe_loading(dataset, *, channels="dataset", size="dataset", infos=None) -> dict:
     """What the loader does to each file of ``dataset`` with its read options (or ``channels`` /
-    ``size`` given here), grouped: ``{"summary": "412 images: resized from ...; ...", "groups":
+    ``size`` given here), grouped: ``{"summary": "412 images: resized from ... | ...", "lines": [...], "groups":
     [{"images", "what", "examples"}], "files": n, "described": n}``."""
     read = dict(dataset.read_options)
     if channels != "dataset":
@@ -71,17 +73,18 @@ def describe_loading(dataset, *, channels="dataset", size="dataset", infos=None)
                    read_steps(info, channels=read["channels"], size=read["size"], slice_index=read["slice_index"],
                               window=read["window"]) or (f"read as stored ({shape_text(info.shape)}, "
                                                          f"{'grey' if info.channels == 1 else 'RGB'})",))
-        groups.setdefault(key, []).append(_relative(rec.path, dataset.root))
+        groups.setdefault(key, []).append(text_of(_relative(rec.path, dataset.root)))
     ordered = sorted(groups.items(), key=lambda kv: -len(kv[1]))
     rows = [{"images": len(names), "what": f"{len(names)} {noun}{'s' if len(names) != 1 else ''}: {'; '.join(steps)}",
              "examples": names[:3]} for (noun, steps), names in ordered]
     shown = [r["what"] for r in rows[:SHOWN_GROUPS]]
     rest = rows[SHOWN_GROUPS:]
     if rest:
-        shown.append(f"{sum(r['images'] for r in rest)} more files in {len(rest)} other groups (run.yaml lists them)")
+        shown.append(f"{sum(r['images'] for r in rest)} more files in {len(rest)} other groups (run.yaml lists "
+                     f"{'them' if len(rows) <= KEPT_GROUPS else f'the largest {KEPT_GROUPS}'})")
     if len(dataset.records) > len(records):
         shown.append(f"(from the headers of the first {len(records):,} of {len(dataset.records):,} files)")
-    return {"summary": " | ".join(shown), "lines": shown, "groups": rows, "files": len(dataset.records),
+    return {"summary": " | ".join(shown), "lines": shown, "groups": rows[:KEPT_GROUPS], "files": len(dataset.records),
             "described": sum(i is not None for i in infos)}
 
 
