@@ -363,6 +363,11 @@ def test_a_3d_model_on_volumes_without_a_size(tmp_path, capsys):
     assert main(explain(tmp_path / "vol.ts", tmp_path / "vols", tmp_path / "run", "--size", "16", "16", "16")) == 0
     assert "1 volume: resized from 25x41x33 to 16x16x16" in capsys.readouterr().out
     assert cl.open_run(tmp_path / "run").map("a.nii", "saliency").shape == (16, 16, 16)
+    png(tmp_path / "slices" / "s.png", (32, 32))                     # 2-D files for a volume size
+    assert main(explain(tmp_path / "vol.ts", tmp_path / "slices", tmp_path / "run2", "--size", "16", "16", "16")) == 2
+    assert one_error(capsys) == (f"the model takes 3-D volumes of 16x16x16 (the size from --size); the data in "
+                                 f"{tmp_path / 'slices'} are 2-D images that are 32x32: give --size with 2 values for "
+                                 "these files, or files of the model's kind")
 
 
 @pytest.mark.slow

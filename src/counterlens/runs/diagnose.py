@@ -206,6 +206,12 @@ def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagno
 
     # size
     size = tuple(clf.input_size) if clf.input_size else None
+    if size is not None and shapes and all(len(s) != len(size) for s in shapes):
+        kind = {2: "2-D images", 3: "3-D volumes"}
+        raise InputError(f"the model takes {kind.get(len(size), f'{len(size)}-D inputs')} of {shape_text(size)} (the size "
+                         f"from {_who(clf, 'input_size')}); the data in {root} are "
+                         f"{kind.get(len(next(iter(shapes))), 'other')} that {_sizes_text(shapes)}: "
+                         f"give --size with {len(next(iter(shapes)))} values for these files, or files of the model's kind")
     if size is not None and channels is not None:
         error = probe(channels, size)
         if error is not None and channels_in(error) is None:
