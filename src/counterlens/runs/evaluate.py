@@ -216,12 +216,11 @@ def _finding_table(records, run) -> pd.DataFrame:
     run's threshold); ``label_name`` and ``predicted_name`` are the finding, so the summary's
     per-class groups are per finding, and ``correct`` says whether the finding was called right."""
     df = pd.DataFrame(records, columns=["path", "method", "metric", "value", "target"])
-    cases = run.cases.set_index("path")
-    names = run.classes
+    cases, names = run.cases, run.classes
     df["target_name"] = [names[t] for t in df["target"]]
-    df["label"] = pd.array([cases.at[p, f"label_{n}"] for p, n in zip(df["path"], df["target_name"])], dtype="Int64")
-    df["predicted"] = pd.array([cases.at[p, f"pred_{n}"] for p, n in zip(df["path"], df["target_name"])],
-                               dtype="Int64")
+    per_finding = pd.concat([pd.DataFrame({"path": cases["path"], "target_name": n, "label": cases[f"label_{n}"],
+                                           "predicted": cases[f"pred_{n}"]}) for n in names], ignore_index=True)
+    df = df.merge(per_finding, on=["path", "target_name"], how="left")
     df["label_name"] = df["predicted_name"] = df["target_name"]
     df["correct"] = (df["label"] == df["predicted"]).astype("boolean")
     return df

@@ -157,7 +157,8 @@ def write_report(run_dir, *, clip_percentile: float = 0.5, out: str | Path | Non
                           files=["results.csv"], n_figures=0)
     ctx = CaseContext(classes=context["classes"], prob_columns=rd.prob_columns(t.cases),
                       value_range=context["model"]["value_range"], clip_percentile=clip_percentile,
-                      metric_order=t.metric_order, sanity=context.pop("sanity"), cf_extra=t.cf_extra, figures=present)
+                      metric_order=t.metric_order, sanity=context.pop("sanity"), cf_extra=t.cf_extra, figures=present,
+                      multilabel=run.multilabel)
     context["n_figures"] = sum(figure_name(p) in present for p in t.cases["path"]) if present else 0
     context.update(page_assets())
     path = Path(out) if out else run_dir / "report.html"

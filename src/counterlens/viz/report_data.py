@@ -117,9 +117,7 @@ def pair_table(run, cases: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     metrics = run.metrics
     if metrics is not None and len(metrics):
         keys = ["path", "method", "target"] if "target" in metrics else ["path", "method"]   # multi-label: per finding
-        wide = metrics.pivot_table(index=keys, columns="metric", values="value", aggfunc="first", observed=True,
-                                   dropna=False) if "target" in metrics else \
-            metrics.pivot(index=keys, columns="metric", values="value")
+        wide = metrics.pivot(index=keys, columns="metric", values="value")
         wide.columns = [str(c) for c in wide.columns]
         metric_cols = list(wide.columns)
         wide = wide.reset_index()
