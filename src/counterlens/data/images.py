@@ -241,7 +241,9 @@ class ImageFolder:
     Layouts: (a) class subfolders ``root/<class>/**/*.png`` (labels from folder names,
     classes sorted alphabetically unless ``classes`` is given; subfolders without images
     are ignored, loose files next to class folders are skipped with a warning);
-    (b) a flat folder of images (labels None); (c) a single image file.
+    (b) a flat folder of images (labels None); (c) a single image file; (d) multi-label: a folder
+    with ``labels.csv`` (``path,<finding>,...``, 1/0 per finding; see :mod:`.label_table`), whose
+    records carry ``findings`` and ``multilabel`` is True.
     Hidden files and non-image files are skipped; record order is sorted by relative path.
 
     ``masks``: folder of masks matched by file stem (searched recursively; the stem of
