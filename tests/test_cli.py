@@ -197,7 +197,8 @@ def test_counterfactual_and_fit_prior_from_the_cli(trained, tmp_path, capsys):
         assert r.target != r.prediction_index and r.valid == (r.reason == "")
         cf = result.counterfactual(r.path)
         assert cf.dtype == np.float32 and cf.min() >= 0 and cf.max() <= 1
-        mask = result.mask(r.path)
+        mask = result.editable_mask(r.path)
+        assert mask is not None and result.mask(r.path) is None   # the case has no ground truth; the search had a region
         assert np.abs(cf - result.image(r.path))[0][~mask].max() <= 1e-6   # nothing outside the editable mask moved
     html = (run / "report.html").read_text()
     assert html.count("<figure class=\"cf\">") == 3 and html.count("gradcam (target:") == 3

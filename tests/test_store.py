@@ -286,3 +286,4 @@ def test_counterfactual_stage_keeps_the_cases_ground_truth_mask(tmp_path):
     assert len(after.counterfactuals) == len(truth)
     for path, mask in truth.items():
         assert np.array_equal(after.mask(path), mask), path
+        assert after.editable_mask(path) is None          # no --editable-masks: the whole image was editable

@@ -212,6 +212,8 @@ def counterfactual_batch(clf, batch: ReadBatch, target="other", params: dict | N
         res = counterfactual(clf, x, target, **kwargs)
         seconds = (time.perf_counter() - t0) / len(idx)
         names = clf.class_names(res.probs_before.shape[1])
+        editable = None if kwargs.get("editable") is None else (      # [b, *S] bool: the region each search had
+            torch.as_tensor(kwargs["editable"]).bool().expand(len(idx), 1, *x.shape[2:])[:, 0].numpy())
         nearest = nearest_training_distance(res.x, res.target, *train) if train is not None else None
         for j, i in enumerate(idx):
             probs = res.probs_before[j]
@@ -227,6 +229,7 @@ def counterfactual_batch(clf, batch: ReadBatch, target="other", params: dict | N
                     "distance": {k: float(v[j]) for k, v in res.distance.items()},
                     "probs_before": res.probs_before[j].tolist(), "probs_after": res.probs_after[j].tolist(),
                     "seconds": seconds, "x": res.x[j].numpy(),
+                    "editable": None if editable is None else editable[j],
                     "nearest_train_distance": None if nearest is None else float(nearest[j])}))
     return results
 

@@ -270,6 +270,21 @@ class Run:
         raise InputError(f"case {cid!r} has no counterfactual{'' if target is None else f' for target {target}'} "
                          f"in {self.root}")
 
+    def editable_mask(self, path: str, target: int | None = None) -> np.ndarray | None:
+        """The region the counterfactual search of case ``path`` could change (bool ``[*S]``;
+        ``--editable-masks``), or None when it could change the whole image. The case's own
+        :meth:`mask` stays its ground truth."""
+        cid = self._case_id(path)
+        for t, file, group, row in self._case_locations()["counterfactuals"].get(cid, ()):
+            if target is None or t == int(target):
+                arrays = self._arrays.get(file)
+                if arrays is None:
+                    self._array(file, f"{group}/counterfactual")
+                    arrays = self._arrays[file]
+                return arrays[f"{group}/editable"][row] if f"{group}/editable" in arrays else None
+        raise InputError(f"case {cid!r} has no counterfactual{'' if target is None else f' for target {target}'} "
+                         f"in {self.root}")
+
     # -- bookkeeping for resuming -----------------------------------------------------------------
     def done_cases(self, methods) -> set[str]:
         """Cases with status done and a map of every one of ``methods`` (or that method skipped: it

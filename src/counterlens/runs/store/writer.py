@@ -115,6 +115,11 @@ class ShardWriter:
                 raise InputError("a batch must have a counterfactual for every case or for none")
             if cfs:
                 arrays[f"{key}/counterfactual"] = np.stack([m.counterfactual["x"] for m in members]).astype(np.float32)
+                editable = [m.counterfactual.get("editable") for m in members]
+                if any(e is not None for e in editable):  # the region each search could change (None: all of it)
+                    shape = next(e for e in editable if e is not None).shape
+                    arrays[f"{key}/editable"] = np.stack([e if e is not None else np.ones(shape, bool)
+                                                          for e in editable]).astype(bool)
             for j, m in enumerate(members):
                 where[id(m)] = (key, j)
         file = self._save_arrays(arrays) if arrays else None
