@@ -14,8 +14,9 @@ For the same trained network and images, each of the 17 methods runs four ways:
 
 Per method and way: the mean over images of the Spearman rank correlation of the map with the
 float32 map (``counterlens.metrics.sanity.spearman``, signed maps; random methods with the same
-seed), and the speed ratio ``time(float32) / time(way)`` (above 1: faster), each time the median of
-``--repeats`` runs after a warm-up. Results go to stdout as a Markdown table and to ``--json``.
+seed), and the speed ratio ``time(float32) / time(way)`` (above 1: faster), each time the best of
+``--repeats`` rounds after a warm-up, the four ways interleaved in every round (a busy machine then
+slows them alike). Results go to stdout as a Markdown table and to ``--json``.
 """
 from __future__ import annotations
 
@@ -78,18 +79,24 @@ def classifiers(net: nn.Module, device) -> dict:
             "autocast_fp16": cl.Classifier(net, device=device, precision="fp16")}
 
 
-def timed(fn, device, repeats: int):
-    out = fn()                                      # warm-up (and the map)
-    times = []
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_ways(fns: dict, device, repeats: int) -> tuple[dict, dict]:
+    """Each way's output (a warm-up call) and its best time over ``repeats`` rounds that run the ways
+    interleaved, so load from other processes hits every way alike (the minimum: the least disturbed)."""
+    outs = {way: fn() for way, fn in fns.items()}
+    times = {way: [] for way in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return out, statistics.median(times)
+        for way, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[way].append(time.perf_counter() - t0)
+    return outs, {way: min(t) for way, t in times.items()}
 
 
 def run(size: int = 32, images: int = 8, epochs: int = 10, repeats: int = 3, quick: bool = False,
@@ -109,18 +116,23 @@ def run(size: int = 32, images: int = 8, epochs: int = 10, repeats: int = 3, qui
         fn = METHODS[name].function
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ref, t_ref = timed(lambda: fn(clfs["float32"], x, target, **kwargs), dev, repeats)
-            row = {}
-            for way in WAYS:
-                try:
-                    m, t = timed(lambda: fn(clfs[way], x, target, **kwargs), dev, repeats)
+            fns, row = {}, {}
+            for way, clf in clfs.items():
+                try:                                    # a way that fails is reported, not timed
+                    fn(clf, x[:1], target[:1], **kwargs)
+                    fns[way] = (lambda c: lambda: fn(c, x, target, **kwargs))(clf)
                 except Exception as exc:  # noqa: BLE001 - a benchmark reports what fails
                     row[way] = {"spearman": None, "speed_ratio": None, "error": f"{type(exc).__name__}: {exc}"}
-                    continue
+            maps, seconds = timed_ways(fns, dev, repeats)
+            ref, t_ref = maps.pop("float32"), seconds["float32"]
+            for way, m in maps.items():
                 rho = spearman(ref, m.float().cpu())
-                row[way] = {"spearman": float(torch.nanmean(rho)), "min_spearman": float(rho[~rho.isnan()].min()) if (~rho.isnan()).any() else None,
-                            "speed_ratio": t_ref / t, "dtype": str(m.dtype).replace("torch.", ""),
-                            "finite": bool(torch.isfinite(m).all()), "error": None}
+                ok = ~rho.isnan()
+                row[way] = {"spearman": float(torch.nanmean(rho)),
+                            "min_spearman": float(rho[ok].min()) if ok.any() else None,
+                            "speed_ratio": t_ref / seconds[way], "seconds": seconds[way],
+                            "dtype": str(m.dtype).replace("torch.", ""), "finite": bool(torch.isfinite(m).all()),
+                            "error": None}
         out[name] = {"float32_seconds": t_ref, **row}
         print(name, {w: (round(r["spearman"], 4) if r["spearman"] is not None else r["error"][:60])
                      for w, r in row.items()}, flush=True)
