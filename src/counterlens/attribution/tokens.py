@@ -51,8 +51,9 @@ def _hooks(modules, hook):
 
 def probe(clf, x: torch.Tensor, *, grad: bool = False) -> dict:
     """One forward of ``x[:1]`` recording, in the order modules finish, every spatial map and every
-    token output: ``{"names", "calls", "spatial": [(module, out)], "tokens": [(module, out)],
-    "logits"}``. ``grad=True`` keeps the autograd graph (for :func:`find_token_layer`)."""
+    token output: ``{"names", "calls", "spatial": [(module, out, out._version)], "tokens": [(module, out)],
+    "order": ["spatial" | "tokens", ...], "logits"}``. ``grad=True`` keeps the autograd graph (for
+    :func:`find_token_layer`)."""
     names = {m: n for n, m in clf.module.named_modules() if n}
     rec = {"names": names, "calls": {}, "spatial": [], "tokens": [], "order": []}
 
