@@ -21,7 +21,7 @@ from counterlens.errors import DataFileError
 from counterlens.model import Classifier, Normalize
 from counterlens.models import brain_tumor_cnn3d, build_model
 from counterlens.training import train_classifier
-from counterlens.viz.report_volumes import peak_slice, plane_slices, shown_spacing, volume_view
+from counterlens.viz.report_volumes import peak_slice, plane_slices, shown_spacing, volume_case_limit, volume_view
 from conftest import single_thread
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
@@ -225,6 +225,7 @@ def test_slice_viewer_opens_at_the_peak_slices():
     assert [planes[p]["start"] for p in planes] == [4, 2, 7] and planes["axial"]["n"] == 6
     assert float(planes["coronal"]["aspect"]) == pytest.approx(11 / 12, rel=1e-3)    # W x 1 mm over D x 2 mm
     assert planes["sagittal"]["maps"][0]["uri"].startswith("data:image/png;base64,")
+    assert volume_case_limit([32] * 3) > volume_case_limit([64] * 3) >= 24     # one report file, then pages
 
 
 def test_slice_viewer_spacing_of_resized_volumes(tmp_path, ct_volume):

@@ -150,6 +150,9 @@ def write_report(run_dir, *, clip_percentile: float = 0.5, out: str | Path | Non
         write_case_figures(run, t.cases, t.cf, figure_dir, clip_percentile=clip_percentile)
     present = {p.name for p in figure_dir.glob("*.png")} if figure_dir.is_dir() else set()
     notes: list[str] = []
+    if run.spec.get("data", {}).get("read", {}).get("slice_index", "middle") is None:   # volumes: slice viewers
+        from .report_volumes import volume_case_limit
+        single_file_max = min(single_file_max, volume_case_limit(run.spec.get("model", {}).get("input_size")))
     paged = len(t.cases) > single_file_max
     case_href = (lambda pos: f"gallery/page-{pos // page_size + 1:05d}.html#{anchor(pos)}") if paged \
         else (lambda pos: f"#{anchor(pos)}")

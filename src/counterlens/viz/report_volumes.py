@@ -23,6 +23,14 @@ from .report_images import _encode, _indexed, _palette, data_uri, scale_labels
 
 PLANES = ("axial", "coronal", "sagittal")
 MAX_SIDE = 128          #: volumes larger than this a side are averaged down for the viewer
+VIEWER_FILE_BYTES = 60_000_000   #: about the most slice-viewer data one report file holds
+
+
+def volume_case_limit(input_size) -> int:
+    """Cases of a volume run that fit one report file: its viewers carry every slice of three planes
+    (grey and maps, about 6 bytes a voxel as base64 PNG), e.g. 381 cases at 32^3, 47 at 64^3."""
+    side = [min(int(s), MAX_SIDE) for s in (input_size or (64, 64, 64))]
+    return max(24, int(VIEWER_FILE_BYTES / (6 * math.prod(side))))
 
 
 def plane_slices(vol: np.ndarray, plane: str) -> np.ndarray:
