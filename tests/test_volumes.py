@@ -15,7 +15,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 import counterlens as cl
 from counterlens.data import _readers as R
 from counterlens.data.images import ImageFolder, load_case, load_image
-from counterlens.data.series import read_series
+from counterlens.data.series import describe_series, read_series
 from counterlens.data.volumes import generate_volumes, make_volume_dataset, write_nifti, write_volume_dataset
 from counterlens.errors import DataFileError
 from counterlens.model import Classifier, Normalize
@@ -36,7 +36,7 @@ def _orientation(tilt: float):
 
 
 def write_series(hu: np.ndarray, folder: Path, spacing=(2.5, 0.8, 0.7), tilt=0.3, seed=0, *, names=None,
-                 positions=True, series_uid=None, slopes=None):
+                 positions=True, series_uid=None, slopes=None, window=None):
     """Write ``hu [D, H, W]`` (integers in HU) as one CT file per slice into ``folder``, in shuffled
     file names; slice k at origin + k * spacing[0] * normal. Returns the file of each slice."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -66,6 +66,8 @@ def write_series(hu: np.ndarray, folder: Path, spacing=(2.5, 0.8, 0.7), tilt=0.3
         if positions:
             ds.ImageOrientationPatient = [float(v) for v in (*row, *col)]
             ds.ImagePositionPatient = [float(v) for v in np.array([-100.0, 20.0, 5.0]) + k * spacing[0] * normal]
+        if window is not None:
+            ds.WindowCenter, ds.WindowWidth = window
         stored = np.round((hu[k] + 1024) / slope).astype(np.uint16)
         ds.PixelData = stored.tobytes()
         name = names[name_idx] if names else f"IMG{rng.integers(1e9):09d}"     # names say nothing of the order
@@ -91,12 +93,24 @@ def test_dicom_series_round_trip_shuffled_oblique_anisotropic(tmp_path, ct_volum
     np.testing.assert_array_equal(s.volume[0], hu)
     np.testing.assert_allclose(s.spacing, (2.5, 0.8, 0.7), rtol=1e-6)
     assert [f.name for f in s.files] == [f.name for f in files]            # sorted along the normal
-    assert s.sorted_by == "position"
+    assert s.sorted_by == "position" and "7 slice(s) 12x10 (sorted by position), spacing 2.5 x 0.8 x 0.7 mm" in \
+        describe_series(s)
     one = pydicom.dcmread(files[3])                                      # pydicom's own reading of a slice
     np.testing.assert_array_equal(s.volume[0, 3], one.pixel_array * float(one.RescaleSlope) + float(one.RescaleIntercept))
     # the same folder as a case: load_image with a 3-D size, and the loader's choice for a 3-D model
     vol = load_image(tmp_path / "s", size=(7, 12, 10), window="none")
     np.testing.assert_allclose(vol[0], hu)
+
+
+def test_dicom_series_window_applied_to_the_whole_volume(tmp_path, ct_volume):
+    from pydicom.pixels import apply_windowing
+    write_series(ct_volume, tmp_path / "s", window=(40, 400))
+    s = read_series(tmp_path / "s")                                      # window="auto": the VOI window, 0..1
+    ref = pydicom.dcmread(s.files[3])
+    ref.BitsStored, ref.PixelRepresentation = 1, 0                      # pydicom's window onto 0..1
+    ref.RescaleSlope, ref.RescaleIntercept = 1, 0
+    np.testing.assert_allclose(s.volume[0], apply_windowing(ct_volume.astype(np.float64), ref), atol=1e-6)
+    assert s.volume.min() == 0 and s.volume.max() == 1
 
 
 def test_dicom_series_by_instance_number_without_positions(tmp_path, ct_volume):
