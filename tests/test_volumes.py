@@ -70,7 +70,7 @@ def write_series(hu: np.ndarray, folder: Path, spacing=(2.5, 0.8, 0.7), tilt=0.3
             ds.WindowCenter, ds.WindowWidth = window
         stored = np.round((hu[k] + 1024) / slope).astype(np.uint16)
         ds.PixelData = stored.tobytes()
-        name = names[name_idx] if names else f"IMG{rng.integers(1e9):09d}"     # names say nothing of the order
+        name = names[name_idx] if names else f"1.2.840.{rng.integers(1e9)}"     # UID-like: no order, no suffix
         path = folder / name
         ds.save_as(path, enforce_file_format=True)
         files[k] = path

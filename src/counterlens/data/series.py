@@ -46,14 +46,20 @@ class Series:
     notes: list[str] = field(default_factory=list)
 
 
+_OTHER_SUFFIXES = (*R.PIL_SUFFIXES, *R.TIFF_SUFFIXES, *R.NIFTI_SUFFIXES, ".npy", ".txt", ".csv", ".json", ".md")
+
+
 def _is_dicom_path(path: Path) -> bool:
+    """A ``.dcm``/``.dicom`` file, or any other file with the DICM marker (names like ``IM0001`` or
+    UIDs such as ``1.2.840.113619.2.55.3``, whose "suffix" is a number)."""
     if path.name.startswith(".") or not path.is_file() or path.name.upper() == "DICOMDIR":
         return False
-    return R.suffix_of(path) in R.DICOM_SUFFIXES or (R.suffix_of(path) == "" and R.is_dicom_file(path))
+    suffix = R.suffix_of(path)
+    return suffix in R.DICOM_SUFFIXES or (suffix not in _OTHER_SUFFIXES and R.is_dicom_file(path))
 
 
 def dicom_files(folder) -> list[Path]:
-    """The DICOM files directly in ``folder`` (``.dcm``/``.dicom``, or no suffix with the DICM
+    """The DICOM files directly in ``folder`` (``.dcm``/``.dicom``, or other names with the DICM
     marker; hidden files and DICOMDIR skipped), sorted by name."""
     folder = Path(folder)
     return sorted((p for p in folder.iterdir() if _is_dicom_path(p)), key=lambda p: p.name)
