@@ -305,3 +305,23 @@ def test_volume_benchmark_smoke(tmp_path):
     rows = {r["method"]: r for r in json.loads(out.read_text())["methods"]}
     assert sorted(rows) == ["gradcam", "rise", "saliency"]
     assert all(r["volumes_per_s"] > 0 for r in rows.values()) and rows["rise"]["volumes"] == 1
+
+
+def test_pydicom_bundled_series_folders_refused_with_the_reason():
+    """pydicom's own MR study folders: MR2 mixes three series (pilots and a localizer), MR700 is a radial
+    acquisition (every slice at another orientation): neither is one volume, and each says why."""
+    study = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892003"
+    if not study.is_dir():
+        pytest.skip("pydicom's bundled test files are not installed")
+    with pytest.raises(DataFileError, match=r"holds 3 DICOM series .*'FAST LOCALIZER'"):
+        read_series(study / "MR2")
+    with pytest.raises(DataFileError, match="different orientations"):
+        read_series(study / "MR700")
+    heads = {f.name: pydicom.dcmread(f, stop_before_pixels=True) for f in (study / "MR2").iterdir()}
+    pilot = str(heads["4950"].SeriesInstanceUID)                  # T/S/C pilot: three planes in one series
+    with pytest.raises(DataFileError, match="different orientations"):
+        read_series(study / "MR2", series=pilot)
+    name, head = next((n, h) for n, h in heads.items() if "LOCALIZER" in str(h.SeriesDescription))
+    one = read_series(study / "MR2", series=str(head.SeriesInstanceUID), window="none")   # one series by UID
+    ds = pydicom.dcmread(study / "MR2" / name)
+    np.testing.assert_array_equal(one.volume[0, 0], pydicom.pixels.apply_modality_lut(ds.pixel_array, ds))
