@@ -84,6 +84,16 @@ def test_labels_csv_folder_reordered_to_the_model_and_bad_values_named(data, tmp
         ImageFolder(tmp_path, classes=FINDINGS)
 
 
+def test_multilabel_loss_leaves_unknown_labels_out():
+    from torch.nn.functional import binary_cross_entropy_with_logits as bce
+
+    from counterlens.training import multilabel_loss
+    logits = torch.tensor([[2.0, -1.0, 0.5], [-0.3, 0.7, 4.0]])
+    y = torch.tensor([[1, -1, 0], [0, 1, -1]])
+    known = y >= 0
+    assert torch.allclose(multilabel_loss(logits, y), bce(logits[known], y[known].float()))
+
+
 def test_bce_training_learns_each_finding(clf, test_set):
     scores = clf.logits(torch.from_numpy(test_set.images)).detach()
     aucs = [finding_auc(scores[:, k], torch.from_numpy(test_set.labels[:, k])) for k in range(3)]
@@ -203,11 +213,16 @@ def test_command_line_train_then_explain_evaluate_counterfactual_without_flags(t
     assert card["output"] == "multilabel" and card["classes"] == FINDINGS and set(card["test_auc"]) == set(FINDINGS)
     assert main(["explain", "--model", str(model), "--data", str(data / "Testing"), "--masks", str(data / "masks"),
                  "--out", str(run), "--methods", "saliency", "--target", "effusion", "--quiet", "--workers", "1"]) == 0
-    assert main(["evaluate", str(run), "--metrics", "relevance_mass", "--sanity-images", "0", "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--metrics", "relevance_mass", "--sanity-images", "0", "--quiet",
+                 "--masks", str(data / "masks")]) == 0                  # a subfolder per finding: effusion's masks
     assert main(["counterfactual", "--model", str(model), "--data", str(data / "Testing"), "--out", str(run),
                  "--target", "opacity:on", "--limit", "2", "--steps", "20", "--quiet", "--workers", "1"]) == 0
     result = cl.open_run(run)
     assert result.multilabel and (result.attributions.target_name == "effusion").all()
     assert len(result.attributions) == 8 and set(result.metrics.target_name) == {"effusion"}
+    has_effusion = result.cases.set_index("path")["label_effusion"] == 1
+    mass = result.metrics.set_index("path")["value"]
+    assert mass[~has_effusion[mass.index].to_numpy()].isna().all()      # an empty effusion mask: undefined
+    assert mass[has_effusion[mass.index].to_numpy()].notna().all() and has_effusion.sum() == 3
     assert (result.counterfactuals.target_name == "opacity:on").all() and len(result.counterfactuals) == 2
     assert "labels.csv" in capsys.readouterr().out
