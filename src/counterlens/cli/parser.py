@@ -16,11 +16,13 @@ DEFAULT_METHODS = "gradcam,integrated_gradients"
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="PATH",
                    help="a model directory written by `counterlens train` (model.json + weights), a TorchScript "
-                        "file, a torch.export .pt2 file, or a state_dict file together with --factory")
+                        "file, a torch.export .pt2 file, a Keras .keras / .h5 file (counterlens[keras]), or a "
+                        "state_dict file together with --factory")
     p.add_argument("--factory", metavar="PKG.MODULE:FUNCTION",
                    help="function that builds the network for a state_dict file (its weights load with weights_only=True)")
     p.add_argument("--trust-model-file", action="store_true",
-                   help="allow loading a fully pickled model; this runs code from the file, so only for files you trust")
+                   help="allow loading a fully pickled model (or a Keras Lambda layer's code); this runs code from "
+                        "the file, so only for files you trust")
     p.add_argument("--classes", type=comma_list, help="class names in output order, comma-separated (default: from the model card)")
     p.add_argument("--device", default="auto", help="'auto' (a GPU when present), 'cpu' or 'cuda[:N]' (default: auto)")
     p.add_argument("--logits-output", metavar="INDEX|KEY",
