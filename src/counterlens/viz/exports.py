@@ -138,6 +138,9 @@ def write_case_figures(run, cases: pd.DataFrame, cf: pd.DataFrame | None, out_di
             continue
         arrays = run.case_arrays(row["path"])
         image, maps = arrays["image"], {m: arrays["maps"][m] for m in run.methods if m in arrays["maps"]}
+        if run.multilabel:                   # every finding explained: "gradcam (effusion)"
+            maps = {f"{m} ({classes[t] if 0 <= t < len(classes) else t})": a
+                    for (m, t), a in arrays["target_maps"].items()}
         cfs = [c for c in cf_rows.get(row["path"], []) if int(c["target"]) in arrays["counterfactuals"]]
         if image is None or (not maps and not cfs):
             continue
