@@ -226,3 +226,31 @@ def test_command_line_train_then_explain_evaluate_counterfactual_without_flags(t
     assert mass[has_effusion[mass.index].to_numpy()].notna().all() and has_effusion.sum() == 3
     assert (result.counterfactuals.target_name == "opacity:on").all() and len(result.counterfactuals) == 2
     assert "labels.csv" in capsys.readouterr().out
+
+
+def test_a_shard_of_the_previous_schema_reads_as_before(clf, data, tmp_path):
+    """Runs written before maps and metrics were keyed by target (no labels/targets/target columns,
+    maps keyed by case and method) read the same: cases, maps by method, metrics without a target."""
+    import sqlite3
+    folder = ImageFolder(data / "Testing", channels=1, size=SIZE, classes=clf.classes)
+    folder.records = folder.records[:4]
+    out = tmp_path / "run"
+    explain_folder(clf, folder, out, methods=["saliency"], target="opacity", progress=False, workers=1)
+    evaluate_run(out, clf, metrics=["sparseness"], sanity=False)
+    before = cl.open_run(out)
+    cases, maps = before.cases, {p: before.map(p, "saliency") for p in before.cases.path}
+    for shard in (out / "index").glob("*.sqlite"):
+        con = sqlite3.connect(shard)
+        con.execute("ALTER TABLE cases DROP COLUMN labels")
+        con.execute("ALTER TABLE cases DROP COLUMN targets")
+        con.executescript("CREATE TABLE m (case_id TEXT NOT NULL, method TEXT NOT NULL, metric TEXT NOT NULL, "
+                          "value REAL, written REAL NOT NULL, PRIMARY KEY (case_id, method, metric)); "
+                          "INSERT INTO m SELECT case_id, method, metric, value, written FROM metrics; "
+                          "DROP TABLE metrics; ALTER TABLE m RENAME TO metrics;")
+        con.close()
+    old = cl.open_run(out)
+    assert list(old.table("maps")["target"]) == [0] * 4
+    assert old.metrics.columns.tolist() == ["path", "method", "metric", "value"] and len(old.metrics) == 4
+    pd_cases = old.cases.drop(columns=[c for c in old.cases if c.startswith(("label_", "pred_"))] + ["label"])
+    assert pd_cases.equals(cases.drop(columns=[c for c in cases if c.startswith(("label_", "pred_"))] + ["label"]))
+    assert all(np.array_equal(old.map(p, "saliency"), m) for p, m in maps.items())
