@@ -187,6 +187,7 @@ def _zoo():
     yield "functional_mix", keras.Model(i, L.Dense(3, activation="softmax")(g)), (17, 15, 2)
     yield "conv1d", keras.Sequential([
         keras.Input((40, 2)), L.Conv1D(4, 5, padding="causal", dilation_rate=2, activation="gelu"),
+        L.AveragePooling1D(3, strides=2, padding="same"),      # uneven padding: Keras repeats the edge
         L.Conv1D(4, 4, strides=3, padding="same", activation="swish"), L.MaxPooling1D(2), L.LayerNormalization(),
         L.Flatten(), L.Dense(3, activation="softmax")]), (40, 2)
     yield "conv3d", keras.Sequential([

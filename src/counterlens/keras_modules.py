@@ -28,23 +28,33 @@ class SamePad(nn.Module):
         super().__init__()
         self.kernel, self.strides, self.dilation, self.value = tuple(kernel), tuple(strides), tuple(dilation), value
 
-    def forward(self, x):
+    def pads(self, x) -> list[int]:
+        """``F.pad``'s list (last axis first): before, after, ..."""
         pads = []
         for i in reversed(range(len(self.kernel))):
             n, s = x.shape[2 + i], self.strides[i]
             total = max((math.ceil(n / s) - 1) * s + (self.kernel[i] - 1) * self.dilation[i] + 1 - n, 0)
             pads += [total // 2, total - total // 2]
+        return pads
+
+    def forward(self, x):
+        pads = self.pads(x)
         return F.pad(x, pads, value=self.value) if any(pads) else x
 
 
 class AvgPoolSame(nn.Module):
-    """Average pooling with ``padding="same"``: padded positions are left out of each mean (as Keras)."""
+    """Average pooling with ``padding="same"`` as Keras' torch backend does it: with the same padding
+    on both sides of every axis, padded positions are left out of each mean; otherwise the edge
+    values are repeated into the padding (``mode="replicate"``) and every mean has a full window."""
 
     def __init__(self, pool: nn.Module, pad: SamePad):
         super().__init__()
         self.pool, self.pad = pool, pad
 
     def forward(self, x):
+        pads = self.pad.pads(x)
+        if any(a != b for a, b in zip(pads[::2], pads[1::2])):
+            return self.pool(F.pad(x, pads, mode="replicate"))
         ones = torch.ones_like(x[:1, :1])
         return self.pool(self.pad(x)) / self.pool(self.pad(ones))
 
