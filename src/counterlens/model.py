@@ -97,6 +97,10 @@ class Classifier:
         self.value_range = tuple(float(v) for v in value_range) if value_range is not None else None
         self.logits_output = logits_output
         self.precision = check_precision(precision)
+        if self.precision == "fp16" and self.device.type == "cpu":
+            import warnings
+            warnings.warn("precision='fp16' on the CPU: autocast runs but was measured 5-25x slower than float32 "
+                          "(benchmarks/precision.py); use precision='bf16' on the CPU", stacklevel=2)
         self.n_classes: int | None = None     # known after the first forward pass
         # the head: asked for, resolved on the first forward pass (see counterlens.heads)
         self._output_asked = check_output(output)
