@@ -287,6 +287,19 @@ def test_from_keras_takes_a_path_and_refuses_an_unbuilt_model(seed_model):
     with pytest.raises(InputError, match="keras.Model"):
         cl.Classifier.from_keras(torch.nn.Linear(2, 2))
 
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = L.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    net = Subclassed()
+    net(np.zeros((1, 3), dtype=np.float32))
+    with pytest.raises(InputError, match="subclassed model .*Functional or Sequential"):
+        cl.Classifier.from_keras(net)
+
 
 # -- heads -----------------------------------------------------------------------------------------
 def test_one_sigmoid_output_is_a_binary_classifier():

@@ -231,6 +231,10 @@ def keras_module(model, convert: bool = True, trust_model_file: bool = False) ->
         inputs = model.inputs
     except (AttributeError, ValueError):
         inputs = None
+    if not inputs and type(model).__name__ not in ("Functional", "Sequential"):
+        raise InputError(f"Keras model {model.name!r} is a subclassed model ({type(model).__name__}: its call() is "
+                         "Python code, not a graph), so its input shape cannot be read nor its layers converted; "
+                         "build it as a Functional or Sequential model from keras.Input(shape=...)")
     if not inputs:
         raise InputError(f"Keras model {model.name!r} has no known input shape; build it first "
                          "(keras.Input(shape=...) as its first layer, or model.build((None, *shape)))")
