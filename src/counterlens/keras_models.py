@@ -93,9 +93,9 @@ def load_keras_file(path, trust_model_file: bool = False):
     if kind is None:
         raise ModelLoadError(f"{path}: not a Keras model file (a .keras zip or an HDF5 .h5)")
     keras = import_keras()
-    suffix = ".keras" if kind == "keras" else ".h5"
+    suffix, suffixes = (".keras", (".keras",)) if kind == "keras" else (".h5", (".h5", ".hdf5"))
     with tempfile.TemporaryDirectory(prefix="counterlens-keras-") as tmp:
-        if path.suffix.lower() not in (suffix, ".hdf5"):   # bytes written under another name (workers)
+        if path.suffix.lower() not in suffixes:       # Keras goes by the name; bytes written as model.pt (workers)
             link = Path(tmp) / f"model{suffix}"
             link.symlink_to(path.resolve())
             path_for_keras = link
