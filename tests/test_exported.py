@@ -170,3 +170,22 @@ def test_fixed_batch_export_says_how_to_fix(tmp_path):
     xs = torch.rand(3, 1, 16, 16)
     with pytest.raises(MethodError, match="dynamic batch"):
         METHODS["gradcam"].function(clf, xs, 0, batch_size=3)
+
+
+def test_a_scripted_part_inside_an_eager_model_is_left_out_not_fatal():
+    torch.manual_seed(0)
+    backbone = torch.jit.script(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()))
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.conv, self.head = backbone, nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.conv(self.backbone(x)).mean(dim=(2, 3)))
+
+    clf = cl.Classifier(Mixed().eval(), device="cpu")
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    assert cl.attribution.find_target_layer(clf, x) == "conv"        # the scripted backbone is opaque
+    assert METHODS["gradcam"].function(clf, x, 0).shape == (2, 8, 8)
+    assert model_randomisation(clf, x, "saliency", random_logit=False).layers == ["head", "conv"]

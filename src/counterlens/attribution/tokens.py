@@ -54,7 +54,8 @@ def probe(clf, x: torch.Tensor, *, grad: bool = False) -> dict:
     token output: ``{"names", "calls", "spatial": [(module, out, out._version)], "tokens": [(module, out)],
     "order": ["spatial" | "tokens", ...], "logits"}``. ``grad=True`` keeps the autograd graph (for
     :func:`find_token_layer`)."""
-    names = {m: n for n, m in clf.module.named_modules() if n}
+    names = {m: n for n, m in clf.module.named_modules()        # a scripted part is opaque: not hooked
+             if n and not isinstance(m, torch.jit.ScriptModule)}
     rec = {"names": names, "calls": {}, "spatial": [], "tokens": [], "order": []}
 
     def hook(module, _inp, out):

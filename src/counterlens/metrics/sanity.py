@@ -93,8 +93,8 @@ def randomizable_layers(clf, x: torch.Tensor) -> list[str]:
     """
     if not isinstance(clf.module, nn.Module):
         raise MethodError("model randomisation needs an nn.Module with parameters")
-    owners = {m: n for n, m in clf.module.named_modules()
-              if any(True for _ in m.parameters(recurse=False))}
+    owners = {m: n for n, m in clf.module.named_modules()          # a scripted part cannot be hooked: left out
+              if any(True for _ in m.parameters(recurse=False)) and not isinstance(m, torch.jit.ScriptModule)}
     order: list[str] = []
 
     def hook(module, _inputs):
