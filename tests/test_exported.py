@@ -189,3 +189,5 @@ def test_a_scripted_part_inside_an_eager_model_is_left_out_not_fatal():
     assert cl.attribution.find_target_layer(clf, x) == "conv"        # the scripted backbone is opaque
     assert METHODS["gradcam"].function(clf, x, 0).shape == (2, 8, 8)
     assert model_randomisation(clf, x, "saliency", random_logit=False).layers == ["head", "conv"]
+    with pytest.raises(MethodError, match="TorchScript part of an eager model"):
+        METHODS["gradcam"].function(clf, x, 0, layer="backbone")

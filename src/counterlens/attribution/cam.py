@@ -103,6 +103,9 @@ def capture(layer: nn.Module):
         store["act"] = out
         return out.clone()
 
+    if isinstance(layer, torch.jit.ScriptModule):
+        raise MethodError(f"layer {type(layer).__name__} is a TorchScript part of an eager model, whose output "
+                          "cannot be hooked; name an eager layer with layer=..., or give the whole model as TorchScript")
     handle = layer.register_forward_hook(hook)
     try:
         yield store
