@@ -32,11 +32,13 @@ def evaluate_cmd(args) -> int:
                               "trust_model_file": getattr(args, "trust_model_file", False),
                               "classes": getattr(args, "classes", None) or model.get("classes"),
                               "device": getattr(args, "device", "auto"),
-                              "output": getattr(args, "output_head", None) or model.get("output")})
+                              "output": getattr(args, "output_head", None) or model.get("output"),
+                              "precision": model.get("precision")})
     clf = load_model(source, factory=getattr(args, "factory", None),
                      trust_model_file=getattr(args, "trust_model_file", False), device=getattr(args, "device", "auto"),
                      classes=getattr(args, "classes", None) or model.get("classes"),
-                     output=getattr(args, "output_head", None) or model.get("output"), **described)
+                     output=getattr(args, "output_head", None) or model.get("output"),
+                     precision=model.get("precision"), **described)     # the run's precision (--precision)
     clf.overrides = described
     if model.get("sha256") and getattr(clf, "source_hash", None) and model["sha256"] != clf.source_hash:
         raise CounterlensError(f"{source} is not the model {run} was made with (SHA-256 differs); pass the run's model")
