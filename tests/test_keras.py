@@ -9,7 +9,6 @@ computed by hand from the Keras model's own channels-last activations.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import warnings
 
@@ -35,9 +34,9 @@ from counterlens.metrics.sanity import randomizable_layers  # noqa: E402
 
 L = keras.layers
 CAMS = {name for name, info in METHODS.items() if info.kind == "cam"}
-FAST = {"integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 3}, "squaregrad": {"samples": 3},
-        "vargrad": {"samples": 3}, "rise": {"samples": 32, "cells": 4}, "lime": {"samples": 32, "n_segments": 9},
-        "kernel_shap": {"samples": 32, "n_segments": 9}, "occlusion": {"window": 8, "stride": 8}}
+FAST = {"integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 2}, "squaregrad": {"samples": 2},
+        "vargrad": {"samples": 2}, "rise": {"samples": 16, "cells": 4}, "lime": {"samples": 16, "n_segments": 9},
+        "kernel_shap": {"samples": 16, "n_segments": 9}, "occlusion": {"window": 16, "stride": 16}}
 
 
 def corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -425,10 +424,20 @@ def test_keras_with_another_backend_or_missing_is_a_clear_error(monkeypatch, tmp
 
 
 def test_counterlens_imports_without_keras():
-    code = "import sys, counterlens, counterlens.loading; print('keras' in sys.modules)"
-    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+    """No module of the package imports keras at import time (only inside functions), read from the
+    source as tests/test_layers.py reads imports; so ``import counterlens`` works without keras."""
+    import ast
+    from pathlib import Path
+    src = Path(cl.__file__).resolve().parent
+    found = []
+    for path in src.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:                          # module level only (functions import lazily)
+            for sub in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) else ():
+                names = [a.name for a in sub.names] if isinstance(sub, ast.Import) else \
+                    [sub.module or ""] if isinstance(sub, ast.ImportFrom) else []
+                found += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "keras"]
+    assert not found
 
 
 # -- the command line ---------------------------------------------------------------------------------
