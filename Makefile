@@ -1,5 +1,5 @@
 # make demo: the main job on the embedded default (synthetic brain MRI), prints where the report is.
-# make test: the whole test suite (slow end-to-end and browser tests included; the Ray engine's tests on a
+# make test: the whole test suite on both cores (slow end-to-end and browser tests included; the Ray engine's tests on a
 #   local Ray cluster, which the venv's install of counterlens[ray] provides: demo does not need Ray).
 # Both create .venv on first use and reuse it afterwards.
 PYTHON   ?= python3
@@ -41,8 +41,11 @@ browser-deps: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/counterlens demo
 
+# One pytest worker per core (2 on the CI box; TEST_WORKERS=1 for one process), a test file per worker
+# so module fixtures (trained models) are built once; each worker runs torch on cores / workers threads.
+TEST_WORKERS ?= 2
 test: $(STAMP) browser-deps
-	COUNTERLENS_REQUIRE_RAY=1 $(BIN)/python -m pytest
+	COUNTERLENS_REQUIRE_RAY=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The head-to-head with DiCE (not part of make test): its own venv, so dice-ml never enters .venv.
 bench-tabular:

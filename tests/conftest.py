@@ -5,7 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (make test runs one worker per core) each worker gets one intra-op thread: two
+# workers with two OpenMP threads each on 2 cores spin-wait against each other.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 def single_thread():

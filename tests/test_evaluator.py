@@ -60,7 +60,18 @@ def test_run_covers_all_rows_in_order():
     assert spans == [(0, 4), (4, 8), (8, 10)] and ev.calls == 3 and ev.rows == 10
 
 
-def test_auto_batch_size_explores_then_settles_and_remembers():
+@pytest.fixture
+def steady_clock(monkeypatch):
+    """A clock on which every chunk takes one second, whatever its size: larger chunks are cheaper
+    per row, so the search doubles up to the cap (a real clock on a busy machine may not)."""
+    import types
+
+    import counterlens.attribution.base as base
+    ticks = iter(range(10**9))
+    monkeypatch.setattr(base, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+
+
+def test_auto_batch_size_explores_then_settles_and_remembers(steady_clock):
     net = MemoryLimited(limit=10**6)
     clf = cl.Classifier(net, device="cpu")
     x = torch.rand(4, 1, 4, 4)
@@ -79,7 +90,7 @@ def test_auto_batch_size_explores_then_settles_and_remembers():
         integrated_gradients(clf, x, 1, batch_size="big")
 
 
-def test_auto_exploration_goes_on_across_small_calls():
+def test_auto_exploration_goes_on_across_small_calls(steady_clock):
     net = MemoryLimited(limit=10**6)
     clf = cl.Classifier(net, device="cpu")
     x = torch.rand(1, 1, 4, 4)
