@@ -137,6 +137,9 @@ def test_a_method_that_cannot_run_is_skipped_with_its_reason_and_the_others_kept
     for j, path in enumerate(run.cases.path):
         np.testing.assert_allclose(run.map(path, "saliency"), direct[j].numpy(), rtol=1e-5, atol=1e-8)
     assert set(run.table("skipped").case_id) == set(run.cases.path)     # recorded per case
+    from counterlens.viz.report import write_report
+    html = write_report(tmp_path / "run").read_text()
+    assert "Methods skipped" in html and "no module of this model has a spatial output" in html   # the report says why
     again = explain_folder(clf, ImageFolder(data, channels=1, size=(8, 8), classes=["a", "b"]), tmp_path / "run",
                            methods=["gradcam", "saliency"], progress=False, workers=1)
     assert again.done == 0 and again.skipped == 6                      # a skipped method counts as done

@@ -101,6 +101,7 @@ def run_context(run, t: Tables, *, clip_percentile: float, case_href, notes: lis
         "confusion": rd.confusion_matrix(cases, classes),
         "metric_order": t.metric_order, "metric_hints": rd.METRIC_HINTS,
         "methods": rd.method_table(methods_spec, run.method_seconds(), t.pairs, t.metric_order, sanity),
+        "skipped": run.skipped,
         "group_tables": rd.group_tables(cases, t.pairs, t.metric_order, classes, by_finding=run.multilabel),
         "multilabel": run.multilabel,
         "method_names": method_names,
