@@ -147,7 +147,14 @@ def tabular_counterfactual_cmd(args) -> int:
     target = int(target_text) if target_text.lstrip("-").isdigit() else target_text
     tm = TabularModel(model, schema, batch_size)
     x_all = schema.encode(df).to(tm.device)
-    probs = tm.probs(x_all)
+    try:
+        probs = tm.probs(x_all)
+    except InputError as exc:
+        if label is not None or not str(exc).startswith("the model cannot take the table's rows"):
+            raise
+        raise InputError(f"no --label: every column of {args.table} was read as a feature ({x_all.shape[1]} "
+                         "columns after encoding) and the model cannot take them; pass --label COLUMN, the column "
+                         f"the model predicts; the table's columns: {', '.join(map(str, df.columns))}") from exc
     names = tm.class_names(probs.shape[1])
     t = int(_targets(target, names, 1)[0])
     todo = [i for i in range(len(df)) if t < 0 or int(probs[i].argmax()) != t]

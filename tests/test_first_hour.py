@@ -1,0 +1,45 @@
+"""The first hour's rough edges (issue 16, item 4): one-line errors and messages a new user meets."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import single_thread
+from torch import nn
+
+from counterlens.cli import main
+from counterlens.data.tabular import TabularSchema
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
+
+
+@pytest.fixture(scope="module")
+def loans(tmp_path_factory):
+    """A small table with its label column ``ok`` and an exported model trained without it."""
+    root = tmp_path_factory.mktemp("loans")
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"age": rng.integers(20, 65, 60), "plan": rng.choice(["basic", "plus"], 60),
+                       "income": np.round(rng.uniform(10, 100, 60), 1)})
+    df["ok"] = np.where(df["income"] > 50, "yes", "no")
+    csv = root / "loans.csv"
+    df.to_csv(csv, index=False)
+    schema = TabularSchema.from_frame(df, label="ok")
+    x = schema.encode(df)
+    torch.manual_seed(0)
+    net = nn.Sequential(schema.preprocess(), nn.Linear(schema.width, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    model = root / "model.pt2"
+    torch.export.save(torch.export.export(net, (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},)),
+                      str(model))
+    return csv, model
+
+
+def test_a_table_without_label_is_one_line_naming_label_and_the_columns(loans, tmp_path, capsys):
+    csv, model = loans
+    base = ["counterfactual", "--table", str(csv), "--model", str(model), "--out", str(tmp_path / "r"),
+            "--limit", "2", "--quiet"]
+    with pytest.warns(UserWarning, match="no schema saved"):
+        assert main(base) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Guard failed" not in err and "Traceback" not in err
+    assert "--label" in err and "age, plan, income, ok" in err
+    with pytest.warns(UserWarning, match="no schema saved"):
+        assert main(base + ["--label", "ok"]) == 0                  # the fix it names works
