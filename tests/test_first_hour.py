@@ -43,3 +43,30 @@ def test_a_table_without_label_is_one_line_naming_label_and_the_columns(loans, t
     assert "--label" in err and "age, plan, income, ok" in err
     with pytest.warns(UserWarning, match="no schema saved"):
         assert main(base + ["--label", "ok"]) == 0                  # the fix it names works
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Synthetic brain MRI and a reference model trained one epoch on it, through the CLI, at 32 pixels."""
+    root = tmp_path_factory.mktemp("first_hour")
+    data, model = root / "data", root / "model"
+    assert main(["data", "synth", "brain-mri", "--out", str(data), "--n-train", "48", "--n-test", "12",
+                 "--size", "32", "--seed", "3"]) == 0
+    assert main(["train", "--data", str(data), "--arch", "brain-tumor-cnn", "--out", str(model), "--size", "32",
+                 "--width", "0.25", "--epochs", "1", "--quiet"]) == 0
+    return root, data, model
+
+
+def test_audit_quiet_prints_only_the_verdict(trained, tmp_path, capsys):
+    root, data, model = trained
+    base = ["audit", "--model", str(model), "--data", str(data / "Testing"), "--region", "0,0,8,8",
+            "--methods", "", "--n-random", "2", "--limit", "4"]
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "loud")]) == 0
+    loud = capsys.readouterr().out
+    assert main([*base, "--out", str(tmp_path / "quiet"), "--quiet"]) == 0
+    quiet = capsys.readouterr().out
+    assert "audit written to" in loud and "audit written to" not in quiet
+    verdict = loud.splitlines()[loud.splitlines().index(next(l for l in loud.splitlines() if "audit written" in l)) - 1]
+    assert verdict in quiet.splitlines()
+    assert (tmp_path / "quiet" / "audit.json").is_file()

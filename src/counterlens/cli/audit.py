@@ -120,7 +120,8 @@ def audit_cmd(args) -> int:
     (out / "audit.json").write_text(json.dumps(result, indent=2))
     (out / "audit.md").write_text(_markdown(result))
     print(result["verdict"])
-    print(f"audit written to {out / 'audit.json'} and {out / 'audit.md'}")
+    if not getattr(args, "quiet", False):
+        print(f"audit written to {out / 'audit.json'} and {out / 'audit.md'}")
     return 3 if getattr(args, "fail_on_shortcut", False) and result["relies_on_region"] else 0
 
 

@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace the results already in --out (needed when they were made with other settings)")
     audit.add_argument("--force", action="store_true",
                        help="write the run into a folder that holds other files (they are left untouched)")
+    audit.add_argument("--quiet", action="store_true",
+                       help="print only the verdict (not where the files were written)")
 
     ev = sub.add_parser("evaluate", help="trust metrics of a run directory (faithfulness, localisation, sanity)",
                         description="Score the maps of a run: deletion/insertion AUC, MuFidelity, sparseness, entropy, "
