@@ -70,3 +70,11 @@ def test_audit_quiet_prints_only_the_verdict(trained, tmp_path, capsys):
     verdict = loud.splitlines()[loud.splitlines().index(next(l for l in loud.splitlines() if "audit written" in l)) - 1]
     assert verdict in quiet.splitlines()
     assert (tmp_path / "quiet" / "audit.json").is_file()
+
+
+def test_fit_prior_says_which_of_prior_and_mean_image_is_better():
+    from counterlens.cli.fit_prior import versus_mean_image
+    better = versus_mean_image(0.01, 0.027)
+    assert "2.7x smaller" in better and "worse" not in better and "larger" not in better
+    worse = versus_mean_image(0.027, 0.01)
+    assert "2.7x larger" in worse and "no better than the mean image" in worse and "--epochs" in worse

@@ -33,8 +33,15 @@ def fit_prior_command(args) -> int:
         mse = float(reconstruction_mse(prior, x_test).mean())
         baseline = float((x_test - x.mean(0, keepdim=True)).pow(2).mean())
         extra.update(test_mse=round(mse, 6), test_mse_mean_image=round(baseline, 6), n_test=len(x_test))
-        line = (f"test reconstruction MSE {mse:.3g} on {len(x_test)} images of {test_dir} "
-                f"(mean-image baseline {baseline:.3g}, {baseline / max(mse, 1e-12):.1f}x worse)")
+        line = f"test reconstruction MSE {mse:.3g} on {len(x_test)} images of {test_dir} ({versus_mean_image(mse, baseline)})"
     prior.cpu().save(args.out, extra=extra)
     print(f"{line}; prior written to {args.out} in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def versus_mean_image(mse: float, baseline: float) -> str:
+    """How the prior's test MSE compares with predicting the mean training image, in words that say which is better."""
+    if mse < baseline:
+        return f"mean-image baseline {baseline:.3g}: the prior's error is {baseline / max(mse, 1e-12):.1f}x smaller"
+    return (f"mean-image baseline {baseline:.3g}: the prior's error is {mse / max(baseline, 1e-12):.1f}x larger, "
+            "no better than the mean image; train more --epochs or on more images")
