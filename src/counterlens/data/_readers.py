@@ -260,6 +260,32 @@ def _voi_lut_unit(arr: np.ndarray, ds) -> np.ndarray:
     return lut[idx] / (2 ** depth - 1)
 
 
+#: The decoders counterlens installs for compressed DICOM (core dependencies, see pyproject.toml).
+DICOM_DECODERS = "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle"
+
+
+def decode_failure(ds, exc: Exception) -> str:
+    """One line: why the pixel data did not decode; for a compressed transfer syntax its name and UID,
+    and the decoders to install (when one is missing) or, when all are there and failed, that the data
+    is damaged or a variant they do not read (pydicom's ``JPEG-lossy.dcm``) and how to convert it."""
+    import importlib.util
+
+    reason = " ".join(str(exc).split())                 # pydicom lists one line per plugin: keep one line
+    reason = reason if len(reason) <= 300 else reason[:297] + "..."
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is None or not getattr(ts, "is_compressed", False):
+        return f"cannot read DICOM pixel data ({reason}); the file may be corrupt or truncated: re-export it"
+    head = f"cannot decode its {ts.name} ({ts}) pixel data ({reason})"
+    missing = [pkg for pkg, mod in zip(DICOM_DECODERS.split(), ("pylibjpeg", "libjpeg", "openjpeg", "rle"))
+               if importlib.util.find_spec(mod) is None]
+    if missing:
+        return (f"{head}; install the decoders counterlens depends on: pip install {' '.join(missing)} "
+                "(or convert the file to uncompressed DICOM: gdcmconv --raw, dcmdjpeg)")
+    return (f"{head}; the installed decoders ({DICOM_DECODERS}) cannot read it, so the compressed data is damaged or "
+            "a variant they do not support: convert it to uncompressed DICOM with another tool (gdcmconv --raw, "
+            "dcmdjpeg) or re-export it")
+
+
 def read_dicom(path, window: str = "auto") -> np.ndarray:
     """DICOM via pydicom -> ``[C, H, W]``, or ``[1, D, H, W]`` for multi-frame files.
 
@@ -291,10 +317,7 @@ def read_dicom(path, window: str = "auto") -> np.ndarray:
     except DataFileError:
         raise
     except Exception as exc:  # noqa: BLE001
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        hint = (f" Transfer syntax {ts.name} may need a decoder plugin (pylibjpeg, gdcm)."
-                if ts is not None and getattr(ts, "is_compressed", False) else "")
-        raise DataFileError(path, f"cannot read DICOM pixel data ({exc}).{hint} The file may be corrupt.") from exc
+        raise DataFileError(path, decode_failure(ds, exc)) from exc
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     if photometric == "PALETTE COLOR":  # LUT entries are 8 or 16 bit
         raw = apply_color_lut(raw, ds)
