@@ -251,7 +251,7 @@ def test_audit_command_writes_the_run_and_fails_on_shortcut(models, marked_test_
         base = {"model": model, "factory": None, "trust_model_file": False, "classes": None, "device": "cpu",
                 "data": tmp_path / "data" / "Testing", "region": str(region), "out": out, "methods": ["gradcam"],
                 "param": None, "limit": None, "batch_size": 64, "seed": 0, "n_random": 4, "inpaint": "normalized",
-                "fail_on_shortcut": True, "quiet": True}
+                "fail_on_shortcut": True, "quiet": False}      # quiet: the verdict only
         return argparse.Namespace(**(base | kw))
 
     run = tmp_path / "run"
