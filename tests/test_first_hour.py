@@ -78,3 +78,25 @@ def test_fit_prior_says_which_of_prior_and_mean_image_is_better():
     assert "2.7x smaller" in better and "worse" not in better and "larger" not in better
     worse = versus_mean_image(0.027, 0.01)
     assert "2.7x larger" in worse and "no better than the mean image" in worse and "--epochs" in worse
+
+
+def test_evaluate_and_audit_rewrite_the_runs_report(trained, tmp_path, capsys):
+    root, data, model = trained
+    run = tmp_path / "run"
+    assert main(["explain", "--model", str(model), "--data", str(data / "Testing"), "--out", str(run),
+                 "--methods", "gradcam", "--limit", "4", "--quiet"]) == 0
+    before = (run / "report.html").read_text()
+    ev = ["evaluate", str(run), "--metrics", "deletion_auc", "--steps", "4", "--sanity-images", "0", "--quiet"]
+    assert main([*ev, "--no-report"]) == 0
+    assert (run / "report.html").read_text() == before                   # --no-report: left as it was
+    assert main(ev) == 0
+    assert f"report: {run / 'report.html'}" in capsys.readouterr().out
+    after = (run / "report.html").read_text()
+    assert after != before and "deletion" in after and "deletion" not in before
+    audit = tmp_path / "audit"
+    assert main(["audit", "--model", str(model), "--data", str(data / "Testing"), "--region", "0,0,8,8",
+                 "--methods", "gradcam", "--n-random", "2", "--limit", "4", "--out", str(audit)]) == 0
+    assert f"report: {audit / 'report.html'}" in capsys.readouterr().out and (audit / "report.html").is_file()
+    assert main(["audit", "--model", str(model), "--data", str(data / "Testing"), "--region", "0,0,8,8",
+                 "--methods", "", "--n-random", "2", "--limit", "4", "--out", str(tmp_path / "a2"), "--no-report"]) == 0
+    assert not (tmp_path / "a2" / "report.html").exists()

@@ -122,6 +122,11 @@ def audit_cmd(args) -> int:
     print(result["verdict"])
     if not getattr(args, "quiet", False):
         print(f"audit written to {out / 'audit.json'} and {out / 'audit.md'}")
+    if not getattr(args, "no_report", False):
+        from ..viz.report import write_report
+        report = write_report(out)
+        if not getattr(args, "quiet", False):
+            print(f"report: {report}")
     return 3 if getattr(args, "fail_on_shortcut", False) and result["relies_on_region"] else 0
 
 

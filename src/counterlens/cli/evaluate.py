@@ -61,6 +61,9 @@ def evaluate_cmd(args) -> int:
     print(f"wrote {df['path'].nunique()} images x {df['method'].nunique()} methods x {df['metric'].nunique()} "
           f"metrics to {run} (counterlens.open_run(RUN).metrics), metrics.csv, metrics_summary.csv, curves.json"
           + (", sanity.json" if sanity_images > 0 else ""))
+    if not getattr(args, "no_report", False):
+        from ..viz.report import write_report
+        print(f"report: {write_report(run)}")                  # the page shows the metrics just written
     return 0
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .common import batch_size_arg, comma_list, positive_int, preprocess_arg, share
 from .engine import add_engine_args
+from .run_spec import add_run_parser
 
 DEFAULT_METHODS = "gradcam,integrated_gradients"
 
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--quiet", action="store_true", help="no progress bar")
 
     add_fit_prior_parser(sub)
+    add_run_parser(sub)
 
     audit = sub.add_parser("audit", help="does the model rely on a suspected region (e.g. a marker)? flip rates and a verdict",
                            description="Inpaint a suspected region (a masks folder or a box) and random regions of the "
@@ -249,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace the results already in --out (needed when they were made with other settings)")
     audit.add_argument("--force", action="store_true",
                        help="write the run into a folder that holds other files (they are left untouched)")
+    audit.add_argument("--no-report", action="store_true", help="do not write report.html")
     audit.add_argument("--quiet", action="store_true",
                        help="print only the verdict (not where the files were written)")
 
@@ -281,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(ev)
     ev.add_argument("--workers", type=positive_int, default=None,
                     help="--engine ray: actors (default: as many as the cluster holds)")
+    ev.add_argument("--no-report", action="store_true", help="do not re-write RUN/report.html with the metrics")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sub.add_parser("methods", help="list the attribution methods with their defaults",
