@@ -30,6 +30,7 @@ import pandas as pd
 from ..errors import InputError
 from ..runs.store import open_run
 from . import report_data as rd
+from . import report_verdict as rv
 from .exports import counterfactual_grid_png, figure_name, write_case_figures, write_results_csv
 from .plots import curves_figure, figure_png, randomisation_figure
 from .report_cases import LOOK_FIRST, CaseContext, anchor, case_pages, look_first
@@ -74,7 +75,7 @@ def run_context(run, t: Tables, *, clip_percentile: float, case_href, notes: lis
     spec = run.spec
     model = spec.get("model", {}) or {}
     classes = run.classes
-    sanity = rd.read_json(run, "sanity.json", notes) or {}
+    sanity = rv.checked_sanity(rd.read_json(run, "sanity.json", notes) or {})   # verdicts as their numbers give them
     curves = rd.read_json(run, "curves.json", notes)
     audit = rd.read_json(run, "audit.json", notes)
     cases = t.cases
@@ -86,7 +87,12 @@ def run_context(run, t: Tables, *, clip_percentile: float, case_href, notes: lis
     grid = counterfactual_grid_png(run, t.cf)
     pos_of = dict(zip(cases["path"], cases["pos"]))
     names = [n for n in list(cases["label"].dropna()) + list(cases["prediction"].dropna())]
+    verdicts = rv.method_verdicts(method_names, sanity, t.pairs)
+    lists = look_first(cases, t.pairs)
+    first = rv.first_screen(rv.accuracy_verdict(cases, classes, run.multilabel),
+                            rv.audit_verdict(audit) if audit else None, verdicts, lists)
     return {
+        "first": first, "recommend": (verdicts["ranked"], verdicts["reason"]),
         "title": Path(run.root).resolve().name, "created": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "version": (spec.get("versions") or {}).get("counterlens", "?"), "clip_percentile": clip_percentile,
         "model": {"description": model.get("description", "?"), "hash": model.get("sha256"),
@@ -112,7 +118,7 @@ def run_context(run, t: Tables, *, clip_percentile: float, case_href, notes: lis
         "cf_summary": rd.counterfactual_summary(t.cf, t.cf_extra),
         "cf_grid_uri": data_uri(grid[0]) if grid else None,
         "cf_grid_rows": [{"path": p, "pos": int(pos_of[p])} for p in grid[1]] if grid else [],
-        "look_first": look_first(cases, t.pairs), "look_first_limit": LOOK_FIRST, "case_href": case_href,
+        "look_first": lists, "look_first_limit": LOOK_FIRST, "case_href": case_href,
         "notes": notes, "n_cases": len(cases),
         "filter_classes": list(dict.fromkeys(classes + sorted(set(map(str, names)) - set(classes)))),
         "outcomes": {o: int((cases["outcome"] == o).sum()) for o in rd.OUTCOMES},
@@ -162,7 +168,7 @@ def write_report(run_dir, *, clip_percentile: float = 0.5, out: str | Path | Non
     ctx = CaseContext(classes=context["classes"], prob_columns=rd.prob_columns(t.cases),
                       value_range=context["model"]["value_range"], clip_percentile=clip_percentile,
                       metric_order=t.metric_order, sanity=context.pop("sanity"), cf_extra=t.cf_extra, figures=present,
-                      multilabel=run.multilabel)
+                      multilabel=run.multilabel, recommend=context.pop("recommend"))
     context["n_figures"] = sum(figure_name(p) in present for p in t.cases["path"]) if present else 0
     context.update(page_assets())
     path = Path(out) if out else run_dir / "report.html"

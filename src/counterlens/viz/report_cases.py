@@ -27,6 +27,7 @@ from .report_data import (
     sanity_badge,
 )
 from .report_images import data_uri, difference_png, grey_png, map_png, scale_labels
+from .report_verdict import mark_recommended
 
 LOOK_FIRST = 25        # cases per "look first" list
 THUMB = 256            # the largest side of an image in the report (shown 200 px wide); larger ones are shrunk
@@ -45,6 +46,7 @@ class CaseContext:
     cf_extra: list[str] = field(default_factory=list)
     figures: set = field(default_factory=set)            # names of the case figures in RUN/figures/
     multilabel: bool = False                             # classes are findings, each with its own sigmoid
+    recommend: tuple = ((), "")                          # (methods best first, why): see report_verdict
 
 
 def anchor(pos: int) -> str:
@@ -96,7 +98,7 @@ def build_case(row: dict, arrays: dict | None, pair_rows: list[dict], cf_rows: l
             "prediction_name": _text(row["prediction"]), "outcome": row["outcome"],
             "outcome_text": OUTCOME_TEXT[row["outcome"]], "error": None, "overlays": [], "counterfactuals": [],
             "probs": [], "confidence": number(row["probability"]), "image_uri": None, "note": None,
-            "figure": None, "volume": None}
+            "figure": None, "volume": None, "recommend": None}
     name = figure_name(row["path"])
     case["figure"] = name if name in ctx.figures else None
     if row["status"] != "done":
@@ -133,6 +135,7 @@ def build_case(row: dict, arrays: dict | None, pair_rows: list[dict], cf_rows: l
             "labels": scale_labels(scale["vmin"], scale["vmax"], scale["signed"]), "badges": badges,
             "metrics": [{"name": m, "value": fmt(pair[m]), "hint": METRIC_HINTS.get(m, "")}
                         for m in ctx.metric_order if number(pair.get(m)) is not None]})
+    mark_recommended(case, list(ctx.recommend[0]), ctx.recommend[1])
     if ctx.multilabel and not case["overlays"] and pair_rows == [] and row["prediction"] == "none":
         case["note"] = "No finding reaches the probability that counts as present: no finding to explain."
     if image is not None and image.ndim == 4:         # a volume: the slice viewer (axial, coronal, sagittal)

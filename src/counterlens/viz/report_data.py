@@ -189,8 +189,8 @@ def sanity_badge(entry) -> dict | None:
         return None
     passed = bool(entry["passed"])
     return {"good": passed, "text": "sanity check passed" if passed else "sanity check failed",
-            "title": "model-parameter randomisation test: a method passes when its maps change as the "
-                     "model's weights are randomised (similarity below the threshold)"}
+            "title": entry.get("rule") or "model-parameter randomisation test: a method passes when its maps change as "
+                     "the model's weights are randomised (similarity below the threshold)"}
 
 
 # -- run level -------------------------------------------------------------------------------------
@@ -267,7 +267,9 @@ def sanity_rows(sanity: dict) -> list[dict]:
         sim = [s for s in (v.get("similarity") or []) if s is not None]
         rows.append({"method": method, "badge": sanity_badge(v), "threshold": fmt(v.get("threshold")),
                      "final": fmt(sim[-1]) if sim else "-", "random_logit": fmt(v.get("random_logit")),
-                     "layers": len(v.get("layers") or []), "measure": str(v.get("measure") or "")})
+                     "layers": len(v.get("layers") or []), "measure": str(v.get("measure") or ""),
+                     "cascade": fmt(v.get("cascade_mean") if v.get("cascade_mean") is not None
+                                    else (float(np.mean(sim)) if sim else None)), "rule": str(v.get("rule") or "")})
     return rows
 
 

@@ -32,7 +32,7 @@
   var controls = {
     label: byId("f-label"), prediction: byId("f-prediction"), outcome: byId("f-outcome"),
     confMin: byId("f-conf-min"), confMax: byId("f-conf-max"), sort: byId("f-sort"),
-    opacity: byId("f-opacity"), showCf: byId("f-show-cf"), reset: byId("f-reset")
+    opacity: byId("f-opacity"), showCf: byId("f-show-cf"), reset: byId("f-reset"), allMaps: byId("f-all-maps")
   };
   var methodBoxes = list(document.querySelectorAll("input.method-toggle"));
   var pagers = list(document.querySelectorAll("[data-pager]"));
@@ -90,6 +90,9 @@
     root.querySelectorAll("figure.ov").forEach(function (fig) {
       fig.hidden = on[fig.getAttribute("data-method")] === false;
     });
+    if (controls.allMaps && controls.allMaps.checked) {      /* the other maps of every case, opened */
+      root.querySelectorAll("details.other-maps").forEach(function (d) { d.open = true; });
+    }
     var showCf = !controls.showCf || controls.showCf.checked;
     root.querySelectorAll("figure.cf").forEach(function (fig) { fig.hidden = !showCf; });
   }
@@ -175,6 +178,11 @@
   });
   methodBoxes.forEach(function (box) { box.addEventListener("change", function () { applyToggles(gallery); }); });
   if (controls.showCf) { controls.showCf.addEventListener("change", function () { applyToggles(gallery); }); }
+  if (controls.allMaps) {
+    controls.allMaps.addEventListener("change", function () {
+      gallery.querySelectorAll("details.other-maps").forEach(function (d) { d.open = controls.allMaps.checked; });
+    });
+  }
   controls.opacity.addEventListener("input", setOpacity);
   controls.reset.addEventListener("click", function () { clearFilters(); applyFilters(); });
   pagers.forEach(function (p) {
