@@ -25,7 +25,8 @@ __all__ = ["COMMANDS", "build_parser", "main", "parse_params"]
 COMMANDS = {"data": ("data", "data_synth"), "train": ("train", "train"), "explain": ("explain", "explain"),
             "counterfactual": ("counterfactual", "counterfactual"), "fit-prior": ("fit_prior", "fit_prior_command"),
             "evaluate": ("evaluate", "evaluate_cmd"), "audit": ("audit", "audit_cmd"), "methods": ("methods", "methods"),
-            "report": ("report", "report"), "demo": ("demo", "demo")}
+            "report": ("report", "report"), "demo": ("demo", "demo"),
+            "run": ("run_spec", "run_spec")}
 
 
 def say_error(text: str) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .common import batch_size_arg, comma_list, positive_int, preprocess_arg, share
 from .engine import add_engine_args
+from .run_spec import add_run_parser
 
 DEFAULT_METHODS = "gradcam,integrated_gradients"
 
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--quiet", action="store_true", help="no progress bar")
 
     add_fit_prior_parser(sub)
+    add_run_parser(sub)
 
     audit = sub.add_parser("audit", help="does the model rely on a suspected region (e.g. a marker)? flip rates and a verdict",
                            description="Inpaint a suspected region (a masks folder or a box) and random regions of the "
