@@ -100,3 +100,30 @@ def test_evaluate_and_audit_rewrite_the_runs_report(trained, tmp_path, capsys):
     assert main(["audit", "--model", str(model), "--data", str(data / "Testing"), "--region", "0,0,8,8",
                  "--methods", "", "--n-random", "2", "--limit", "4", "--out", str(tmp_path / "a2"), "--no-report"]) == 0
     assert not (tmp_path / "a2" / "report.html").exists()
+
+
+def test_one_default_size_shown_in_help(tmp_path, capsys):
+    from PIL import Image
+
+    from counterlens.cli.parser import DEFAULT_SIZE
+    assert DEFAULT_SIZE == 64                                           # the demo's size
+    for words in (["data", "synth"], ["train"], ["fit-prior"], ["demo"]):
+        with pytest.raises(SystemExit):
+            main([*words, "--help"])
+        assert f"(default: {DEFAULT_SIZE}" in " ".join(capsys.readouterr().out.split()), words
+    assert main(["data", "synth", "chest-xray", "--out", str(tmp_path / "d"), "--n-train", "2", "--n-test", "2"]) == 0
+    png = next((tmp_path / "d" / "Training").rglob("*.png"))
+    assert Image.open(png).size == (DEFAULT_SIZE, DEFAULT_SIZE)
+
+
+def test_a_prior_of_another_size_than_the_model_is_one_line_naming_both(trained, tmp_path, capsys):
+    root, data, model = trained
+    prior = tmp_path / "prior16"
+    assert main(["fit-prior", "--data", str(data), "--out", str(prior), "--size", "16", "--epochs", "1",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["counterfactual", "--model", str(model), "--data", str(data / "Testing"), "--out",
+                 str(tmp_path / "cf"), "--prior", str(prior), "--limit", "2", "--steps", "5", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "fit on 16x16 images but the model takes 32x32" in err and "fit-prior --data DIR --size 32" in err

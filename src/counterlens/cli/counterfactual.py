@@ -46,6 +46,7 @@ def counterfactual_cmd(args) -> int:
     if args.prior is not None:
         from ..counterfactual.prior import AutoencoderPrior, class_prototypes
         prior = AutoencoderPrior.load(args.prior, device=clf.device)
+        check_prior_size(prior, clf.input_size or getattr(dataset, "size", None), args.prior)
         prior_weight = 0.0 if args.prototypes else args.prior_weight
         params.update(prior=prior, prior_weight=prior_weight if not args.latent else 0.0, latent=args.latent)
         if args.prototypes:
@@ -65,3 +66,15 @@ def counterfactual_cmd(args) -> int:
     if not args.no_report:
         print(f"report: {write_report(args.out)}")
     return 0
+
+
+def check_prior_size(prior, model_size, path) -> None:
+    """Refuse a prior fit on images of another size than the model's input (before any search)."""
+    fitted = prior.config.get("input_size")
+    if not fitted or not model_size or [int(s) for s in fitted] == [int(s) for s in model_size]:
+        return
+    fitted_text, model_text = "x".join(map(str, map(int, fitted))), "x".join(map(str, map(int, model_size)))
+    fix = (f"counterlens fit-prior --data DIR --size {int(model_size[0])} --out PRIOR" if len(set(model_size)) == 1
+           else f"counterlens fit-prior on images of {model_text}")
+    raise InputError(f"--prior {path} was fit on {fitted_text} images but the model takes {model_text}; fit a prior "
+                     f"at the model's size: {fix}")

@@ -10,7 +10,8 @@ from ..errors import InputError
 def data_synth(args) -> int:
     if args.kind == "brain-mri-3d":
         return _volumes(args)
-    args.size = 128 if args.size is None else args.size
+    from .parser import DEFAULT_SIZE
+    args.size = DEFAULT_SIZE if args.size is None else args.size
     if getattr(args, "slices", None) is not None:
         raise InputError(f"--slices sets the depth of brain-mri-3d volumes; drop it for {args.kind}")
     if args.shortcut_rate is not None and args.kind != "chest-xray":
