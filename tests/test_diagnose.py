@@ -226,7 +226,7 @@ def test_hounsfield_units_into_a_0_1_model_warn_with_the_flags_that_fix_it(ct_wo
     out = capsys.readouterr().out
     warning = next(line for line in out.splitlines() if line.startswith("warning: "))
     assert "(Hounsfield units?)" in warning and "outside the range the model takes (0..1, its model card's value_range)" \
-        in warning and "--value-range" in warning
+        in warning and "--value-range" in warning and "these DICOM files carry none" in warning
     assert "1 image: values in HU (no window); resized from 128x128 to 32x32" in out
     flags = warning.split("Add ")[1].split(" (maps")[0].split()              # --preprocess SPEC --value-range LOW HIGH
     assert flags[0] == "--preprocess" and flags[2] == "--value-range"

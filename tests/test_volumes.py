@@ -36,7 +36,7 @@ def _orientation(tilt: float):
 
 
 def write_series(hu: np.ndarray, folder: Path, spacing=(2.5, 0.8, 0.7), tilt=0.3, seed=0, *, names=None,
-                 positions=True, series_uid=None, slopes=None, window=None):
+                 positions=True, series_uid=None, slopes=None, window=None, description="test series"):
     """Write ``hu [D, H, W]`` (integers in HU) as one CT file per slice into ``folder``, in shuffled
     file names; slice k at origin + k * spacing[0] * normal. Returns the file of each slice."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -55,7 +55,7 @@ def write_series(hu: np.ndarray, folder: Path, spacing=(2.5, 0.8, 0.7), tilt=0.3
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "CT", series_uid, "1.2.3"
-        ds.SeriesDescription = "test series"
+        ds.SeriesDescription = description
         ds.Rows, ds.Columns = hu.shape[1:]
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
@@ -122,13 +122,27 @@ def test_dicom_series_by_instance_number_without_positions(tmp_path, ct_volume):
 
 def test_dicom_series_refused_clearly(tmp_path, ct_volume):
     files = write_series(ct_volume, tmp_path / "gap")
-    files[3].unlink()                                                     # one slice missing
-    with pytest.raises(DataFileError, match=r"not evenly spaced.*about 1 slice\(s\) missing"):
+    files[3].unlink()                                                     # one slice missing: filled, and said
+    with pytest.warns(UserWarning, match=r"gap: 1 slice\(s\) missing .*interpolation"):
+        s = read_series(tmp_path / "gap", window="none")
+    assert s.volume.shape == (1, 7, 12, 10) and s.missing == [3] and "1 slice(s) missing" in describe_series(s)
+    np.testing.assert_allclose(s.volume[0, 3], (ct_volume[2] + ct_volume[4]) / 2)
+    np.testing.assert_array_equal(s.volume[0, [0, 1, 2, 4, 5, 6]], ct_volume[[0, 1, 2, 4, 5, 6]])
+    for f in files[1:3]:
+        f.unlink()                                                        # 3 of 7 missing: too many to fill
+    with pytest.raises(DataFileError, match=r"3 of 7 slices are missing.*more than 25%"):
         read_series(tmp_path / "gap")
+    files = write_series(ct_volume, tmp_path / "uneven", seed=6)
+    ds = pydicom.dcmread(files[4])                                        # half a step off: not a gap of slices
+    ds.ImagePositionPatient = [float(v) + 0.5 * 2.5 * float(n) for v, n in
+                               zip(ds.ImagePositionPatient, np.cross(*_orientation(0.3)))]
+    ds.save_as(files[4])
+    with pytest.raises(DataFileError, match=r"not evenly spaced.*not a gap of whole slices"):
+        read_series(tmp_path / "uneven")
     write_series(ct_volume[:4], tmp_path / "mixed", seed=1)
     write_series(ct_volume[4:], tmp_path / "mixed", seed=2)              # a second series in the same folder
-    with pytest.raises(DataFileError, match=r"holds 2 DICOM series .*own folder"):
-        read_series(tmp_path / "mixed")
+    with pytest.raises(DataFileError, match=r"holds 2 DICOM series .*series=NAME .*own folder"):
+        read_series(tmp_path / "mixed")                                   # as one volume: which one? (see below)
     uid = generate_uid()
     write_series(ct_volume, tmp_path / "dup", seed=3, series_uid=uid)
     write_series(ct_volume[:1] + 5, tmp_path / "dup", seed=4, series_uid=uid)   # another slice at position 0
@@ -139,6 +153,35 @@ def test_dicom_series_refused_clearly(tmp_path, ct_volume):
     s = read_series(tmp_path / "copy", window="none")
     np.testing.assert_array_equal(s.volume[0], ct_volume)
     assert "read once" in s.notes[0]
+
+
+def test_folder_of_several_series_is_one_case_per_series(tmp_path, ct_volume):
+    """A study exported flat (two series in one folder) is split by SeriesInstanceUID: one case per series,
+    named by its SeriesDescription (path-safe) or, when that is repeated, its UID; orientation recorded."""
+    from counterlens.data.headers import file_info
+    from counterlens.data.series import series_names
+    study = tmp_path / "data" / "a" / "study"
+    write_series(ct_volume[:4], study, seed=1, description="T1 AX/post", window=(40, 400))
+    write_series(ct_volume[4:], study, seed=2, description="T2")
+    write_series(ct_volume, tmp_path / "data" / "b" / "patient2", seed=3)
+    vols = ImageFolder(tmp_path / "data", size=(3, 12, 10), window="none")
+    ids = [c.id for c in cl.runs.pipeline.cases_of(vols)]
+    assert ids == ["a/study/T1 AX_post", "a/study/T2", "b/patient2"]
+    assert [vols.classes[r.label] for r in vols.records] == ["a", "a", "b"]
+    assert vols.load(1)[0].shape == (1, 3, 12, 10)
+    flat = ImageFolder(tmp_path / "data" / "a", size=(3, 12, 10))        # a folder of (mixed) series: no labels
+    assert flat.classes == [] and [c.id for c in cl.runs.pipeline.cases_of(flat)] == ["study/T1 AX_post", "study/T2"]
+    np.testing.assert_array_equal(load_image(study / "T2", window="none", slice_index=None)[0], ct_volume[4:])
+    t1 = read_series(study, series="T1 AX/post".replace("/", "_"))       # by case name (or UID), window applied
+    assert t1.volume.shape == (1, 4, 12, 10) and 0 <= t1.volume.min() < t1.volume.max() <= 1
+    np.testing.assert_allclose(t1.orientation, np.concatenate(_orientation(0.3)), atol=1e-6)
+    assert file_info(study / "T2").shape == (3, 12, 10) and file_info(study / "T3") is None
+    write_series(ct_volume[:2], tmp_path / "same", seed=4, description="T2")
+    write_series(ct_volume[2:], tmp_path / "same", seed=5, description="T2")   # same description: UIDs
+    uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID) for f in (tmp_path / "same").iterdir()}
+    assert set(series_names(tmp_path / "same")) == uids
+    with pytest.raises(DataFileError, match=r"holds no series 'T9'; its series: "):
+        read_series(study, series="T9")
 
 
 def test_image_folder_takes_series_folders_and_nifti_as_volume_cases(tmp_path, ct_volume):
@@ -309,7 +352,8 @@ def test_volume_benchmark_smoke(tmp_path):
 
 def test_pydicom_bundled_series_folders_refused_with_the_reason():
     """pydicom's own MR study folders: MR2 mixes three series (pilots and a localizer), MR700 is a radial
-    acquisition (every slice at another orientation): neither is one volume, and each says why."""
+    acquisition (every slice at another orientation): neither is one volume, and each says why; a dataset
+    splits MR2 into its three series (the localizer reads, the three-plane pilots are refused)."""
     study = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892003"
     if not study.is_dir():
         pytest.skip("pydicom's bundled test files are not installed")
@@ -325,3 +369,7 @@ def test_pydicom_bundled_series_folders_refused_with_the_reason():
     one = read_series(study / "MR2", series=str(head.SeriesInstanceUID), window="none")   # one series by UID
     ds = pydicom.dcmread(study / "MR2" / name)
     np.testing.assert_array_equal(one.volume[0, 0], pydicom.pixels.apply_modality_lut(ds.pixel_array, ds))
+    cases = [r.path for r in ImageFolder(study, size=(4, 8, 8)).records if r.path.parent.name == "MR2"]
+    assert len(cases) == 3 and study / "MR2" / "FAST LOCALIZER" in cases          # a dataset: one case per series
+    np.testing.assert_array_equal(load_image(study / "MR2" / "FAST LOCALIZER", window="none", slice_index=None)[0],
+                                  one.volume[0])

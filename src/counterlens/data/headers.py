@@ -45,7 +45,7 @@ def file_info(path) -> FileInfo | None:
     """The file's channels and shape from its header; None when that cannot be told without
     decoding (the reader then says what is wrong when the file is read)."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or not path.exists():                # a series folder, or one series of a mixed folder
         return _series(path)
     if not path.is_file():
         return None
@@ -146,9 +146,9 @@ def _dicom(path: Path) -> FileInfo | None:
 
 def _series(folder: Path) -> FileInfo | None:
     """A DICOM series folder (one file per slice): its first file's header, one slice per file."""
-    from .series import dicom_files
+    from .series import series_files
     try:
-        files = dicom_files(folder)
+        files = series_files(folder)
         first = _dicom(files[0]) if files else None
     except Exception:  # noqa: BLE001
         return None

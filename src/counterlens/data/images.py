@@ -85,15 +85,18 @@ def _slice_mode(slice_index, size):
 def _read(path, slice_index="middle", window="auto", hint=None) -> np.ndarray:
     """Read any supported file into ``[C, *S]`` float32 data space (no resize, no channel change)."""
     path = Path(path)
-    if not path.exists():
+    from .series import dicom_files, read_series, series_of_case
+    case = series_of_case(path)                            # "folder/<series>": one series of a mixed folder
+    if not path.exists() and case is None:
         raise DataFileError(path, "file does not exist; check the path")
-    from .series import dicom_files, read_series
     if path.is_dir() and not dicom_files(path):
         raise DataFileError(path, "is a folder, not an image file (nor a DICOM series folder); use ImageFolder for "
                                   "folders")
     suffix = R.suffix_of(path)
     try:
-        if path.is_dir():                                  # a DICOM series: one file per slice, one volume
+        if case is not None:
+            arr = read_series(case[0], window=window, series=case[1]).volume
+        elif path.is_dir():                                # a DICOM series: one file per slice, one volume
             arr = read_series(path, window=window).volume
         elif suffix in R.PIL_SUFFIXES:
             arr = R.read_pil(path, hint)

@@ -12,13 +12,22 @@ Values: each slice's modality LUT (its own RescaleSlope/Intercept, e.g. Hounsfie
 applied to the whole volume, scaled to [0, 1], as :func:`~counterlens.data._readers.read_dicom` does
 for one file. MONOCHROME1 is inverted.
 
+Several series in one folder (a study exported flat) are separated by ``SeriesInstanceUID``: a volume
+dataset makes each a case ``folder/<name>`` (:func:`series_names`: the SeriesDescription, or the UID
+when that is empty or repeated); ``read_series(folder, series=UID or name)`` reads one. Missing
+slices (gaps of whole slice steps, at most :data:`MAX_MISSING_FRACTION` of them) are filled by linear
+interpolation between their neighbours and reported (a warning naming the folder and how many,
+:attr:`Series.missing`), so the volume keeps the even spacing a model and the slice viewer assume.
+
 Refused, with a :class:`~counterlens.errors.DataFileError` naming the folder and the fix: several
-series in one folder, slices of different size or orientation, two different slices at one
-position, uneven spacing (a gap: missing slices), slices with neither position nor instance number.
-The same file stored twice (same SOPInstanceUID) is read once.
+series read as one volume (no ``series=``), slices of different size or orientation in a series,
+two different slices at one position, uneven spacing that is not a gap of whole slices, more missing
+slices than :data:`MAX_MISSING_FRACTION`, slices with neither position nor instance number. The
+same file stored twice (same SOPInstanceUID) is read once.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +38,8 @@ from . import _readers as R
 
 #: Slice spacing may vary by this fraction of the median before the series counts as having a gap.
 GAP_TOLERANCE = 0.1
+#: At most this fraction of a series' slices may be missing (and filled by interpolation); more is refused.
+MAX_MISSING_FRACTION = 0.25
 
 
 @dataclass
@@ -44,6 +55,8 @@ class Series:
     description: str = ""
     sorted_by: str = "position"             #: "position" or "instance number"
     notes: list[str] = field(default_factory=list)
+    orientation: tuple[float, ...] | None = None  #: ImageOrientationPatient: row then column direction (LPS)
+    missing: list[int] = field(default_factory=list)  #: slice indices filled by interpolation (gaps)
 
 
 _OTHER_SUFFIXES = (*R.PIL_SUFFIXES, *R.TIFF_SUFFIXES, *R.NIFTI_SUFFIXES, ".npy", ".txt", ".csv", ".json", ".md")
@@ -65,9 +78,72 @@ def dicom_files(folder) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _is_dicom_path(p)), key=lambda p: p.name)
 
 
+_SAFE = str.maketrans({c: "_" for c in '/\\:*?"<>|'})
+_TABLES: dict[Path, tuple] = {}          # folder -> (its files' names, mtimes and sizes, its series table)
+
+
+def _series_table(folder: Path) -> list[tuple[str, str, list[Path]]]:
+    """``(uid, description, files)`` per series of the DICOM files directly in ``folder`` (headers only:
+    SeriesInstanceUID and SeriesDescription), in order of their first file; cached while the folder's
+    files are unchanged."""
+    files = dicom_files(folder)
+    key = tuple((f.name, st.st_mtime_ns, st.st_size) for f in files for st in [f.stat()])
+    hit = _TABLES.get(folder)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    import pydicom
+
+    groups: dict[str, tuple[str, list[Path]]] = {}
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True,
+                                 specific_tags=["SeriesInstanceUID", "SeriesDescription"])
+        except Exception:  # noqa: BLE001 - read_series names the unreadable file
+            ds = {}
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        groups.setdefault(uid, (" ".join(str(ds.get("SeriesDescription", "") or "").split()), []))[1].append(f)
+    table = [(uid, desc, paths) for uid, (desc, paths) in groups.items()]
+    if len(_TABLES) > 64:
+        _TABLES.clear()
+    _TABLES[folder] = (key, table)
+    return table
+
+
+def series_names(folder) -> dict[str, str]:
+    """``{case name: SeriesInstanceUID}`` of the series in ``folder``: the SeriesDescription with path
+    characters replaced by ``_``, or the UID when the description is empty, repeated or names a file
+    of the folder (``"(no SeriesInstanceUID)"`` for files without one); sorted by name."""
+    folder = Path(folder)
+    table = _series_table(folder)
+    descs = [d.translate(_SAFE).strip(". ") for _, d, _ in table]
+    taken = {p.name for p in folder.iterdir()}
+    names = {(d if d and descs.count(d) == 1 and d not in taken else uid or "(no SeriesInstanceUID)"): uid
+             for (uid, _, _), d in zip(table, descs)}
+    return dict(sorted(names.items()))
+
+
+def series_of_case(path) -> tuple[Path, str] | None:
+    """``(folder, SeriesInstanceUID)`` when ``path`` is a case ``folder/<name>`` of a folder holding
+    several series (see :func:`series_names`) rather than a file; else None."""
+    path = Path(path)
+    if path.exists() or not path.parent.is_dir():
+        return None
+    names = series_names(path.parent) if dicom_files(path.parent) else {}
+    return (path.parent, names[path.name]) if len(names) > 1 and path.name in names else None
+
+
+def series_files(path) -> list[Path]:
+    """The DICOM files of a series folder, or of one series case ``folder/<name>``."""
+    case = series_of_case(path)
+    if case is None:
+        return dicom_files(path)
+    return next(files for uid, _, files in _series_table(case[0]) if uid == case[1])
+
+
 def group_series(paths: list[Path]) -> list[Path]:
     """``paths`` (image files) with the DICOM files of every folder holding two or more of them
-    replaced by that folder, once, where its first file was: the cases of a volume dataset."""
+    replaced by that folder, once, where its first file was: the cases of a volume dataset. A folder
+    holding several series gives one case per series, ``folder/<name>`` (:func:`series_names`)."""
     per_dir: dict[Path, int] = {}
     for p in paths:
         if _is_dicom_path(p):
@@ -77,7 +153,8 @@ def group_series(paths: list[Path]) -> list[Path]:
         if _is_dicom_path(p) and per_dir[p.parent] >= 2:
             if p.parent not in seen:
                 seen.add(p.parent)
-                out.append(p.parent)
+                names = series_names(p.parent)
+                out.extend([p.parent / n for n in names] if len(names) > 1 else [p.parent])
         else:
             out.append(p)
     return out
@@ -85,13 +162,14 @@ def group_series(paths: list[Path]) -> list[Path]:
 
 def series_cases(found: list[tuple[Path, str | None]], root: Path) -> list[tuple[Path, str | None]]:
     """Volume mode: the DICOM slices of one folder become one case, the folder (a series, read by
-    :func:`counterlens.data.series.read_series`). When every "class folder" is itself one series, the
-    folder is a flat set of series (no labels)."""
+    :func:`counterlens.data.series.read_series`). When every "class folder" is itself one series (or
+    a folder of several), the folder is a flat set of series (no labels)."""
     by_class: dict[str | None, list[Path]] = {}
     for p, name in found:
         by_class.setdefault(name, []).append(p)
     out = [(p, name) for name, paths in by_class.items() for p in group_series(paths)]
-    if out and all(name is not None and p == root / name for p, name in out):
+    if out and all(name is not None and (p == root / name or (p.parent == root / name and not p.exists()))
+                   for p, name in out):                      # series folders (or folders of several series)
         out = [(p, None) for p, _ in out]
     return out
 
@@ -124,23 +202,25 @@ def _pick_series(folder: Path, files, heads, series):
     for i, u in enumerate(uids):
         groups.setdefault(u, []).append(i)
     if series is not None:
-        if str(series) not in groups:
-            raise DataFileError(folder, f"holds no series {series!r}; its series: {', '.join(map(repr, groups))}")
-        keep = groups[str(series)]
+        names = series_names(folder) if len(groups) > 1 else {}
+        uid = names.get(str(series), str(series))
+        if uid not in groups:
+            raise DataFileError(folder, f"holds no series {series!r}; its series: "
+                                        f"{', '.join(map(repr, names or groups))}")
+        keep = groups[uid]
     elif len(groups) > 1:
-        parts = []
-        for u, idx in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-            desc = str(heads[idx[0]].get("SeriesDescription", "")).strip()
-            parts.append(f"{u or '(no SeriesInstanceUID)'}: {len(idx)} files" + (f" '{desc}'" if desc else ""))
+        names = series_names(folder)
+        parts = [f"{n!r}: {len(groups.get(u, []))} files" for n, u in names.items()]
         raise DataFileError(folder, f"holds {len(groups)} DICOM series ({'; '.join(parts)}); a folder is read as "
-                                    "one volume: move each series into its own folder (or pass series=UID)")
+                                    "one volume: read one with series=NAME (a dataset makes each its own case "
+                                    f"{folder.name}/NAME), or move each series into its own folder")
     else:
         keep = list(range(len(files)))
     return [files[i] for i in keep], [heads[i] for i in keep]
 
 
 def _order(folder: Path, files, heads):
-    """(order, positions along the normal or None, normal or None, sorted_by, notes)."""
+    """(order, positions along the normal or None, normal or None, sorted_by, notes, orientation or None)."""
     orient = [_floats(h.get("ImageOrientationPatient"), 6) for h in heads]
     pos = [_floats(h.get("ImagePositionPatient"), 3) for h in heads]
     if all(o is not None for o in orient) and all(p is not None for p in pos):
@@ -157,7 +237,7 @@ def _order(folder: Path, files, heads):
         normal /= np.linalg.norm(normal)
         z = np.asarray(pos) @ normal
         order = np.argsort(z, kind="stable")
-        return order, z[order], tuple(float(v) for v in normal), "position", []
+        return order, z[order], tuple(float(v) for v in normal), "position", [], tuple(float(v) for v in o[0])
     numbers = [h.get("InstanceNumber") for h in heads]
     if all(n is not None and str(n).strip() != "" for n in numbers):
         nums = np.asarray([int(n) for n in numbers])
@@ -166,7 +246,7 @@ def _order(folder: Path, files, heads):
             raise DataFileError(folder, "slices have no ImagePositionPatient and repeat InstanceNumbers; "
                                         "cannot order them: export the series with positions")
         return order, None, None, "instance number", [
-            "no ImagePositionPatient in some slices: ordered by InstanceNumber, slice spacing from the header"]
+            "no ImagePositionPatient in some slices: ordered by InstanceNumber, slice spacing from the header"], None
     raise DataFileError(folder, "slices have neither ImagePositionPatient nor InstanceNumber, so their order is "
                                 "unknown; export the series with positions, or stack it into one NIfTI file")
 
@@ -188,27 +268,48 @@ def _dedupe(folder, files, heads, z):
     return keep
 
 
-def _spacing_along(folder, files, heads, z, notes) -> float:
+def _spacing_along(folder, files, heads, z, notes) -> tuple[float, np.ndarray]:
+    """(slice step in mm, the index of each slice on the even grid of that step: 0..D-1 with the
+    missing slices' indices absent)."""
+    grid = np.arange(len(files))
     if z is None or len(z) < 2:
         for key in ("SpacingBetweenSlices", "SliceThickness"):
             v = _floats([heads[0].get(key)], 1) if heads[0].get(key) is not None else None
             if v is not None and v[0] > 0:
-                return v[0]
+                return v[0], grid
         notes.append("slice spacing unknown: 1 mm assumed")
-        return 1.0
+        return 1.0, grid
     d = np.diff(z)
     step = float(np.median(d))
-    off = np.abs(d - step) > max(GAP_TOLERANCE * step, 1e-3)
+    steps = np.round(d / step)
+    off = np.abs(d - np.maximum(steps, 1) * step) > max(GAP_TOLERANCE * step, 1e-3)
     if off.any():
-        k = int(np.argmax(np.abs(d - step)))
-        missing = f", about {round(d[k] / step) - 1} slice(s) missing" if d[k] > step else ""
+        k = int(np.argmax(off))
         raise DataFileError(folder, f"slices are not evenly spaced: {d[k]:.3g} mm between {files[k].name} and "
-                                    f"{files[k + 1].name} where the others are {step:.3g} mm apart{missing}; "
-                                    "complete the series (or resample it into one NIfTI file)")
-    return step
+                                    f"{files[k + 1].name} where the others are {step:.3g} mm apart (not a gap of "
+                                    "whole slices); resample the series into one NIfTI file")
+    grid = np.concatenate([[0], np.cumsum(steps)]).astype(np.int64)
+    missing = int(grid[-1]) + 1 - len(files)
+    if missing > MAX_MISSING_FRACTION * (grid[-1] + 1):
+        raise DataFileError(folder, f"{missing} of {grid[-1] + 1} slices are missing (gaps in the positions every "
+                                    f"{step:.3g} mm), more than {MAX_MISSING_FRACTION:.0%} can be filled in; complete "
+                                    "the series (or resample it into one NIfTI file)")
+    return step, grid
 
 
-def _pixels(folder, files, heads, window) -> np.ndarray:
+def _fill_gaps(vol: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """``vol [n, H, W]`` of the slices at ``grid`` -> ``[grid[-1] + 1, H, W]``, the missing slices
+    linearly interpolated between their neighbours."""
+    full = np.empty((int(grid[-1]) + 1, *vol.shape[1:]), np.float32)
+    full[grid] = vol
+    for a, b in zip(grid[:-1], grid[1:]):
+        for k in range(a + 1, b):
+            t = (k - a) / (b - a)
+            full[k] = (1 - t) * full[a] + t * full[b]
+    return full
+
+
+def _pixels(folder, files, heads, window, grid) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut
 
@@ -222,18 +323,21 @@ def _pixels(folder, files, heads, window) -> np.ndarray:
                                         "not in a folder with other slices")
         if int(h.get("SamplesPerPixel", 1) or 1) != 1:
             raise DataFileError(folder, f"{f.name} is a colour image; series folders are read as grey volumes")
-    R.check_size(folder, (len(files), rows, cols), "DICOM series")
+    R.check_size(folder, (int(grid[-1]) + 1, rows, cols), "DICOM series")
     vol = np.empty((len(files), rows, cols), np.float32)
     ref = None
     for k, f in enumerate(files):
+        ds = None
         try:
             ds = pydicom.dcmread(f, force=True)
             vol[k] = apply_modality_lut(ds.pixel_array, ds)
         except Exception as exc:  # noqa: BLE001
-            raise DataFileError(f, f"cannot read the pixel data of this slice of series {folder} ({exc}); "
-                                   "replace or remove the file") from exc
+            reason = R.decode_failure(ds, exc) if ds is not None else f"cannot read the file ({exc})"
+            raise DataFileError(f, f"{reason}; this is a slice of series {folder}: replace or remove it") from exc
         if k == len(files) // 2:
             ref = ds
+    if len(files) < grid[-1] + 1:
+        vol = _fill_gaps(vol, grid)
     mono1 = str(ref.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
     windowed = False
     if window == "auto":
@@ -250,7 +354,8 @@ def read_series(folder, *, window: str = "auto", series: str | None = None) -> S
     """Read the DICOM files directly in ``folder`` as one volume (see the module docstring).
 
     ``window``: "auto" (apply the middle slice's VOI window, scaled to [0, 1]) or "none" (modality
-    values, e.g. HU). ``series``: the SeriesInstanceUID to read when the folder holds several.
+    values, e.g. HU). ``series``: the SeriesInstanceUID, or the case name (:func:`series_names`), of
+    the series to read when the folder holds several.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -260,31 +365,40 @@ def read_series(folder, *, window: str = "auto", series: str | None = None) -> S
         raise DataFileError(folder, "holds no DICOM files (.dcm, .dicom, or files with the DICM marker)")
     heads = _headers(folder, files)
     files, heads = _pick_series(folder, files, heads, series)
-    order, z, normal, sorted_by, notes = _order(folder, files, heads)
+    order, z, normal, sorted_by, notes, orientation = _order(folder, files, heads)
     files, heads = [files[i] for i in order], [heads[i] for i in order]
     keep = _dedupe(folder, files, heads, z)
     if len(keep) < len(files):
         notes.append(f"{len(files) - len(keep)} repeated file(s) of the same instance read once")
     files, heads = [files[i] for i in keep], [heads[i] for i in keep]
     z = z[keep] if z is not None else None
-    step = _spacing_along(folder, files, heads, z, notes)
+    step, grid = _spacing_along(folder, files, heads, z, notes)
     pixel = _floats(heads[0].get("PixelSpacing"), 2)
     if pixel is None:
         notes.append("no PixelSpacing: 1 mm pixels assumed")
         pixel = (1.0, 1.0)
-    vol = _pixels(folder, files, heads, window)
+    vol = _pixels(folder, files, heads, window, grid)
+    missing = sorted(set(range(int(grid[-1]) + 1)) - set(grid.tolist()))
+    if missing:
+        where = f"series {series!r} of " if series is not None else ""
+        text = (f"{len(missing)} slice(s) missing (gaps in the positions, every {step:.3g} mm), filled by linear "
+                f"interpolation between their neighbours: volume slice(s) {', '.join(map(str, missing[:8]))}"
+                + (", ..." if len(missing) > 8 else ""))
+        notes.append(text)
+        warnings.warn(f"{where}{folder}: {text}; complete the series if they matter", stacklevel=2)
     origin = _floats(heads[0].get("ImagePositionPatient"), 3)
     return Series(volume=vol[None], spacing=(float(step), float(pixel[0]), float(pixel[1])), files=files,
                   origin=origin, normal=normal, series_uid=str(heads[0].get("SeriesInstanceUID", "")) or None,
-                  description=str(heads[0].get("SeriesDescription", "")).strip(), sorted_by=sorted_by, notes=notes)
+                  description=str(heads[0].get("SeriesDescription", "")).strip(), sorted_by=sorted_by, notes=notes,
+                  orientation=orientation, missing=missing)
 
 
 def header_spacing(folder) -> tuple[tuple[float, float, float], tuple[int, int, int]] | None:
-    """``(spacing (D, H, W) mm, shape (D, H, W))`` of a series folder from its first file's header
+    """``(spacing (D, H, W) mm, shape (D, H, W))`` of a series folder (or series case) from its first file's header
     alone (slice spacing: SpacingBetweenSlices, else SliceThickness), for display; None when unknown."""
     import pydicom
 
-    files = dicom_files(folder)
+    files = series_files(folder)
     if not files:
         return None
     ds = pydicom.dcmread(files[0], stop_before_pixels=True, force=True)

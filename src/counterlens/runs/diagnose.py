@@ -253,7 +253,8 @@ def diagnose(clf, dataset, *, one_size: bool = False, sample: int = 4) -> Diagno
             raise InputError(f"the model cannot run on the images in {root} (read as shape {tuple(images[0].shape)}; it "
                              f"said: {error}): describe its input with --channels N, --size H W or --preprocess, or give "
                              "a model card")
-    warnings = [w for w in [_value_range_advice(clf, images, root, any(i.bits == 16 for i in known))] if w]
+    raw_dicom = any(i.format.startswith("DICOM") and i.channels == 1 and not i.window for i in known)
+    warnings = [w for w in [_value_range_advice(clf, images, root, any(i.bits == 16 for i in known), raw_dicom)] if w]
     if images and not clf.value_range:
         lo, hi = float(min(np.min(x) for x in images)), float(max(np.max(x) for x in images))
         notes.append(f"values {lo:.4g}..{hi:.4g} in the {len(images)} images sampled; the range the model takes is not "
@@ -296,9 +297,10 @@ def _try_image(clf, image: np.ndarray) -> str | None:
     return None
 
 
-def _value_range_advice(clf, images, root, sixteen_bit: bool = False) -> str | None:
+def _value_range_advice(clf, images, root, sixteen_bit: bool = False, raw_dicom: bool = False) -> str | None:
     """When the sampled values lie outside the model's value_range, or 16-bit files fill only a small
-    part of it (10- or 12-bit data): what maps one onto the other."""
+    part of it (10- or 12-bit data): what maps one onto the other. ``raw_dicom``: some files are DICOM
+    without a window of their own (the loader windows only those that carry one; no window flag)."""
     if not clf.value_range or not images:
         return None
     a, b = clf.value_range
@@ -316,8 +318,11 @@ def _value_range_advice(clf, images, root, sixteen_bit: bool = False) -> str | N
     return (f"the images in {root} have values {lo:.4g}..{hi:.4g}{hu} in the {len(images)} sampled, outside the range "
             f"the model takes ({a:g}..{b:g}, {_who(clf, 'value_range')}): the explanations would be of inputs it never "
             f"saw. Add --preprocess {_normalize_flag(clf, lo - a * std, std)} --value-range {lo:.4g} {hi:.4g} (maps the "
-            f"data onto {a:g}..{b:g} inside the model), window the data (DICOM window), or pass --value-range alone if "
-            "the card's range is wrong")
+            f"data onto {a:g}..{b:g} inside the model), "
+            + ("window the data before (the loader applies only a DICOM file's own window and these DICOM files "
+               "carry none; the command line has no window flag)" if raw_dicom else
+               "window the data (a DICOM file's own window is applied by default)")
+            + ", or pass --value-range alone if the card's range is wrong")
 
 
 def _normalize_flag(clf, mean: float, std: float) -> str:
