@@ -12,6 +12,7 @@ from .engine import add_engine_args
 from .run_spec import add_run_parser
 
 DEFAULT_METHODS = "gradcam,integrated_gradients"
+DEFAULT_SIZE = 64          # data synth, train, fit-prior and demo: one image side unless --size says otherwise
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--n-train", type=int, default=1600, help="training images (default: 1600)")
     synth.add_argument("--n-test", type=int, default=400, help="test images (default: 400)")
     synth.add_argument("--size", type=int, default=None,
-                       help="image side in pixels (default: 128; brain-mri-3d: 32, the volume's side)")
+                       help=f"image side in pixels (default: {DEFAULT_SIZE}; brain-mri-3d: 32, the volume's side)")
     synth.add_argument("--slices", type=int, default=None,
                        help="brain-mri-3d: axial slices per volume, for anisotropic voxels (default: --size)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -117,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train on whole volumes (NIfTI, DICOM series folders) resized to SIZE^3 with the 3-D "
                             "version of --arch (implied by brain-tumor-cnn3d)")
     train.add_argument("--out", required=True, type=Path, help="model directory to write")
-    train.add_argument("--size", type=int, default=64, help="input side the model is built for (default: 64)")
+    train.add_argument("--size", type=int, default=DEFAULT_SIZE,
+                       help=f"input side the model is built for (default: {DEFAULT_SIZE})")
     train.add_argument("--width", type=float, default=1.0, help="channel-width multiplier (default: 1.0)")
     train.add_argument("--epochs", type=int, default=8, help="training epochs (default: 8)")
     train.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
@@ -313,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where data and model go (default: next to the run, OUT-work)")
     demo.add_argument("--n-train", type=int, default=1600, help="training images (default: 1600)")
     demo.add_argument("--n-test", type=int, default=400, help="test images (default: 400)")
-    demo.add_argument("--size", type=int, default=64, help="image side (default: 64)")
+    demo.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"image side (default: {DEFAULT_SIZE})")
     demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
     demo.add_argument("--cases", type=int, default=16, help="test images to explain (default: 16)")
     demo.add_argument("--methods", type=comma_list, default=["all"],
@@ -348,8 +350,8 @@ def add_fit_prior_parser(subparsers) -> argparse.ArgumentParser:
                     "MSE on DATA/Testing when present, next to the mean-image baseline.")
     p.add_argument("--data", required=True, type=Path, help="image folder (class subfolders or flat)")
     p.add_argument("--out", required=True, type=Path, metavar="PRIOR", help="folder to write the prior to")
-    p.add_argument("--size", type=positive_int, default=64,
-                   help="image side the images are resized to; use the model's input size (default: 64)")
+    p.add_argument("--size", type=positive_int, default=DEFAULT_SIZE,
+                   help=f"image side the images are resized to; use the model's input size (default: {DEFAULT_SIZE})")
     p.add_argument("--channels", type=int, choices=(1, 3), default=1, help="image channels (default: 1, grey)")
     p.add_argument("--epochs", type=positive_int, default=30, help="training epochs (default: 30)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="training batch size (default: 64)")
