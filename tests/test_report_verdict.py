@@ -4,12 +4,14 @@ each case, and user data escaped. tests/browser/test_first_screen.py opens it in
 import json
 import re
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 from test_report import EVIL_CLASS, make_run
 
 from counterlens.viz import report_verdict as rv
+from counterlens.viz.plots import randomisation_figure
 from counterlens.viz.report import write_report
 
 LAYERS = ["classifier.3", "classifier.0", "features.6", "features.3", "features.0"]
@@ -47,6 +49,11 @@ def test_sanity_verdict_states_the_rule_and_its_numbers():
     old = rv.sanity_verdict(entry([0.97, 0.96, 0.95, 0.9, 0.09], True))
     assert old["passed"] is False and "sanity.json says passed" in old["text"]
     assert rv.checked_sanity({"smoothgrad": entry([0.97, 0.96, 0.95, 0.9, 0.09], True)})["smoothgrad"]["passed"] is False
+    # the plot's legend carries the same two numbers and the same verdict
+    legend = randomisation_figure(rv.checked_sanity({"smoothgrad": entry([0.97, 0.96, 0.95, 0.9, 0.09], True)}))
+    assert [t.get_text() for t in legend.axes[0].get_legend().get_texts()] == [
+        "smoothgrad \u2717 failed (last 0.09, mean 0.77)"]
+    plt.close(legend)
     broken = rv.sanity_verdict({"layers": [], "similarity": [], "passed": None, "error": "no spatial layer"})
     assert broken["passed"] is None and broken["text"] == "could not run: no spatial layer"
     assert rv.sanity_verdict(None) is None
@@ -168,3 +175,13 @@ def test_report_without_metrics_says_how_to_get_them_and_escapes_errors(tmp_path
     v = verdict_section(html)
     assert "could not run: &lt;b&gt;no layer&lt;/b&gt;" in v and "<b>no layer</b>" not in html
     assert "no faithfulness metrics" in v and "guided_backprop passed the sanity check" in v
+
+
+def test_paged_report_has_the_verdict_on_its_index_and_recommended_maps_on_its_pages(tmp_path):
+    run = make_run(tmp_path / "run", n=5, n_cf=0, failed=0)
+    index = write_report(run, single_file_max=3, page_size=2)
+    v = verdict_section(index.read_text())
+    assert "Trust the maps of gradcam" in v and "labelled images" in v
+    page = (run / "report" / "gallery" / "page-00001.html").read_text()
+    assert page.count("Recommended map: gradcam") == 2 and page.count('<details class="other-maps">') == 2
+    assert 'id="f-all-maps"' in page

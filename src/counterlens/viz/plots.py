@@ -215,6 +215,10 @@ def randomisation_figure(sanity: dict, *, width: float = 6.4):
         passed = v.get("passed")
         verdict = "" if passed is None else (" \u2713 passed" if passed else " \u2717 failed")
         similarity = [np.nan if s is None else float(s) for s in v["similarity"]]
+        finite = [s for s in similarity if not np.isnan(s)]
+        if finite and passed is not None:     # the two numbers of the pass rule: the last point and the mean
+            mean = v.get("cascade_mean") if v.get("cascade_mean") is not None else float(np.mean(finite))
+            verdict += f" (last {finite[-1]:.2f}, mean {float(mean):.2f})"
         ax.plot(range(len(similarity)), similarity, marker="o", ms=3, lw=1.6, color=colour,
                 label=f"{method}{verdict}")
         if v.get("threshold") is not None:
@@ -226,7 +230,7 @@ def randomisation_figure(sanity: dict, *, width: float = 6.4):
     ax.tick_params(axis="y", labelsize=7)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title("model-parameter randomisation (a method that passes changes its maps; dashed: threshold)",
-                 fontsize=9)
+    ax.set_title("model-parameter randomisation (passes when the last point and the mean are below the dashed "
+                 "threshold)", fontsize=9)
     fig.tight_layout()
     return fig
