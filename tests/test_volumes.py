@@ -180,6 +180,11 @@ def test_folder_of_several_series_is_one_case_per_series(tmp_path, ct_volume):
     write_series(ct_volume[2:], tmp_path / "same", seed=5, description="T2")   # same description: UIDs
     uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID) for f in (tmp_path / "same").iterdir()}
     assert set(series_names(tmp_path / "same")) == uids
+    (tmp_path / "m").mkdir()
+    uid = sorted(uids)[0]
+    np.save(tmp_path / "m" / f"{uid}.npy", np.ones(read_series(tmp_path / "same", series=uid).volume.shape[1:]))
+    same = ImageFolder(tmp_path / "same", size=(2, 12, 10), masks=tmp_path / "m")   # masks match a UID-named case
+    assert [r.mask_path is not None for r in same.records] == [True, False] and same.load(0)[2].all()
     with pytest.raises(DataFileError, match=r"holds no series 'T9'; its series: "):
         read_series(study, series="T9")
 

@@ -187,7 +187,7 @@ def load_mask(path, *, size: tuple[int, ...] | int | None = None, slice_index: i
 
 
 def _stem(path: Path) -> str:
-    if path.is_dir():
+    if path.is_dir() or not path.exists():          # a series folder, or one series of a mixed folder (a UID)
         return path.name
     name = path.name
     return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
