@@ -3,7 +3,6 @@ which maps to trust, what to look at first) are visible without scrolling, each 
 recommended map with the others one click away, and nothing goes to the console. The screenshot
 is kept in the browser tests' artifacts folder (test-artifacts/first-screen.png)."""
 import pytest
-from tests.browser.conftest import Watched
 
 pytestmark = pytest.mark.slow
 
@@ -11,16 +10,11 @@ VIEWPORT = {"width": 1280, "height": 800}
 VERDICTS = ("#v-accuracy", "#v-audit", "#v-trust", "#v-look")
 
 
-@pytest.fixture
-def small_screen(browser):
-    context = browser.new_context(viewport=VIEWPORT, java_script_enabled=True)
-    yield Watched(context.new_page())
-    context.close()
-
-
-def test_first_screen_shows_the_verdicts_above_the_fold(demo_run, small_screen, artifacts):
+def test_first_screen_shows_the_verdicts_above_the_fold(demo_run, watched, artifacts):
     run, facts = demo_run
-    page = small_screen.open(run / "report.html")
+    watched.page.set_viewport_size(VIEWPORT)           # a laptop screen, not the fixture's 1400x1000
+    page = watched.open(run / "report.html")
+    assert page.viewport_size == VIEWPORT
     assert page.evaluate("window.scrollY") == 0
     for selector in VERDICTS:
         box = page.locator(selector).bounding_box()
@@ -46,4 +40,4 @@ def test_first_screen_shows_the_verdicts_above_the_fold(demo_run, small_screen, 
     assert page.evaluate("Array.from(document.querySelectorAll('#gallery details.other-maps')).every(d => d.open)")
     page.select_option("#f-outcome", "correct")            # a re-render keeps them open
     assert page.evaluate("Array.from(document.querySelectorAll('#gallery details.other-maps')).every(d => d.open)")
-    assert small_screen.problems == [] and small_screen.dialogs == []
+    assert watched.problems == [] and watched.dialogs == []
