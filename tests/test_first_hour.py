@@ -127,3 +127,24 @@ def test_a_prior_of_another_size_than_the_model_is_one_line_naming_both(trained,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "fit on 16x16 images but the model takes 32x32" in err and "fit-prior --data DIR --size 32" in err
+
+
+def test_training_at_chance_warns_with_what_to_try(tmp_path):
+    from counterlens.training import chance_warning
+    text = chance_warning(0.26, 4)
+    assert "26.0% is at chance for 4 classes (25%)" in text
+    assert all(flag in text for flag in ("--lr", "--width", "--epochs"))
+    assert chance_warning(0.81, 2) is None and chance_warning(0.40, 4) is None
+    assert chance_warning(0.52, 2) is not None                              # within 5 points of 50%
+    assert "AUC 0.510" in chance_warning(0.9, 3, {"a": 0.49, "b": 0.53, "c": None})
+    assert chance_warning(0.5, 3, {"a": 0.8, "b": 0.7}) is None
+    # through the command: two classes of the same image cannot be told apart (every prediction the same: 50%)
+    from PIL import Image
+    for split, n in (("Training", 8), ("Testing", 4)):
+        for cls in ("a", "b"):
+            (tmp_path / "d" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((16, 16), 128, np.uint8)).save(tmp_path / "d" / split / cls / f"{i}.png")
+    with pytest.warns(UserWarning, match=r"is at chance for 2 classes \(50%\).*--lr.*--width.*--epochs"):
+        assert main(["train", "--data", str(tmp_path / "d"), "--arch", "brain-tumor-cnn", "--out", str(tmp_path / "m"),
+                     "--size", "16", "--width", "0.25", "--epochs", "1", "--quiet"]) == 0

@@ -346,7 +346,33 @@ def train_model(data: Path, arch: str, out: Path, *, size: int, width: float, ep
     auc = ", ".join(f"{c} {v:.3f}" for c, v in head.get("test_auc", {}).items() if v is not None)
     log(f"test accuracy {100 * accuracy:.1f}%{' per finding' if head else ''} on {len(x_test)} images"
         f"{f' (AUC {auc})' if auc else ''}; model written to {out}")
+    at_chance = chance_warning(accuracy, len(classes), head.get("test_auc"))
+    if at_chance:
+        import warnings
+        warnings.warn(at_chance, stacklevel=2)
     return json.loads((Path(out) / "model.json").read_text())
+
+
+CHANCE_MARGIN = 0.05
+
+
+def chance_warning(accuracy: float, n_classes: int, aucs: dict | None = None) -> str | None:
+    """The warning for a model that ended at chance on its test images, else None.
+
+    Single-label: accuracy within ``CHANCE_MARGIN`` of ``1 / n_classes`` (or below it). Multi-label
+    (``aucs``: the test AUC per finding): the mean AUC within ``CHANCE_MARGIN`` of 0.5 (or below it)."""
+    fix = ("the model learned nothing usable; try a lower --lr, a smaller --width (e.g. 0.25) "
+           "or more --epochs")
+    if aucs is not None:
+        values = [v for v in aucs.values() if v is not None]
+        if values and sum(values) / len(values) <= 0.5 + CHANCE_MARGIN:
+            return f"test AUC {sum(values) / len(values):.3f} (mean over findings) is at chance (0.5): {fix}"
+        return None
+    chance = 1.0 / max(int(n_classes), 1)
+    if accuracy <= chance + CHANCE_MARGIN:
+        return (f"test accuracy {100 * accuracy:.1f}% is at chance for {n_classes} classes "
+                f"({100 * chance:.0f}%): {fix}")
+    return None
 
 
 def finding_auc(scores: torch.Tensor, y: torch.Tensor) -> float | None:
