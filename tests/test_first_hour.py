@@ -148,3 +148,37 @@ def test_training_at_chance_warns_with_what_to_try(tmp_path):
     with pytest.warns(UserWarning, match=r"is at chance for 2 classes \(50%\).*--lr.*--width.*--epochs"):
         assert main(["train", "--data", str(tmp_path / "d"), "--arch", "brain-tumor-cnn", "--out", str(tmp_path / "m"),
                      "--size", "16", "--width", "0.25", "--epochs", "1", "--quiet"]) == 0
+
+
+def test_the_progress_bar_moves_after_every_method_of_a_batch(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import counterlens as cl
+    from counterlens.data.images import ImageFolder
+    from counterlens.runs import dataset as runs_dataset
+    from counterlens.runs.engines import local
+    moves = []
+
+    class Recording(local.tqdm):
+        def update(self, n=1):
+            moves.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(local, "tqdm", Recording)
+    rng = np.random.default_rng(0)
+    (tmp_path / "d").mkdir()
+    for i in range(6):
+        Image.fromarray((rng.random((16, 16)) * 255).astype(np.uint8)).save(tmp_path / "d" / f"{i}.png")
+    clf = cl.Classifier(nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()), device="cpu")
+    summary = runs_dataset.explain_folder(clf, ImageFolder(tmp_path / "d", channels=1), tmp_path / "run",
+                                          methods=["saliency", "input_x_gradient"], images_per_batch=3, workers=1,
+                                          progress=True)
+    assert summary.done == 6
+    # two batches of 3 images, two methods each: the bar moves 1.5 images after each method, four times
+    assert moves == [1.5, 1.5, 0.0, 1.5, 1.5, 0.0] and sum(moves) == 6
+    # two worker processes: their ticks come back through the queue, and the bar ends at every image
+    moves.clear()
+    summary = runs_dataset.explain_folder(clf, ImageFolder(tmp_path / "d", channels=1), tmp_path / "run2",
+                                          methods=["saliency", "input_x_gradient"], images_per_batch=3, workers=2,
+                                          threads=1, progress=True)
+    assert summary.done == 6 and sorted(moves) == [0.0, 0.0, 1.5, 1.5, 1.5, 1.5]

@@ -100,7 +100,7 @@ def all_positive(target) -> bool:
 
 
 def explain_arrays(clf, x: np.ndarray, methods: dict[str, dict], target="predicted", keys=None,
-                   threshold: float = 0.5) -> Explained:
+                   threshold: float = 0.5, on_method=None) -> Explained:
     """Probabilities and every method's maps for images ``x [B, C, *S]`` (one shape).
 
     ``methods``: ``{name: full parameters}`` (as :func:`~counterlens.runs.spec.resolved_methods`
@@ -110,7 +110,9 @@ def explain_arrays(clf, x: np.ndarray, methods: dict[str, dict], target="predict
     model without autograd, ...) is skipped with its reason in ``skipped``; the others' maps are
     kept: one method never aborts a run. The one function every engine calls to explain.
     ``target="all-positive"`` (multi-label models): one map per image and finding whose probability
-    is at least ``threshold``; ``rows`` then says which image each map is of.
+    is at least ``threshold``; ``rows`` then says which image each map is of. ``on_method``: called
+    with the number of images after each method (run or skipped), for a progress bar that moves
+    within a batch.
     """
     xt = clf.as_input(torch.from_numpy(np.ascontiguousarray(x)))
     with torch.no_grad():
@@ -143,8 +145,10 @@ def explain_arrays(clf, x: np.ndarray, methods: dict[str, dict], target="predict
                 if isinstance(exc, RuntimeError) and _is_out_of_memory(exc):
                     raise
                 skipped[name] = text_of(f"{name} cannot run on this model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-                continue
-            seconds[name] = (time.perf_counter() - t0) / len(x)
+            else:
+                seconds[name] = (time.perf_counter() - t0) / len(x)
+            if on_method is not None:
+                on_method(len(x))
     return Explained(probs=probs.numpy(), prediction=probs.argmax(1).numpy(), targets=tgt.cpu().numpy(),
                      maps=maps, seconds=seconds, class_names=names, skipped=skipped,
                      rows=rows.cpu().numpy() if rows is not None else None)
@@ -163,14 +167,14 @@ def _groups(batch: ReadBatch) -> list[list[int]]:
 
 
 def explain_batch(clf, batch: ReadBatch, methods: dict[str, dict], target="predicted",
-                  threshold: float = 0.5) -> list[CaseResult]:
+                  threshold: float = 0.5, on_method=None) -> list[CaseResult]:
     """Explain the images of ``batch``: one :class:`CaseResult` per case, failures included.
     ``target="all-positive"``: each case's maps are ``[T, *S]``, one per positive finding (``T``
     may be 0: the case records that it had none)."""
     results = [CaseResult.failure(case, error) for case, error in batch.failed]
     for idx in _groups(batch):
         out = explain_arrays(clf, np.stack([batch.images[i] for i in idx]), methods, target,
-                             keys=[batch.cases[i].id for i in idx], threshold=threshold)
+                             keys=[batch.cases[i].id for i in idx], threshold=threshold, on_method=on_method)
         for j, i in enumerate(idx):
             pred = int(out.prediction[j])
             if out.rows is None:

@@ -49,9 +49,12 @@ class Job:
         if self.stage not in ("explain", "counterfactual"):
             raise InputError(f"stage={self.stage!r}: 'explain' or 'counterfactual'")
 
-    def run(self, clf, batch) -> list[CaseResult]:
+    def run(self, clf, batch, tick=None) -> list[CaseResult]:
+        """``tick``: called with a share of an image (images / methods) after each method of a batch."""
         if self.stage == "explain":
-            return pipeline.explain_batch(clf, batch, self.methods or {}, self.target)
+            methods = self.methods or {}
+            on_method = (lambda n: tick(n / len(methods))) if tick is not None and methods else None
+            return pipeline.explain_batch(clf, batch, methods, self.target, on_method=on_method)
         return pipeline.counterfactual_batch(clf, batch, self.target, self.params, self.train)
 
     def done(self, run) -> set[str]:
@@ -119,14 +122,21 @@ def run_local(clf, cases: list[Case], root, job: Job, *, images_per_batch: int =
     todo, skipped = pending_batches(cases, images_per_batch, job.done(open_run(root)))
     workers, threads = plan_parallelism(clf.device, len(todo), workers, threads)
     bar = tqdm(total=len(cases), initial=skipped, desc=job.stage.replace("counterfactual", "counterfactuals")
-               .replace("explain", "explaining"), unit="img", disable=not progress)
+               .replace("explain", "explaining"), unit="img", disable=not progress,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}]")
     tally = {"done": 0, "failed": 0, "failures": []}
 
-    def report(n_done: int, failures: list[tuple[str, str]]) -> None:
+    def report(n_done: int, failures: list[tuple[str, str]], ticked: float = 0.0) -> None:
+        """A batch is written: its images, less the shares :func:`tick` already moved the bar by."""
         tally["done"] += n_done
         tally["failed"] += len(failures)
         tally["failures"] += failures[:max(0, 50 - len(tally["failures"]))]
-        bar.update(n_done + len(failures))
+        bar.update(n_done + len(failures) - ticked)
+
+    def tick(share: float) -> None:          # one method of a batch is done: the bar moves within the batch
+        bar.update(share)
+
+    report.tick = tick
 
     try:
         if workers == 1 or len(todo) <= 1:
@@ -182,16 +192,27 @@ def _work(clf, root, job: Job, todo: list[tuple[str, list[Case]]], map_dtype: st
 
 
 def _process(clf, job: Job, writer: ShardWriter, claims: Claims, key: str, batch, report) -> None:
-    results = job.run(clf, batch)
+    ticked = [0.0]
+    tick = getattr(report, "tick", None)
+
+    def moved(share: float) -> None:
+        ticked[0] += share
+        tick(share)
+
+    results = job.run(clf, batch, tick=moved if tick is not None else None)
     writer.write(results)
     claims.mark_done(key)
-    report(sum(r.status == "done" for r in results), [(r.case.id, r.error) for r in results if r.status != "done"])
+    report(sum(r.status == "done" for r in results), [(r.case.id, r.error) for r in results if r.status != "done"],
+           ticked[0])
 
 
 def _child(clf, root, job, todo, threads, map_dtype, messages, listed) -> None:
     torch.set_num_threads(threads)
     try:
-        _work(clf, root, job, todo, map_dtype, lambda n, f: messages.put(("progress", n, f)), listed)
+        def report(n, failures, ticked=0.0):
+            messages.put(("progress", n, failures, ticked))
+        report.tick = lambda share: messages.put(("tick", share))
+        _work(clf, root, job, todo, map_dtype, report, listed)
     except BaseException as exc:                     # noqa: BLE001 - reported to the parent, then exit 1
         text = str(exc) if isinstance(exc, CounterlensError) else traceback.format_exc()
         messages.put(("error", type(exc).__name__, text))
@@ -213,7 +234,9 @@ def _fork_workers(clf, root, job, todo, workers: int, threads: int, map_dtype: s
             except queue.Empty:
                 continue
             if msg[0] == "progress":
-                report(msg[1], msg[2])
+                report(msg[1], msg[2], msg[3])
+            elif msg[0] == "tick":
+                report.tick(msg[1])
             else:
                 errors.append(msg)
     except BaseException:
