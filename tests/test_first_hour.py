@@ -182,3 +182,31 @@ def test_the_progress_bar_moves_after_every_method_of_a_batch(tmp_path, monkeypa
                                           methods=["saliency", "input_x_gradient"], images_per_batch=3, workers=2,
                                           threads=1, progress=True)
     assert summary.done == 6 and sorted(moves) == [0.0, 0.0, 1.5, 1.5, 1.5, 1.5]
+
+
+def test_select_picks_cases_and_is_part_of_the_run(trained, tmp_path, capsys):
+    import counterlens as cl
+    root, data, model = trained
+    base = ["explain", "--model", str(model), "--data", str(data / "Testing"), "--methods", "saliency", "--quiet",
+            "--no-report", "--workers", "1"]
+    assert main([*base, "--out", str(tmp_path / "all")]) == 0
+    cases = cl.open_run(tmp_path / "all").cases
+    wrong = set(cases.path[cases.prediction_index != cases.label_index])
+    assert 0 < len(wrong) < len(cases)
+    assert main([*base, "--out", str(tmp_path / "wrong"), "--select", "misclassified"]) == 0
+    assert set(cl.open_run(tmp_path / "wrong").cases.path) == wrong
+    assert main([*base, "--out", str(tmp_path / "right"), "--select", "correct"]) == 0
+    assert set(cl.open_run(tmp_path / "right").cases.path) == set(cases.path) - wrong
+    assert main([*base, "--out", str(tmp_path / "glioma"), "--select", "glioma"]) == 0
+    picked = cl.open_run(tmp_path / "glioma").cases
+    assert len(picked) == (cases.label == "glioma").sum() > 0 and set(picked.label) == {"glioma"}
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "glioma"), "--select", "correct"]) == 2     # another selection
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "data.select: 'glioma' in the run, 'correct' now" in err
+    assert main([*base, "--out", str(tmp_path / "x"), "--select", "tumour"]) == 2
+    assert "pass misclassified, correct or a class: glioma, meningioma, notumor, pituitary" in capsys.readouterr().err
+    cf = tmp_path / "cf"
+    assert main(["counterfactual", "--model", str(model), "--data", str(data / "Testing"), "--out", str(cf),
+                 "--select", "glioma", "--steps", "5", "--quiet", "--no-report", "--workers", "1"]) == 0
+    assert set(cl.open_run(cf).cases.label) == {"glioma"} and cl.open_run(cf).spec["data"]["select"] == "glioma"

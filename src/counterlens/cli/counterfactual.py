@@ -61,7 +61,7 @@ def counterfactual_cmd(args) -> int:
                                     train=train, images_per_batch=args.images_per_batch, workers=args.workers,
                                     threads=args.threads, progress=not args.quiet, model_source=str(args.model),
                                     data_source=str(args.data), overwrite=args.overwrite, force=args.force,
-                                    engine=engine, loading=diagnosis.loading)
+                                    engine=engine, loading=diagnosis.loading, select=getattr(args, "select", None))
     print_summary("counterfactuals for", summary, args.out)
     if not args.no_report:
         print(f"report: {write_report(args.out)}")

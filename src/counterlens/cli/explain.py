@@ -22,7 +22,8 @@ def explain(args) -> int:
                              batch_size=args.batch_size, seed=args.seed, images_per_batch=args.images_per_batch,
                              workers=args.workers, threads=args.threads, progress=not args.quiet,
                              model_source=str(args.model), data_source=str(args.data), overwrite=args.overwrite, force=args.force,
-                             map_dtype=args.map_dtype, engine=engine, loading=diagnosis.loading)
+                             map_dtype=args.map_dtype, engine=engine, loading=diagnosis.loading,
+                             select=getattr(args, "select", None))
     print_summary("explained", summary, args.out)
     from ..runs.store import open_run
     for method, reason in open_run(args.out).skipped.items():     # could not run on this model; the others ran

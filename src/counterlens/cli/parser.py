@@ -57,6 +57,9 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
 
 def _add_run_args(p: argparse.ArgumentParser, what: str) -> None:
     """How a dataset run is spread over this machine and what happens to an existing run directory."""
+    p.add_argument("--select", metavar="misclassified|correct|CLASS",
+                   help="only the images the model gets wrong, those it gets right, or those of one class (class "
+                        "subfolders needed; after --limit); part of the run: another selection needs another --out")
     p.add_argument("--images-per-batch", type=positive_int, default=16,
                    help=f"images {what} together and written as one batch (default: 16)")
     p.add_argument("--workers", type=positive_int, default=None,

@@ -55,10 +55,53 @@ def check_value_range(clf, dataset, sample: int = 4) -> str | None:
     return None
 
 
-def data_spec(dataset, source) -> dict:
-    """What identifies the data of a run (compared on re-runs): the folder, its classes and how files are read."""
-    return {"path": str(Path(source or dataset.root).resolve()), "classes": dataset.classes,
+def data_spec(dataset, source, select: str | None = None) -> dict:
+    """What identifies the data of a run (compared on re-runs): the folder, its classes, how files are
+    read, and which images were picked (``select``, when some were)."""
+    spec = {"path": str(Path(source or dataset.root).resolve()), "classes": dataset.classes,
             "read": {k: list(v) if isinstance(v, tuple) else v for k, v in dataset.read_options.items()}}
+    if select not in (None, "", "all"):
+        spec["select"] = str(select)
+    return spec
+
+
+SELECTIONS = ("misclassified", "correct")
+
+
+def select_cases(clf, dataset, select: str | None):
+    """The images of ``dataset`` that ``select`` picks: ``None``/``"all"``: every one;
+    ``"misclassified"`` / ``"correct"``: the model's prediction against the image's class folder;
+    a class name: the images of that class. Returns a copy of ``dataset`` with those records;
+    unreadable images stay in (the run records them as failed)."""
+    import copy
+
+    import torch
+
+    from ..data.images import load_case
+    if select in (None, "", "all"):
+        return dataset
+    classes = list(dataset.classes or [])
+    if not classes or getattr(dataset, "multilabel", False) or any(r.label is None for r in dataset.records):
+        raise InputError(f"--select {select}: needs images in one subfolder per class (their labels); these have none")
+    if select not in SELECTIONS and select not in classes:
+        raise InputError(f"--select {select!r}: pass misclassified, correct or a class: {', '.join(classes)}")
+    if select in classes:
+        keep = [r for r in dataset.records if classes[r.label] == select]
+    else:
+        keep = []
+        for rec in dataset.records:                  # one model call per image: the images may differ in size
+            try:
+                image, _ = load_case(rec.path, None, **dataset.read_options)
+            except CounterlensError:
+                keep.append(rec)
+                continue
+            with torch.no_grad():
+                pred = int(clf.logits(clf.as_input(torch.from_numpy(np.ascontiguousarray(image[None])))).argmax(1))
+            if (pred != rec.label) == (select == "misclassified"):
+                keep.append(rec)
+    picked = copy.copy(dataset)
+    picked.records = keep
+    return picked
 
 
 def data_info(dataset, loading: dict | None = None) -> dict:
@@ -73,21 +116,24 @@ def explain_folder(clf, dataset, out, *, methods: list[str], params: dict | None
                    batch_size=64, seed: int = 0, images_per_batch: int = 16, workers: int | None = None,
                    threads: int | None = None, progress: bool = True, model_source: str = "",
                    data_source: str = "", overwrite: bool = False, force: bool = False,
-                   map_dtype: str = "float32", engine="local", loading: dict | None = None) -> RunSummary:
+                   map_dtype: str = "float32", engine="local", loading: dict | None = None,
+                   select: str | None = None) -> RunSummary:
     """Explain every image of ``dataset`` (an ImageFolder) with ``methods`` into the run directory ``out``.
 
     Re-running the same call resumes (only batches not complete are done); a call with another
     model, data, target, methods or method parameters is refused unless ``overwrite``.
     ``engine``: ``"local"`` (this machine: ``workers`` processes of ``threads`` threads) or
     ``"ray"`` / a :class:`~counterlens.runs.engines.ray.RayEngine` (a Ray cluster; the same batches
-    and results).
+    and results). ``select``: only some images (:func:`select_cases`); part of the run's data, so a
+    re-run with another selection is refused.
     """
     engine = _engine(engine, workers, threads)
     check_out(dataset, out)
     if loading is None:                      # the command line checked the model against the data already
         check_value_range(clf, dataset)
     resolved = resolved_methods(methods, params, batch_size, seed)
-    spec = {"model": model_spec(clf, model_source), "data": data_spec(dataset, data_source),
+    dataset = select_cases(clf, dataset, select)
+    spec = {"model": model_spec(clf, model_source), "data": data_spec(dataset, data_source, select),
             "data_info": data_info(dataset, loading), "target": target, "seed": seed, "batch_size": batch_size, "methods": resolved,
             "images_per_batch": images_per_batch, "map_dtype": map_dtype, "device": str(clf.device),
             "versions": package_versions()}
@@ -106,7 +152,7 @@ def counterfactual_folder(clf, dataset, out, *, target="other", params: dict | N
                           train=None, images_per_batch: int = 16, workers: int | None = None,
                           threads: int | None = None, progress: bool = True, model_source: str = "",
                           data_source: str = "", overwrite: bool = False, force: bool = False,
-                          engine="local", loading: dict | None = None) -> RunSummary:
+                          engine="local", loading: dict | None = None, select: str | None = None) -> RunSummary:
     """Counterfactuals for every image of ``dataset`` into ``out`` (which may hold an explain run
     of the same model and data). ``params`` go to :func:`counterlens.counterfactual.counterfactual`;
     ``settings``: how ``run.yaml`` describes what is not a plain value in ``params`` (prior,
@@ -116,7 +162,8 @@ def counterfactual_folder(clf, dataset, out, *, target="other", params: dict | N
     if loading is None:
         check_value_range(clf, dataset)
     plain = {k: v for k, v in (params or {}).items() if isinstance(v, (int, float, str, bool, type(None)))}
-    spec = {"model": model_spec(clf, model_source), "data": data_spec(dataset, data_source),
+    dataset = select_cases(clf, dataset, select)
+    spec = {"model": model_spec(clf, model_source), "data": data_spec(dataset, data_source, select),
             "data_info": data_info(dataset, loading), "counterfactual": {"target": target, **plain, **(settings or {})},
             "device": str(clf.device), "versions": package_versions()}
     prepare_run(out, spec, compare=COUNTERFACTUAL_KEYS, section="counterfactual", overwrite=overwrite, force=force)
