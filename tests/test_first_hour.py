@@ -210,3 +210,21 @@ def test_select_picks_cases_and_is_part_of_the_run(trained, tmp_path, capsys):
     assert main(["counterfactual", "--model", str(model), "--data", str(data / "Testing"), "--out", str(cf),
                  "--select", "glioma", "--steps", "5", "--quiet", "--no-report", "--workers", "1"]) == 0
     assert set(cl.open_run(cf).cases.label) == {"glioma"} and cl.open_run(cf).spec["data"]["select"] == "glioma"
+
+
+def test_the_curves_legend_lies_under_the_curves_not_on_them():
+    import matplotlib.pyplot as plt
+
+    from counterlens.viz.plots import curves_figure
+    x = np.linspace(0, 1, 11).tolist()
+    curves = {f"method_{i}": {"deletion": {"x": x, "y": np.linspace(1, 0.1 * i, 11).tolist()},
+                              "insertion": {"x": x, "y": np.linspace(0.1 * i, 1, 11).tolist()}} for i in range(5)}
+    fig = curves_figure(curves)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        legend, plot = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert legend.y1 <= plot.y0 and legend.y0 >= 0          # below the plotting area, inside the figure
+        assert legend.y1 <= ax.xaxis.label.get_window_extent(renderer).y0      # and under the axis label
+        assert len(ax.get_legend().get_texts()) == 5
+    plt.close(fig)

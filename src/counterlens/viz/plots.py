@@ -173,7 +173,8 @@ def curves_figure(curves: dict, *, width: float = 4.2):
                 kinds.append(kind)
     if not kinds:
         raise InputError("curves has no {'x': [...], 'y': [...]} entries to draw")
-    fig, axes = plt.subplots(1, len(kinds), figsize=(width * len(kinds), 3.2), squeeze=False)
+    legend_rows = -(-len(curves) // 2)                  # the legend goes under each panel, two methods a row
+    fig, axes = plt.subplots(1, len(kinds), figsize=(width * len(kinds), 3.2 + 0.22 * legend_rows), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, kind in zip(axes[0], kinds):
         for i, (method, per_method) in enumerate(curves.items()):
@@ -189,7 +190,7 @@ def curves_figure(curves: dict, *, width: float = 4.2):
         ax.set_ylabel("target-class probability (mean)", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)  # off the curves
     fig.tight_layout()
     return fig
 
