@@ -93,6 +93,7 @@ def test_evaluate_and_audit_rewrite_the_runs_report(trained, tmp_path, capsys):
     assert f"report: {run / 'report.html'}" in capsys.readouterr().out
     after = (run / "report.html").read_text()
     assert 'id="method-table"' in after and 'id="method-table"' not in before      # the metrics are on the page
+    assert "#method-table, table.group-table { display: block; max-width: 100%; overflow-x: auto; }" in after
     audit = tmp_path / "audit"
     assert main(["audit", "--model", str(model), "--data", str(data / "Testing"), "--region", "0,0,8,8",
                  "--methods", "gradcam", "--n-random", "2", "--limit", "4", "--out", str(audit)]) == 0
