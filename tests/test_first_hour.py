@@ -229,3 +229,20 @@ def test_the_curves_legend_lies_under_the_curves_not_on_them():
         assert legend.y1 <= ax.xaxis.label.get_window_extent(renderer).y0      # and under the axis label
         assert len(ax.get_legend().get_texts()) == 5
     plt.close(fig)
+
+
+def test_evaluate_select_scores_only_those_cases_and_keeps_to_one_selection(trained, tmp_path, capsys):
+    import counterlens as cl
+    root, data, model = trained
+    run = tmp_path / "run"
+    assert main(["explain", "--model", str(model), "--data", str(data / "Testing"), "--out", str(run),
+                 "--methods", "saliency", "--quiet", "--no-report", "--workers", "1"]) == 0
+    cases = cl.open_run(run).cases
+    wrong = set(cases.path[cases.prediction_index != cases.label_index])
+    ev = ["evaluate", str(run), "--metrics", "sparseness", "--sanity-images", "0", "--quiet", "--no-report"]
+    assert main([*ev, "--select", "misclassified"]) == 0
+    assert set(cl.open_run(run).metrics.path) == wrong and cl.open_run(run).spec["evaluate"]["select"] == "misclassified"
+    capsys.readouterr()
+    assert main([*ev, "--select", "correct"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "evaluate.select: 'misclassified' in the run, 'correct' now" in err

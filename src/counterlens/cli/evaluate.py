@@ -48,7 +48,8 @@ def evaluate_cmd(args) -> int:
                       steps=getattr(args, "steps", 20), baseline=getattr(args, "baseline", "blur"),
                       sanity=sanity_images > 0, sanity_images=sanity_images,
                       sanity_methods=getattr(args, "sanity_methods", None), progress=not getattr(args, "quiet", False),
-                      images_per_batch=getattr(args, "images_per_batch", 32), engine=engine)
+                      images_per_batch=getattr(args, "images_per_batch", 32), engine=engine,
+                      select=getattr(args, "select", None))
     table = per_method(df).pivot(index="method", columns="metric", values="mean")
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
     for method, v in (df.attrs.get("sanity") or {}).items():

@@ -289,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(ev)
     ev.add_argument("--workers", type=positive_int, default=None,
                     help="--engine ray: actors (default: as many as the cluster holds)")
+    ev.add_argument("--select", metavar="misclassified|correct|CLASS",
+                    help="score only the images the model got wrong, right, or of one class; recorded in the run "
+                         "(another selection later is refused)")
     ev.add_argument("--no-report", action="store_true", help="do not re-write RUN/report.html with the metrics")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
 

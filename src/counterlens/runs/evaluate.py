@@ -124,7 +124,7 @@ class _ScoreBatch:
 def evaluate_run(run_dir, clf, masks_dir=None, metrics=None, *, batch_size: int = 64, seed: int = 0,
                  steps: int = 20, baseline="blur", n_subsets: int = 32, images_per_batch: int = 32,
                  sanity: bool = True, sanity_images: int = 8, sanity_methods=None,
-                 progress: bool = False, engine="local") -> pd.DataFrame:
+                 progress: bool = False, engine="local", select: str | None = None) -> pd.DataFrame:
     """Score the maps stored in a run directory and write the results next to them.
 
     ``clf`` is the run's model (faithfulness and sanity evaluate it). Masks come from ``masks_dir``
@@ -139,6 +139,10 @@ def evaluate_run(run_dir, clf, masks_dir=None, metrics=None, *, batch_size: int 
     ``engine``: ``"local"`` (this process) or ``"ray"`` / a :class:`~counterlens.runs.engines.ray.
     RayEngine` (batches of ``images_per_batch`` cases scored by Ray actors, which write the metric
     rows into their own shards; the same rows as locally). The sanity check runs here.
+
+    ``select``: score only the cases the model got wrong (``"misclassified"``), right
+    (``"correct"``) or of one class (its name); recorded in ``run.yaml`` (``evaluate.select``), and
+    a later call with another selection is refused (the run's metrics are of one selection).
 
     Returns the long DataFrame (``attrs["curves"]``, ``attrs["sanity"]``).
     """
@@ -155,6 +159,7 @@ def evaluate_run(run_dir, clf, masks_dir=None, metrics=None, *, batch_size: int 
     att = run.attributions
     if not len(att):
         raise InputError(f"{run_dir} holds no attribution maps to score; run `counterlens explain ... --out {run_dir}`")
+    done = _selected(run, run_dir, done, select)
     mask_files = _mask_files(masks_dir, run)
     has_masks = mask_files is not None or bool(run.table("cases")["has_mask"].any())
     names = resolve_metrics(metrics, has_masks)
@@ -199,6 +204,36 @@ def evaluate_run(run_dir, clf, masks_dir=None, metrics=None, *, batch_size: int 
         write_export(run_dir, "sanity.json", sanity_out)
     df.attrs["curves"], df.attrs["sanity"] = curves, sanity_out
     return df
+
+
+def _selected(run, run_dir, done: pd.DataFrame, select: str | None) -> pd.DataFrame:
+    """The done cases ``select`` picks (see :func:`evaluate_run`); checks and records the selection."""
+    from .store import read_spec, spec_differences, write_spec
+    previous = (run.spec.get("evaluate") or {}).get("select")
+    now = "all" if select in (None, "", "all") else str(select)
+    if previous is not None and previous != now:
+        diff = "; ".join(spec_differences({"evaluate": {"select": previous}}, {"evaluate": {"select": now}}))
+        raise InputError(f"{run_dir}: {diff}; a run's metrics are of one selection: pass --select {previous}, or "
+                         "explain into another --out for this one")
+    if now == "all":
+        if previous is not None or select is not None:
+            write_spec(run_dir, {**read_spec(run_dir), "evaluate": {"select": now}})
+        return done
+    classes = list(run.classes or [])
+    if run.multilabel or not classes or done.label_index.isna().all():
+        raise InputError(f"--select {select}: needs the images' classes (explained from one subfolder per class); "
+                         f"{run_dir} has none")
+    if now not in ("misclassified", "correct") and now not in classes:
+        raise InputError(f"--select {select!r}: pass misclassified, correct or a class: {', '.join(classes)}")
+    if now in classes:
+        picked = done[done.label == now]
+    else:
+        wrong = done.prediction_index != done.label_index
+        picked = done[wrong if now == "misclassified" else ~wrong]
+    if not len(picked):
+        raise InputError(f"--select {select}: no explained image of {run_dir} is {now}; nothing to score")
+    write_spec(run_dir, {**read_spec(run_dir), "evaluate": {"select": now}})
+    return picked
 
 
 def _run_table(records, targets, run, classes) -> pd.DataFrame:
