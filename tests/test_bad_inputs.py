@@ -366,7 +366,7 @@ def table_args(root, *extra):
 @pytest.mark.parametrize("change,message", [
     (lambda a: a[:a.index("--label")] + ["--label", "approved"] + a[a.index("--label") + 2:], "'approved' is not a column"),
     (lambda a: a + ["--k", "100000"], "--k=100000 is out of range"),
-    (lambda a: a[:a.index("--label")] + a[a.index("--label") + 2:], "cannot take the table's rows"),
+    (lambda a: a[:a.index("--label")] + a[a.index("--label") + 2:], "pass --label COLUMN"),
     (lambda a: a[:2] + [a[2].replace("credit.csv", "missing.csv")] + a[3:], "missing.csv"),
     (lambda a: a + ["--immutable", "height"], "height"),
 ], ids=["label", "k", "no-label", "missing-table", "immutable"])
