@@ -276,7 +276,7 @@ def first_screen(acc: dict, audit: dict | None, verdicts: dict, look_first: list
         trust = "No attribution maps in this run."
     elif not verdicts["has_sanity"] and not verdicts["has_faith"]:
         trust = ("Which maps to trust is not measured yet: " f"`{EVALUATE}` runs the randomisation (sanity) test "
-                 "and the deletion/insertion metrics; then `counterlens report RUN` shows the verdicts here.")
+                 "and the deletion/insertion metrics and re-writes this report with the verdicts.")
     elif trusted:
         trust = (f"Trust the maps of {', '.join(trusted)}: "
                  f"{'it passes' if len(trusted) == 1 else 'they pass'} both the sanity check and the faithfulness test "
