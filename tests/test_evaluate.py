@@ -248,6 +248,7 @@ def test_evaluate_cmd(run_dir, capsys, tmp_path):
     assert evaluate_cmd(args) == 0
     out = capsys.readouterr().out
     assert "deletion_auc" in out and "sanity saliency:" in out and "metrics.csv" in out
+    assert "its mean over the cascade" in out or "barely changes" in out      # the rule behind the verdict, not one number
     # another model than the run's is refused
     from counterlens.cards import save_model_card
     from counterlens.models import build_model

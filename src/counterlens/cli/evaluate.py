@@ -52,13 +52,13 @@ def evaluate_cmd(args) -> int:
                       select=getattr(args, "select", None))
     table = per_method(df).pivot(index="method", columns="metric", values="mean")
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    from ..viz.report_verdict import sanity_verdict
     for method, v in (df.attrs.get("sanity") or {}).items():
         if "error" in v:
             print(f"sanity {method}: not run ({v['error']})")
             continue
-        final = v["similarity"][-1]
-        print(f"sanity {method}: {'passed' if v['passed'] else 'FAILED'} (similarity after randomising all "
-              f"{len(v['layers'])} layers: {'-' if final is None else f'{final:.3f}'}, threshold {v['threshold']})")
+        verdict = sanity_verdict(v)          # the rule and both of its numbers, as the report's verdict shows them
+        print(f"sanity {method}: {'passed' if verdict['passed'] else 'FAILED'} ({verdict['detail']})")
     print(f"wrote {df['path'].nunique()} images x {df['method'].nunique()} methods x {df['metric'].nunique()} "
           f"metrics to {run} (counterlens.open_run(RUN).metrics), metrics.csv, metrics_summary.csv, curves.json"
           + (", sanity.json" if sanity_images > 0 else ""))
