@@ -226,7 +226,8 @@ def test_hounsfield_units_into_a_0_1_model_warn_with_the_flags_that_fix_it(ct_wo
     out = capsys.readouterr().out
     warning = next(line for line in out.splitlines() if line.startswith("warning: "))
     assert "(Hounsfield units?)" in warning and "outside the range the model takes (0..1, its model card's value_range)" \
-        in warning and "--value-range" in warning and "these DICOM files carry none" in warning
+        in warning and "--value-range" in warning and "--window CENTER,WIDTH" in warning \
+        and "these DICOM files carry no window of their own" in warning
     assert "1 image: values in HU (no window); resized from 128x128 to 32x32" in out
     flags = warning.split("Add ")[1].split(" (maps")[0].split()              # --preprocess SPEC --value-range LOW HIGH
     assert flags[0] == "--preprocess" and flags[2] == "--value-range"
@@ -240,6 +241,38 @@ def test_hounsfield_units_into_a_0_1_model_warn_with_the_flags_that_fix_it(ct_wo
     assert "warning" not in out and "overrides the model card's value_range 0 1" in out
     model = cl.open_run(tmp_path / "fixed").spec["model"]
     assert set(model["overrides"]) == {"preprocess", "value_range"} and model["value_range"] == [low, high]
+
+
+@pytest.mark.slow
+def test_a_window_of_the_users_maps_hounsfield_units_onto_0_1(ct_world, tmp_path, capsys):
+    """--window C,W: the values every file holds as read (HU from .npy or DICOM) windowed onto 0..1, the
+    card's range then fits (no warning), the loader says it, run.yaml records it, re-runs compare it."""
+    from counterlens.data.images import load_image
+    from counterlens.data._readers import read_dicom
+    assert main(explain(ct_world / "model", ct_world / "ct", tmp_path / "run", "--window", "40,400")) == 0
+    out = capsys.readouterr().out
+    assert "warning" not in out and "window 40,400 (values -160..240 -> 0..1)" in out
+    run = cl.open_run(tmp_path / "run")
+    hu = np.load(ct_world / "ct" / "s0.npy")
+    direct = load_image(ct_world / "ct" / "s0.npy", size=32, window=(40, 400))
+    assert np.array_equal(run.image("s0.npy"), direct)
+    unresized = load_image(ct_world / "ct" / "s0.npy", window="40,400")[0]
+    np.testing.assert_allclose(unresized, np.clip((hu - (40 - 200)) / 400, 0, 1), atol=1e-6)
+    dicom = load_image(ct_world / "ct" / "ct_small.dcm", window=(40, 400))[0]
+    np.testing.assert_allclose(dicom, np.clip((read_dicom(ct_world / "ct" / "ct_small.dcm", "none")[0] + 160) / 400,
+                                              0, 1), atol=1e-6)   # the user's window replaces the file's own
+    assert run.spec["data"]["read"]["window"] == [40.0, 400.0]
+    assert main(["run", str(tmp_path / "run" / "run.yaml"), "--out", str(tmp_path / "again")]) == 0   # its run.yaml
+    again = cl.open_run(tmp_path / "again")                                # re-makes it, window included
+    assert again.spec["data"]["read"]["window"] == [40.0, 400.0]
+    assert all(np.array_equal(again.map(p, "saliency"), run.map(p, "saliency")) for p in run.cases["path"])
+    capsys.readouterr()
+    assert main(explain(ct_world / "model", ct_world / "ct", tmp_path / "run", "--window", "50,400")) == 2
+    err = one_error(capsys)
+    assert "window" in err and "--overwrite" in err
+    with pytest.raises(SystemExit) as exit_:
+        main(explain(ct_world / "model", ct_world / "ct", tmp_path / "bad", "--window", "40"))
+    assert exit_.value.code == 2 and "CENTER,WIDTH" in capsys.readouterr().err
 
 
 # -- what the loader does: console, run.yaml, report ------------------------------------------------

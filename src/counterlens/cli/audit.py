@@ -64,7 +64,8 @@ def audit_cmd(args) -> int:
     clf = load_classifier(args)
     data = Path(args.data)
     dataset, diagnosis = image_dataset(clf, data, masks=None if is_box else Path(args.region),
-                                       limit=getattr(args, "limit", None), one_size=True)
+                                       limit=getattr(args, "limit", None), one_size=True,
+                                       window=getattr(args, "window", "auto"))
     images, masks, labels, rows, failed = [], [], [], [], []
     for i in range(len(dataset)):
         try:

@@ -102,6 +102,16 @@ PREPROCESS_SYNTAX = ("normalize:MEAN,STD (per channel: normalize:M1/M2/M3,S1/S2/
                      "of a model card, e.g. '[{\"normalize\": {\"mean\": [0.5], \"std\": [0.5]}}]'")
 
 
+def window_arg(text: str):
+    """``--window``: "auto", "none" or "C,W" -> [center, width] (argparse type)."""
+    from ..data.window import window_of
+    try:
+        w = window_of(text.strip())
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("window=", "--window ")) from None
+    return list(w) if isinstance(w, tuple) else w
+
+
 def preprocess_arg(text: str) -> list[dict]:
     """argparse type of ``--preprocess``: the JSON form of :func:`counterlens.model.preprocess_from_spec`.
 
@@ -165,7 +175,7 @@ def model_overrides(args) -> dict:
     return out
 
 
-def image_dataset(clf, data, *, masks=None, limit=None, one_size: bool = False):
+def image_dataset(clf, data, *, masks=None, limit=None, one_size: bool = False, window="auto"):
     """The ImageFolder of ``data`` read as the model needs it, checked against the model before the
     first image (:func:`counterlens.runs.diagnose.diagnose`); prints what the model expects and what
     the loader does to the images. Returns ``(dataset, diagnosis)``."""
@@ -174,7 +184,7 @@ def image_dataset(clf, data, *, masks=None, limit=None, one_size: bool = False):
     from ..runs.diagnose import diagnose
     labelled = has_class_folders(data) or has_label_table(data)       # class folders, or labels.csv (multi-label)
     dataset = ImageFolder(data, size=clf.input_size, classes=clf.classes if labelled else None,
-                          masks=masks, limit=limit)
+                          masks=masks, limit=limit, window=window)
     found = diagnose(clf, dataset, one_size=one_size)
     dataset.channels = found.channels
     for line in found.lines:

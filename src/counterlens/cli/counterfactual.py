@@ -27,7 +27,8 @@ def counterfactual_cmd(args) -> int:
     from ..viz.report import write_report
     engine = engine_of(args, model_args(args))
     clf = load_classifier(args)
-    dataset, diagnosis = image_dataset(clf, args.data, masks=args.editable_masks, limit=args.limit)
+    dataset, diagnosis = image_dataset(clf, args.data, masks=args.editable_masks, limit=args.limit,
+                                       window=getattr(args, "window", "auto"))
     params = {"threshold": args.threshold, "steps": args.steps, "candidates": args.candidates,
               "l1": args.l1, "l2": args.l2, "tv": args.tv, "schedule": args.schedule, "early_stop": args.early_stop,
               "batch_size": args.batch_size, "seed": args.seed}

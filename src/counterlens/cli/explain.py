@@ -17,7 +17,8 @@ def explain(args) -> int:
         raise InputError(f"--clip-percentile {args.clip_percentile}: pass a percentage in [0, 50), e.g. 0.5")
     engine = engine_of(args, model_args(args))
     clf = load_classifier(args)
-    dataset, diagnosis = image_dataset(clf, args.data, masks=args.masks, limit=args.limit)
+    dataset, diagnosis = image_dataset(clf, args.data, masks=args.masks, limit=args.limit,
+                                       window=getattr(args, "window", "auto"))
     summary = explain_folder(clf, dataset, args.out, methods=methods, params=params, target=target_arg(args.target),
                              batch_size=args.batch_size, seed=args.seed, images_per_batch=args.images_per_batch,
                              workers=args.workers, threads=args.threads, progress=not args.quiet,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import batch_size_arg, comma_list, positive_int, preprocess_arg, share
+from .common import batch_size_arg, comma_list, positive_int, preprocess_arg, share, window_arg
 from .engine import add_engine_args
 from .run_spec import add_run_parser
 
@@ -53,6 +53,14 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
                    help="what the model does to the data before its first layer, replacing the card's: "
                         "normalize:MEAN,STD (per channel normalize:M1/M2/M3,S1/S2/S3), imagenet, none, or a model "
                         "card's JSON list (e.g. normalize:-1000,4000 maps CT values -1000..3000 onto 0..1)")
+
+
+def _add_window_arg(p: argparse.ArgumentParser) -> None:
+    """How the loader turns stored values (Hounsfield units, raw MR intensities) into data values."""
+    p.add_argument("--window", type=window_arg, default="auto", metavar="auto|none|C,W",
+                   help="auto: a DICOM file's own window (VOI LUT or WindowCenter/Width) onto 0..1 where it has one; "
+                        "none: values as stored (e.g. HU); CENTER,WIDTH: center -/+ width/2 onto 0..1 for every file "
+                        "of any format, e.g. 40,400 (soft tissue) or -600,1500 (lung) (default: auto)")
 
 
 def _add_run_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -138,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "unless --overwrite. Read it back with counterlens.open_run(RUN).")
     _add_model_args(explain)
     _add_input_args(explain)
+    _add_window_arg(explain)
     explain.add_argument("--data", required=True, type=Path,
                          help="an image file, a flat folder, or a folder in class-subfolder layout")
     explain.add_argument("--out", required=True, type=Path, help="run directory")
@@ -171,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and RUN/report.html. Re-running into the same RUN resumes.")
     _add_model_args(cf)
     _add_input_args(cf)
+    _add_window_arg(cf)
     cf.add_argument("--data", type=Path, help="an image file or folder (class subfolders give labels); or use --table")
     cf.add_argument("--table", type=Path, help="a CSV table: counterfactuals of its rows (tabular search) instead of --data")
     cf.add_argument("--label", help="--table: the label column (not a feature)")
@@ -233,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "plain-language verdict.")
     _add_model_args(audit)
     _add_input_args(audit)
+    _add_window_arg(audit)
     audit.add_argument("--data", required=True, type=Path, help="an image file or folder (class subfolders give labels)")
     audit.add_argument("--region", required=True, metavar="MASKS_DIR|x0,y0,x1,y1",
                        help="folder of masks matched to images by file stem, or a box x0,y0,x1,y1 in pixels of the "

@@ -183,7 +183,10 @@ def read_steps(info: FileInfo, *, channels=None, size=None, slice_index="middle"
         elif isinstance(slice_index, (int, np.integer)) and -depth <= slice_index < depth:
             steps.append(f"slice {int(slice_index) % depth} of {depth}")
         shape = shape[1:]
-    if info.format.startswith("DICOM") and info.channels == 1:
+    if not isinstance(window, str):            # the user's window, any format
+        center, width = window
+        steps.append(f"window {center:g},{width:g} (values {center - width / 2:g}..{center + width / 2:g} -> 0..1)")
+    elif info.format.startswith("DICOM") and info.channels == 1:
         if window == "auto" and info.window:
             steps.append("DICOM window applied (values 0..1)")
         elif info.units:

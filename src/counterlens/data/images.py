@@ -29,14 +29,15 @@ from .label_table import finding_mask_folders, has_label_table, read_label_table
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".nii", ".nii.gz", ".npy")
 
+from .window import apply_window, window_of  # noqa: F401  (window_of re-exported)
+
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2
 
 
 def _check_args(channels, size, window):
     if channels not in (None, 1, 3):
         raise InputError(f"channels={channels!r}: use 1 (grey), 3 (RGB) or None (as stored)")
-    if window not in ("auto", "none"):
-        raise InputError(f"window={window!r}: use 'auto' (apply the DICOM window) or 'none' (modality values)")
+    window_of(window)
     if size is None:
         return
     try:
@@ -84,6 +85,9 @@ def _slice_mode(slice_index, size):
 
 def _read(path, slice_index="middle", window="auto", hint=None) -> np.ndarray:
     """Read any supported file into ``[C, *S]`` float32 data space (no resize, no channel change)."""
+    window = window_of(window)
+    if isinstance(window, tuple):           # the user's window replaces the file's own, on the values as read
+        return apply_window(_read(path, slice_index, "none", hint), window)
     path = Path(path)
     from .series import dicom_files, read_series, series_of_case
     case = series_of_case(path)                            # "folder/<series>": one series of a mixed folder
@@ -160,7 +164,8 @@ def load_image(path, *, channels: int | None = None, size: tuple[int, ...] | int
     ``slice_index``: for volumes (NIfTI, DICOM series folders, multi-frame DICOM, TIFF/.npy stacks):
     "middle", an int (axial slice), None (whole volume) or "auto" (default: None when ``size`` has
     3 values, as for a 3-D model, else "middle"); ignored by 2-D files.
-    ``window``: "auto" applies the DICOM VOI window when present, "none" keeps modality values.
+    ``window``: "auto" applies the DICOM VOI window when present, "none" keeps modality values,
+    ``(center, width)`` (or "C,W") maps ``center -/+ width/2`` onto 0..1 for any format (e.g. HU).
     Raises DataFileError for any unusable file and InputError for bad arguments.
     """
     _check_args(channels, size, window)
@@ -262,7 +267,9 @@ class ImageFolder:
                  slice_index="auto", window="auto", limit=None):
         _check_args(channels, size, window)
         self.root = Path(root)
-        self.channels, self.size, self.window = channels, size, window
+        window = window_of(window)
+        self.channels, self.size = channels, size
+        self.window = list(window) if isinstance(window, tuple) else window   # [center, width]: as run.yaml holds it
         self.slice_index = _slice_mode(slice_index, size)          # None: volumes (series folders are cases)
         if not self.root.exists():
             raise DataFileError(self.root, "does not exist; give an image file or a folder of images")

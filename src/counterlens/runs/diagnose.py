@@ -300,7 +300,7 @@ def _try_image(clf, image: np.ndarray) -> str | None:
 def _value_range_advice(clf, images, root, sixteen_bit: bool = False, raw_dicom: bool = False) -> str | None:
     """When the sampled values lie outside the model's value_range, or 16-bit files fill only a small
     part of it (10- or 12-bit data): what maps one onto the other. ``raw_dicom``: some files are DICOM
-    without a window of their own (the loader windows only those that carry one; no window flag)."""
+    without a window of their own (the loader windows only those that carry one; --window sets one)."""
     if not clf.value_range or not images:
         return None
     a, b = clf.value_range
@@ -319,9 +319,9 @@ def _value_range_advice(clf, images, root, sixteen_bit: bool = False, raw_dicom:
             f"the model takes ({a:g}..{b:g}, {_who(clf, 'value_range')}): the explanations would be of inputs it never "
             f"saw. Add --preprocess {_normalize_flag(clf, lo - a * std, std)} --value-range {lo:.4g} {hi:.4g} (maps the "
             f"data onto {a:g}..{b:g} inside the model), "
-            + ("window the data before (the loader applies only a DICOM file's own window and these DICOM files "
-               "carry none; the command line has no window flag)" if raw_dicom else
-               "window the data (a DICOM file's own window is applied by default)")
+            + ("or window it with --window CENTER,WIDTH (e.g. --window 40,400 maps -160..240 onto 0..1; these DICOM "
+               "files carry no window of their own)" if raw_dicom else
+               "or window it with --window CENTER,WIDTH (e.g. --window 40,400 maps -160..240 onto 0..1)")
             + ", or pass --value-range alone if the card's range is wrong")
 
 

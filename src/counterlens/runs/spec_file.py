@@ -32,7 +32,7 @@ MODEL_KEYS = {"model": "path", "factory": "factory", "trust_model_file": "trust_
               "device": "device", "logits_output": "logits_output", "output_head": "output_head",
               "precision": "precision", "size": "size", "channels": "channels", "value_range": "value_range",
               "preprocess": "preprocess"}           # option dest -> key of the model section
-DATA_KEYS = {"data": "path", "masks": "masks", "limit": "limit", "select": "select"}
+DATA_KEYS = {"data": "path", "masks": "masks", "limit": "limit", "select": "select", "window": "window"}
 RUN_DIR = {"out", "run"}
 SPEC_KEY = "run_spec"                               # where run.yaml keeps the spec a run was started from                            # the run directory: the spec's ``out``, never a section key
 
@@ -104,6 +104,11 @@ def from_run_record(rec: dict) -> dict:
     for key in ("masks", "select"):
         if data.get(key):
             spec["data"][key] = data[key]
+    window = (data.get("read") or {}).get("window")
+    if isinstance(window, (list, tuple)) and len(window) == 2:             # --window C,W as it was given
+        spec["data"]["window"] = f"{float(window[0]):g},{float(window[1]):g}"
+    elif window == "none":
+        spec["data"]["window"] = "none"
     if "images_per_batch" in rec and rec.get("methods") is not None:      # an explain run
         spec["explain"] = {"methods": rec["methods"], "target": rec.get("target", "predicted"),
                            "seed": rec.get("seed", 0), "batch_size": rec.get("batch_size", 64),
