@@ -114,8 +114,10 @@ def runs(cluster, model, data, tmp_path_factory):
 def assert_same_explained(run, reference):
     a, b = run.cases.set_index("path").sort_index(), reference.cases.set_index("path").sort_index()
     assert list(a.index) == list(b.index) and a.index.is_unique
-    assert a[["file", "label", "prediction", "probability", "prob_a", "prob_b", "status", "error"]].equals(
-        b[["file", "label", "prediction", "probability", "prob_a", "prob_b", "status", "error"]])
+    cols = ["file", "label", "prediction", "probability", "prob_a", "prob_b", "status", "error"]
+    differ = {c: a.index[(a[c] != b[c]) & ~(a[c].isna() & b[c].isna())].tolist() for c in cols}
+    assert a[cols].equals(b[cols]), {c: (rows, a.loc[rows, c].tolist(), b.loc[rows, c].tolist())
+                                     for c, rows in differ.items() if rows} or (a[cols].dtypes, b[cols].dtypes)
     assert reference.methods == ["gradcam", "integrated_gradients", "smoothgrad"] == run.methods
     for path in b.index[b.status == "done"]:
         for method in reference.methods:
