@@ -18,7 +18,7 @@ from counterlens.attribution import METHODS
 from counterlens.errors import InputError
 from counterlens.metrics.sanity import spearman
 
-from conftest import single_thread
+from conftest import fit_digits, single_thread
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
@@ -50,17 +50,7 @@ def _digits_cnn(size=16, epochs=10):
     net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
-    opt = torch.optim.Adam(net.parameters(), lr=5e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        for idx in torch.randperm(1400, generator=gen).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
-    net.eval()
-    for p in net.parameters():
-        p.grad = None
-    return net, x[1400:1404]
+    return fit_digits(net, x[:1400], y[:1400], epochs, lr=5e-3), x[1400:1404]
 
 
 @pytest.fixture(scope="module")
