@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import yaml
@@ -190,3 +191,13 @@ def image_dataset(clf, data, *, masks=None, limit=None, one_size: bool = False, 
     for line in found.lines:
         print(line)
     return dataset, found
+
+
+def reusable_card(model_dir: Path, arch: str, epochs: int) -> dict | None:
+    """The model card in ``model_dir`` when a demo can reuse its model (the architecture and epochs it
+    would train); None when it must train one."""
+    path = model_dir / "model.json"
+    card = json.loads(path.read_text()) if path.exists() else None
+    if card is None or card.get("training", {}).get("epochs") != epochs or card.get("architecture") != arch:
+        return None
+    return card

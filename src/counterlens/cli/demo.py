@@ -23,6 +23,7 @@ import torch
 from ..attribution.base import METHODS, Evaluator
 from ..data.folders import load_arrays
 from ..training import train_model
+from .common import reusable_card
 
 DEMO_ARCH = "brain-tumor-cnn"
 DEMO_WIDTH = 0.5
@@ -93,9 +94,8 @@ def run_demo(args) -> Path:
     else:
         say(f"[1/{STEPS}] reusing the synthetic data in {data_dir}")
 
-    card_path = model_dir / "model.json"
-    card = json.loads(card_path.read_text()) if card_path.exists() else None
-    if card is None or card.get("training", {}).get("epochs") != epochs or card.get("architecture") != DEMO_ARCH:
+    card = reusable_card(model_dir, DEMO_ARCH, epochs)
+    if card is None:
         say(f"[2/{STEPS}] training {DEMO_ARCH} (width {DEMO_WIDTH}) for {epochs} epochs ...")
         card = train_model(data_dir, DEMO_ARCH, model_dir, size=args.size, width=DEMO_WIDTH, epochs=epochs,
                            batch_size=32, lr=2e-3, seed=args.seed, device=args.device, progress=progress, log=say)

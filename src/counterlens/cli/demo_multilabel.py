@@ -33,6 +33,7 @@ def run_multilabel_demo(args) -> Path:
     from ..runs.store import open_run
     from ..training import train_model
     from ..viz.report import write_report
+    from .common import reusable_card
 
     say = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     progress = not args.quiet
@@ -58,9 +59,8 @@ def run_multilabel_demo(args) -> Path:
     else:
         say(f"[1/{STEPS}] reusing the synthetic data in {data_dir}")
 
-    card_path = model_dir / "model.json"
-    card = json.loads(card_path.read_text()) if card_path.exists() else None
-    if card is None or card.get("training", {}).get("epochs") != epochs:
+    card = reusable_card(model_dir, ARCH, epochs)
+    if card is None:
         say(f"[2/{STEPS}] training {ARCH} (a sigmoid per finding) for {epochs} epochs ...")
         card = train_model(data_dir, ARCH, model_dir, size=size, width=WIDTH, epochs=epochs, batch_size=32, lr=3e-3,
                            seed=args.seed, device=args.device, progress=progress, log=say)

@@ -25,6 +25,7 @@ def run_shortcut_demo(args) -> Path:
     from ..training import train_model
     from ..viz.report import write_report
     from .audit import audit_cmd
+    from .common import reusable_card
 
     say = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     out = Path(args.out) if str(args.out) != "demo-run" else Path("demo-shortcut-run")
@@ -51,9 +52,8 @@ def run_shortcut_demo(args) -> Path:
     else:
         say(f"[1/4] reusing the synthetic data in {data_dir}")
 
-    card_path = model_dir / "model.json"
-    card = json.loads(card_path.read_text()) if card_path.exists() else None
-    if card is None or card.get("training", {}).get("epochs") != epochs:
+    card = reusable_card(model_dir, ARCH, epochs)
+    if card is None:
         say(f"[2/4] training {ARCH} (width {WIDTH}) for {epochs} epochs ...")
         card = train_model(data_dir, ARCH, model_dir, size=size, width=WIDTH, epochs=epochs, batch_size=32, lr=2e-3,
                            seed=args.seed, device=args.device, progress=not args.quiet, log=say)
