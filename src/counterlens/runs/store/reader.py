@@ -201,7 +201,8 @@ class Run:
         raise InputError(f"{path!r} is not a case of {self.root}; cases are named by their path relative to the "
                          f"data root, e.g. {known[0]!r}" if known else f"{self.root} holds no cases yet")
 
-    def _array(self, file: str, key: str) -> np.ndarray:
+    def _npz(self, file: str) -> dict[str, np.ndarray]:
+        """Every array of one batch file, kept for the next few calls."""
         arrays = self._arrays.get(file)
         if arrays is None:
             with np.load(self.root / file) as npz:
@@ -211,7 +212,10 @@ class Run:
                 self._arrays.popitem(last=False)
         else:
             self._arrays.move_to_end(file)
-        return arrays[key]
+        return arrays
+
+    def _array(self, file: str, key: str) -> np.ndarray:
+        return self._npz(file)[key]
 
     def map(self, path: str, method: str, target=None) -> np.ndarray:
         """The ``method`` map of case ``path``: float32 ``[*S]`` in the image's own shape.
@@ -261,29 +265,27 @@ class Run:
             return mask[self._target_index(target)]
         return mask
 
-    def counterfactual(self, path: str, target: int | None = None) -> np.ndarray:
-        """The counterfactual image of case ``path`` (float32 ``[C, *S]``; the first target when None)."""
+    def _counterfactual_at(self, path: str, target) -> tuple[str, str, int]:
+        """``(file, group, row)`` of case ``path``'s counterfactual (the first target when None)."""
         cid = self._case_id(path)
         for t, file, group, row in self._case_locations()["counterfactuals"].get(cid, ()):
             if target is None or t == int(target):
-                return self._array(file, f"{group}/counterfactual")[row]
+                return file, group, row
         raise InputError(f"case {cid!r} has no counterfactual{'' if target is None else f' for target {target}'} "
                          f"in {self.root}")
+
+    def counterfactual(self, path: str, target: int | None = None) -> np.ndarray:
+        """The counterfactual image of case ``path`` (float32 ``[C, *S]``; the first target when None)."""
+        file, group, row = self._counterfactual_at(path, target)
+        return self._array(file, f"{group}/counterfactual")[row]
 
     def editable_mask(self, path: str, target: int | None = None) -> np.ndarray | None:
         """The region the counterfactual search of case ``path`` could change (bool ``[*S]``;
         ``--editable-masks``), or None when it could change the whole image. The case's own
         :meth:`mask` stays its ground truth."""
-        cid = self._case_id(path)
-        for t, file, group, row in self._case_locations()["counterfactuals"].get(cid, ()):
-            if target is None or t == int(target):
-                arrays = self._arrays.get(file)
-                if arrays is None:
-                    self._array(file, f"{group}/counterfactual")
-                    arrays = self._arrays[file]
-                return arrays[f"{group}/editable"][row] if f"{group}/editable" in arrays else None
-        raise InputError(f"case {cid!r} has no counterfactual{'' if target is None else f' for target {target}'} "
-                         f"in {self.root}")
+        file, group, row = self._counterfactual_at(path, target)
+        arrays = self._npz(file)
+        return arrays[f"{group}/editable"][row] if f"{group}/editable" in arrays else None
 
     # -- bookkeeping for resuming -----------------------------------------------------------------
     def done_cases(self, methods) -> set[str]:
