@@ -409,15 +409,15 @@ def _merged(root: Path, table: str) -> pd.DataFrame:
         return _empty(table)
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     if len(frames) > 1:
-        order, ascending = ["written"], [True]
+        order = ["written"]
         if table == "cases":
             # A case is written once per stage (explain, then counterfactual into the same run): the first done
             # row is the case as the run first read it (its label, ground-truth mask); a later stage's row (with
             # the editable mask, or none) must not replace it. Done beats failed; among failed rows the newest.
             df["_done"] = (df["status"] == "done").astype(int)
-            df["_first"] = -df["written"].where(df["_done"] == 1, -df["written"])
-            order, ascending = ["_done", "_first"], [True, True]
-        df = df.sort_values(order, ascending=ascending, kind="stable").drop_duplicates(KEYS[table], keep="last")
+            df["_first"] = np.where(df["_done"] == 1, -df["written"], df["written"])   # kept: the largest
+            order = ["_done", "_first"]
+        df = df.sort_values(order, kind="stable").drop_duplicates(KEYS[table], keep="last")
         df = df.drop(columns=[c for c in ("_done", "_first") if c in df]).sort_values(KEYS[table], kind="stable")
     elif table != "tabular_counterfactuals":
         df = df.sort_values(KEYS[table], kind="stable")
