@@ -89,7 +89,8 @@ def _read(path, slice_index="middle", window="auto", hint=None) -> np.ndarray:
     if isinstance(window, tuple):           # the user's window replaces the file's own, on the values as read
         return apply_window(_read(path, slice_index, "none", hint), window)
     path = Path(path)
-    from .series import dicom_files, read_series, series_of_case
+    from .dicom_folders import dicom_files, series_of_case
+    from .series import read_series
     case = series_of_case(path)                            # "folder/<series>": one series of a mixed folder
     if not path.exists() and case is None:
         raise DataFileError(path, "file does not exist; check the path")
@@ -303,7 +304,7 @@ class ImageFolder:
             else:
                 found = [(p, None) for p in loose]
         if self.slice_index is None and not self.root.is_file():
-            from .series import series_cases
+            from .dicom_folders import series_cases
             found = series_cases(found, self.root)
             rel_base = self.root.parent if any(p == self.root for p, _ in found) else rel_base
         if not found:
