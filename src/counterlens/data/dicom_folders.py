@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import _readers as R
+from ._formats import DICOM_SUFFIXES, NIFTI_SUFFIXES, PIL_SUFFIXES, TIFF_SUFFIXES, is_dicom_file, suffix_of
 
-_OTHER_SUFFIXES = (*R.PIL_SUFFIXES, *R.TIFF_SUFFIXES, *R.NIFTI_SUFFIXES, ".npy", ".txt", ".csv", ".json", ".md")
+_OTHER_SUFFIXES = (*PIL_SUFFIXES, *TIFF_SUFFIXES, *NIFTI_SUFFIXES, ".npy", ".txt", ".csv", ".json", ".md")
 
 
 def _is_dicom_path(path: Path) -> bool:
@@ -18,8 +18,8 @@ def _is_dicom_path(path: Path) -> bool:
     UIDs such as ``1.2.840.113619.2.55.3``, whose "suffix" is a number)."""
     if path.name.startswith(".") or not path.is_file() or path.name.upper() == "DICOMDIR":
         return False
-    suffix = R.suffix_of(path)
-    return suffix in R.DICOM_SUFFIXES or (suffix not in _OTHER_SUFFIXES and R.is_dicom_file(path))
+    suffix = suffix_of(path)
+    return suffix in DICOM_SUFFIXES or (suffix not in _OTHER_SUFFIXES and is_dicom_file(path))
 
 
 def dicom_files(folder) -> list[Path]:
