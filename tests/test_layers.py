@@ -25,6 +25,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "counterlens"
 LAYERS = [
     {"errors"},
     {"model", "heads", "preprocessing", "models", "cards", "loading",   # the wrapped model, its output head; architectures, cards, loading;
+     "exported_programs",                                            # torch.export programs loaded as modules
      "keras_models", "keras_graph", "keras_layers", "keras_modules"},  # Keras models converted to torch modules or wrapped
     {"data", "attribution", "training"},          # training fits a model on data
     {"metrics", "counterfactual"},

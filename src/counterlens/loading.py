@@ -9,9 +9,9 @@ What :func:`load_model` accepts (``source``):
 (c) a **TorchScript** archive (``torch.jit.save``), recognised by its ``code/`` / ``constants.pkl``
     entries, not by its suffix;
 (d) a **torch.export** program (``torch.export.save``, usually ``.pt2``), wrapped in
-    :class:`ExportedModule`. ``torch.export.load`` itself unpickles some entries with
-    ``weights_only=False`` (pickled payloads, custom objects, sample inputs that fail a safe load),
-    so an archive holding any of those needs ``trust_model_file=True`` too;
+    :class:`ExportedModule` (:mod:`counterlens.exported_programs`). ``torch.export.load`` itself
+    unpickles some entries with ``weights_only=False`` (pickled payloads, custom objects, sample
+    inputs that fail a safe load), so an archive holding any of those needs ``trust_model_file=True`` too;
 (e) a **fully pickled module** (``torch.save(model)``): unpickling can run any code hidden in the
     file, so it loads only with ``trust_model_file=True``; otherwise :class:`UntrustedModelError`;
 (f) a **Keras 3** ``.keras`` or legacy ``.h5`` file (recognised by content; ``counterlens[keras]``),
@@ -50,11 +50,8 @@ A card naming a ``factory`` imports and calls code, so it loads only when the ca
 """
 from __future__ import annotations
 
-import io
-import json
 import pickle
 import re
-import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -64,6 +61,7 @@ from torch import nn
 
 from .cards import CARD_FILE, FORMAT, _build, file_sha256, import_factory, read_model_card, save_model_card
 from .errors import InputError, ModelLoadError, UntrustedModelError
+from .exported_programs import SMALL_STATIC_BATCH, ExportedModule, _load_export  # noqa: F401  (re-exported)
 from .keras_models import keras_file_kind, load_keras
 from .model import Classifier, preprocess_from_spec
 from .models import build_model
@@ -218,124 +216,6 @@ def _load_into(module: nn.Module, state: dict, path: Path) -> None:
         module.load_state_dict(state, strict=True)
     except Exception as exc:
         raise ModelLoadError(f"{path}: load_state_dict failed: {exc}") from exc
-
-
-SMALL_STATIC_BATCH = 16   # a program exported with a fixed batch below this gets a warning (slow)
-
-
-class ExportedModule(nn.Module):
-    """A ``torch.export`` program as an ``nn.Module``.
-
-    ``train()`` / ``eval()`` only set this wrapper's flag: the program's mode (dropout, BatchNorm)
-    was fixed when it was exported (export in eval mode). A program exported with a static batch
-    size ``batch`` is fed in chunks of that many rows (the last one zero-padded), so any batch works.
-    ``exported_program``: the ``torch.export.ExportedProgram`` itself, from which the CAM methods
-    and the sanity check build a view with hookable layers (``counterlens.attribution.graphs``).
-    """
-
-    def __init__(self, program: nn.Module, batch: int | None = None, exported_program=None):
-        super().__init__()
-        self.program = program
-        self.batch = batch
-        self.exported_program = exported_program
-
-    def train(self, mode: bool = True):
-        self.training = bool(mode)
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.batch is None or x.shape[0] == self.batch:
-            return self.program(x)
-        outs = []
-        for chunk in x.split(self.batch):
-            n = chunk.shape[0]
-            if n < self.batch:
-                chunk = torch.cat([chunk, chunk.new_zeros((self.batch - n, *chunk.shape[1:]))])
-            outs.append(self.program(chunk)[:n])
-        return torch.cat(outs)
-
-
-_PT2_FIXED = {"archive_format", "archive_version", "byteorder", "version", ".data/version",
-              ".data/serialization_id"}
-_PT2_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-
-
-def _pt2_pickled_parts(path: Path) -> list[str]:
-    """What in a ``.pt2`` is not on the allow-list of a plain program (empty: safe to load).
-
-    ``torch.export.load`` unpickles with ``weights_only=False`` payloads flagged ``use_pickle``,
-    custom / opaque object constants, and ``.pt`` entries (sample inputs) that fail a safe load. So
-    rather than look for those names, every entry must be one a plain export of a plain module
-    writes: the fixed version files, ``models/<name>.json`` (the graph, JSON), the weight and
-    constant configs (each entry ``use_pickle: false``, a plain file name that is not a custom or
-    opaque object), the raw tensor files those configs name, and sample inputs that load with
-    ``weights_only=True``. Anything else (another folder, a file no config names, a name with a
-    sub-folder) is reported.
-    """
-    found, allowed, payloads = [], set(), {}
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ModelLoadError(f"{path}: not a readable torch.export archive ({exc})") from exc
-    with zf:
-        names = zf.namelist()
-        root = names[0].split("/", 1)[0] + "/" if names and "/" in names[0] else ""
-        tails = {n: n[len(root):] if n.startswith(root) else n for n in names}
-        for name, tail in tails.items():
-            folder, _, base = tail.rpartition("/")
-            if folder in ("data/weights", "data/constants") and base.endswith("_config.json"):
-                allowed.add(name)
-                try:
-                    config = json.loads(zf.read(name)).get("config", {})
-                except (ValueError, AttributeError):
-                    found.append(f"{tail} (not a JSON config)")
-                    continue
-                for key, entry in (config.items() if isinstance(config, dict) else ()):
-                    entry = entry if isinstance(entry, dict) else {}
-                    file = str(entry.get("path_name", ""))
-                    if entry.get("use_pickle") or not _PT2_NAME.fullmatch(file) \
-                            or file.startswith(("custom_obj", "opaque_obj")):
-                        found.append(f"{tail}: {key} -> {file or '?'}")
-                    else:
-                        payloads[f"{root}{folder}/{file}"] = tail
-        for name, tail in tails.items():
-            folder, _, base = tail.rpartition("/")
-            if name in allowed or name in payloads or tail in _PT2_FIXED or name.endswith("/"):
-                continue
-            if folder == "models" and base.endswith(".json") and _PT2_NAME.fullmatch(base):
-                continue
-            if folder == "data/sample_inputs" and base.endswith(".pt") and _PT2_NAME.fullmatch(base):
-                try:
-                    torch.load(io.BytesIO(zf.read(name)), map_location="cpu", weights_only=True)
-                    continue
-                except Exception:  # noqa: BLE001 - anything a safe load refuses
-                    pass
-            found.append(tail)
-    return found
-
-
-def _load_export(path: Path, trust: bool) -> nn.Module:
-    pickled = _pt2_pickled_parts(path)
-    if pickled and not trust:
-        raise UntrustedModelError(
-            f"{path} is a torch.export program with parts that are not plain tensors or graph JSON "
-            f"({', '.join(pickled[:4])}); torch.export.load may unpickle them with weights_only=False, which can "
-            "run arbitrary code hidden in the file. If you trust its origin, pass --trust-model-file (CLI) / trust_model_file=True; "
-            "or re-export the plain module, or save a state_dict and load it with "
-            "--factory package.module:function")
-    program = torch.export.load(str(path))
-    batch = None
-    user = set(program.graph_signature.user_inputs)
-    inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user]
-    if len(inputs) == 1 and isinstance(getattr(inputs[0].meta.get("val"), "shape", None), torch.Size):
-        first = inputs[0].meta["val"].shape[0]
-        batch = first if isinstance(first, int) else None
-    if batch is not None and batch < SMALL_STATIC_BATCH:
-        warnings.warn(f"{path} was exported with a fixed batch of {batch}: it will be fed {batch} row(s) per call, "
-                      "which is slow for batched explanations and searches. Export it with a dynamic batch: "
-                      "torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},))",
-                      stacklevel=2)
-    return ExportedModule(program.module(), batch, exported_program=program)
 
 
 # -- the entry point -----------------------------------------------------------------------------
