@@ -3,12 +3,16 @@
 A map is shown over the image it explains. Its colour scale is clipped at the
 ``100 - clip_percentile`` percentile of ``|map|`` (stated on the figure) so one hot pixel does
 not wash the rest out; signed maps use a diverging scale centred on zero, non-negative maps a
-sequential one. Transparency follows ``|map|``, so unimportant regions show the image.
+sequential one, unless ``cmap`` names a matplotlib colour map. ``absolute=True`` shows ``|map|``
+(on ``0 .. clip``). Transparency follows ``|map|``, so unimportant regions show the image: a
+pixel at the clip value or beyond has opacity ``alpha``. :class:`OverlayStyle` holds these four
+settings, checked, for the figures and the HTML report alike.
 3D volumes are shown by their middle slice along the first spatial axis.
 """
 from __future__ import annotations
 
 import io
+from dataclasses import asdict, dataclass
 
 import matplotlib
 
@@ -22,6 +26,87 @@ from ..errors import InputError  # noqa: E402
 
 SIGNED_CMAP = "RdBu_r"
 POSITIVE_CMAP = "inferno"
+SUGGESTED_CMAPS = ("jet", "viridis", "inferno", "magma", "hot", "turbo", "RdBu_r", "coolwarm", "bwr", "gray")
+
+
+def _given(name, value) -> str:
+    return f"{name}={value!r}" if name else repr(value)
+
+
+def check_cmap(cmap, name: str | None = "cmap"):
+    """``cmap`` if it is None or the name of a matplotlib colour map, else a one-line InputError
+    (``name``: the argument it names; None: the value alone)."""
+    if cmap is None or (isinstance(cmap, str) and cmap in colormaps):
+        return cmap
+    raise InputError(f"{_given(name, cmap)} is not a matplotlib colour map; pass one of {', '.join(SUGGESTED_CMAPS)} "
+                     f"(any name in matplotlib.colormaps; a name plus _r reverses it), or leave it out for the default")
+
+
+def check_alpha(alpha, name: str | None = "alpha") -> float:
+    """``alpha`` as a float if it is an opacity in (0, 1], else a one-line InputError."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)) or not 0 < alpha <= 1:
+        raise InputError(f"{_given(name, alpha)}: pass an opacity in (0, 1], e.g. 0.4 "
+                         "(1: opaque where |map| is at the clip)")
+    return float(alpha)
+
+
+def check_clip_percentile(clip_percentile, name: str | None = "clip_percentile") -> float:
+    """``clip_percentile`` as a float if it is a percentage in [0, 50), else a one-line InputError."""
+    if isinstance(clip_percentile, bool) or not isinstance(clip_percentile, (int, float, np.floating, np.integer)) \
+            or not 0 <= clip_percentile < 50:
+        raise InputError(f"{_given(name, clip_percentile)}: pass a percentage in [0, 50), e.g. 0.5")
+    return float(clip_percentile)
+
+
+@dataclass(frozen=True)
+class OverlayStyle:
+    """How a map is drawn over its image, checked when made (one-line InputErrors).
+
+    ``cmap``: a matplotlib colour map name, or None: ``RdBu_r`` centred on zero for signed maps,
+    ``inferno`` for non-negative ones. ``alpha``: opacity in (0, 1] where ``|map|`` reaches the
+    clip (less where it is smaller). ``absolute``: show ``|map|``. ``clip_percentile``: the colour
+    scale ends at the ``100 - clip_percentile`` percentile of ``|map|``.
+    """
+
+    cmap: str | None = None
+    alpha: float = 0.75
+    absolute: bool = False
+    clip_percentile: float = 0.5
+
+    def __post_init__(self):
+        check_cmap(self.cmap)
+        object.__setattr__(self, "alpha", check_alpha(self.alpha))
+        object.__setattr__(self, "clip_percentile", check_clip_percentile(self.clip_percentile))
+        if not isinstance(self.absolute, (bool, np.bool_)):
+            raise InputError(f"absolute={self.absolute!r}; pass True (show |map|) or False (the map as it is)")
+        object.__setattr__(self, "absolute", bool(self.absolute))
+
+    def kwargs(self) -> dict:
+        """``{"cmap", "alpha", "absolute", "clip_percentile"}``: the keyword arguments of the figures."""
+        return asdict(self)
+
+    def colormap(self, signed: bool) -> str:
+        """The colour map of a map that is ``signed`` (after ``absolute``)."""
+        return self.cmap or (SIGNED_CMAP if signed else POSITIVE_CMAP)
+
+    def scale(self, attribution) -> tuple[np.ndarray, float, float, bool, str]:
+        """``(shown, vmin, vmax, signed, cmap)``: the map as drawn (``|map|`` when ``absolute``), the
+        ends of its colour scale (:func:`map_scale`), whether it is signed, and the colour map's name."""
+        shown = _np(attribution)
+        shown = np.abs(shown) if self.absolute else shown
+        vmin, vmax, signed = map_scale(shown, self.clip_percentile)
+        return shown, vmin, vmax, signed, self.colormap(signed)
+
+    def description(self) -> str:
+        """What a reader sees, in words: "|map| on jet, clipped at the 99.5th percentile of |map|, opacity 0.4 ..."."""
+        if self.absolute:
+            shown = f"|map| on {self.cmap or POSITIVE_CMAP}"
+        elif self.cmap:
+            shown = f"the map on {self.cmap}, centred on 0 if signed"
+        else:
+            shown = f"signed maps on {SIGNED_CMAP} centred on 0, non-negative ones on {POSITIVE_CMAP}"
+        return (f"{shown}, clipped at the {100 - self.clip_percentile:g}th percentile of |map|, opacity "
+                f"{self.alpha:g} at the clip (fading with |map|)")
 
 
 def _np(a) -> np.ndarray:
@@ -51,8 +136,7 @@ def display_map(attribution) -> np.ndarray:
 def map_scale(attribution, clip_percentile: float = 0.5) -> tuple[float, float, bool]:
     """``(vmin, vmax, signed)``: symmetric for signed maps, ``[0, vmax]`` for non-negative ones."""
     a = _np(attribution)
-    if not 0 <= clip_percentile < 50:
-        raise InputError(f"clip_percentile={clip_percentile}; pass a percentage in [0, 50), e.g. 0.5")
+    clip_percentile = check_clip_percentile(clip_percentile)
     signed = bool((a < 0).any())
     vmax = percentile(np.abs(a), 100 - clip_percentile) if a.size else 0.0
     vmax = vmax if vmax > 0 else (float(np.abs(a).max()) or 1.0)
@@ -72,35 +156,50 @@ def percentile(a, q: float) -> float:
     return float(part[lo] + (part[hi] - part[lo]) * (rank - lo))
 
 
-def overlay(ax, image, attribution, *, clip_percentile: float = 0.5, alpha: float = 0.75,
-            value_range=None, colorbar: bool = True):
-    """Draw ``image`` and ``attribution`` on it; returns the colour-bar mappable."""
-    img = display_image(image, value_range)
-    amap = display_map(attribution)
-    vmin, vmax, signed = map_scale(amap, clip_percentile)
-    cmap = colormaps[SIGNED_CMAP if signed else POSITIVE_CMAP]
+def overlay_rgba(attribution, style: OverlayStyle = OverlayStyle()):
+    """``[H, W]`` map -> ``(rgba [H, W, 4], norm, cmap)``: the colour of each pixel on the style's
+    scale, opacity ``style.alpha * min(|shown| / vmax, 1)``."""
+    shown, vmin, vmax, _, name = style.scale(attribution)
+    cmap = colormaps[name]
     norm = ColorNormalize(vmin, vmax, clip=True)
-    rgba = cmap(norm(amap))
-    rgba[..., 3] = alpha * np.clip(np.abs(amap) / vmax, 0, 1)
+    rgba = cmap(norm(shown))
+    rgba[..., 3] = style.alpha * np.clip(np.abs(shown) / vmax, 0, 1)
+    return rgba, norm, cmap
+
+
+def overlay(ax, image, attribution, *, clip_percentile: float = 0.5, alpha: float = 0.75, cmap: str | None = None,
+            absolute: bool = False, value_range=None, colorbar: bool = True):
+    """Draw ``image`` and ``attribution`` on it; returns the colour-bar mappable.
+
+    ``cmap``, ``alpha``, ``absolute``, ``clip_percentile``: see :class:`OverlayStyle`.
+    """
+    style = OverlayStyle(cmap, alpha, absolute, clip_percentile)
+    img = display_image(image, value_range)
+    rgba, norm, colours = overlay_rgba(display_map(attribution), style)
     ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.imshow(rgba, interpolation="bilinear")
     ax.set_xticks([])
     ax.set_yticks([])
-    mappable = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
+    mappable = plt.cm.ScalarMappable(norm=norm, cmap=colours)
     if colorbar:
         bar = ax.figure.colorbar(mappable, ax=ax, fraction=0.046, pad=0.03)
         bar.ax.tick_params(labelsize=7)
         bar.formatter.set_powerlimits((-2, 3))
+        bar.set_label(f"{'|map|' if style.absolute else 'map'} ({colours.name})", fontsize=7)
     return mappable
 
 
 def plot_attributions(maps: dict, x, *, titles=None, clip_percentile: float = 0.5, alpha: float = 0.75,
-                      value_range=None, max_rows: int = 16):
+                      cmap: str | None = None, absolute: bool = False, value_range=None, max_rows: int = 16):
     """Grid figure: one row per image, the image then one overlay per method.
 
     ``maps``: ``{method: [B, *spatial]}``; ``x``: ``[B, C, *spatial]``; ``titles``: one per row.
-    Returns a matplotlib Figure.
+    ``cmap`` (a matplotlib colour map name; default: ``RdBu_r`` for signed maps, ``inferno`` for
+    non-negative ones), ``alpha`` (opacity in (0, 1] where ``|map|`` reaches the clip),
+    ``absolute`` (show ``|map|``), ``clip_percentile``: see :class:`OverlayStyle`; the figure's
+    title states them. Returns a matplotlib Figure.
     """
+    style = OverlayStyle(cmap, alpha, absolute, clip_percentile)        # checked before anything is drawn
     x = _np(x)
     names = list(maps)
     rows = min(len(x), max_rows)
@@ -111,20 +210,20 @@ def plot_attributions(maps: dict, x, *, titles=None, clip_percentile: float = 0.
         axes[r, 0].set_yticks([])
         axes[r, 0].set_title(titles[r] if titles else f"image {r}", fontsize=8)
         for c, name in enumerate(names, start=1):
-            overlay(axes[r, c], x[r], _np(maps[name])[r], clip_percentile=clip_percentile, alpha=alpha,
-                    value_range=value_range)
+            overlay(axes[r, c], x[r], _np(maps[name])[r], value_range=value_range, **style.kwargs())
             if r == 0:
                 axes[r, c].set_title(name, fontsize=9)
-    fig.suptitle(f"colour scale clipped at the {100 - clip_percentile:g}th percentile of |map|", fontsize=8)
+    fig.suptitle(f"colour scale: {style.description()}", fontsize=8)
     fig.tight_layout()
     return fig
 
 
 def case_figure(image, maps: dict, *, title: str = "", clip_percentile: float = 0.5, value_range=None,
-                alpha: float = 0.75):
+                alpha: float = 0.75, cmap: str | None = None, absolute: bool = False):
     """One case: the image, then one overlay per method with its own colour bar."""
     fig = plot_attributions({k: _np(v)[None] for k, v in maps.items()}, _np(image)[None], titles=[title],
-                            clip_percentile=clip_percentile, value_range=value_range, alpha=alpha)
+                            clip_percentile=clip_percentile, value_range=value_range, alpha=alpha, cmap=cmap,
+                            absolute=absolute)
     return fig
 
 
@@ -137,11 +236,12 @@ def image_png(image, value_range=None, size_inches: float = 2.4) -> bytes:
     return figure_png(fig)
 
 
-def overlay_png(image, attribution, *, clip_percentile: float = 0.5, value_range=None,
-                size_inches: float = 2.9) -> bytes:
-    """One overlay with its colour bar as PNG bytes."""
+def overlay_png(image, attribution, *, clip_percentile: float = 0.5, value_range=None, alpha: float = 0.75,
+                cmap: str | None = None, absolute: bool = False, size_inches: float = 2.9) -> bytes:
+    """One overlay with its colour bar as PNG bytes (settings: see :class:`OverlayStyle`)."""
+    style = OverlayStyle(cmap, alpha, absolute, clip_percentile)
     fig, ax = plt.subplots(figsize=(size_inches * 1.2, size_inches))
-    overlay(ax, image, attribution, clip_percentile=clip_percentile, value_range=value_range)
+    overlay(ax, image, attribution, value_range=value_range, **style.kwargs())
     fig.tight_layout()
     return figure_png(fig)
 
