@@ -121,10 +121,14 @@ def _cf_result(xs, origs, cfs: list[dict]) -> SimpleNamespace:
 
 
 def write_case_figures(run, cases: pd.DataFrame, cf: pd.DataFrame | None, out_dir: Path, *,
-                       clip_percentile: float = 0.5, dpi: int = 110) -> dict[str, str]:
-    """One PNG per explained case under ``out_dir``; returns ``{case path: file name}``."""
+                       clip_percentile: float = 0.5, dpi: int = 110, cmap: str | None = None, alpha: float = 0.75,
+                       absolute: bool = False) -> dict[str, str]:
+    """One PNG per explained case under ``out_dir``; returns ``{case path: file name}``.
+    ``cmap``, ``alpha``, ``absolute``, ``clip_percentile``: how maps are drawn (:class:`~.plots.OverlayStyle`)."""
     from .counterfactual_plots import counterfactual_figure
-    from .plots import case_figure, figure_png
+    from .plots import OverlayStyle, case_figure, figure_png
+
+    style = OverlayStyle(cmap, alpha, absolute, clip_percentile)
 
     classes = run.classes
     value_range = (run.spec.get("model") or {}).get("value_range")
@@ -147,11 +151,11 @@ def write_case_figures(run, cases: pd.DataFrame, cf: pd.DataFrame | None, out_di
         pngs = []
         case = mpl_text(row["path"])
         if maps:
-            fig = case_figure(image, maps, title="image", clip_percentile=clip_percentile, value_range=value_range)
+            fig = case_figure(image, maps, title="image", value_range=value_range, **style.kwargs())
             p = row["probability"]
             fig.suptitle(f"{case}: label {mpl_text(row['label'] if isinstance(row['label'], str) else 'unknown')}, "
                          f"prediction {mpl_text(row['prediction'])}" + ("" if pd.isna(p) else f" ({p:.2f})") +
-                         f"\ncolour scales clipped at the {100 - clip_percentile:g}th percentile of |map|", fontsize=9)
+                         f"\ncolour scales: {style.description()}", fontsize=9)
             fig.tight_layout(rect=(0, 0, 1, 0.93))
             pngs.append(figure_png(fig, dpi=dpi))
         for c in cfs:

@@ -32,7 +32,7 @@ from ..runs.store import open_run
 from . import report_data as rd
 from . import report_verdict as rv
 from .exports import counterfactual_grid_png, figure_name, write_case_figures, write_results_csv
-from .plots import curves_figure, figure_png, randomisation_figure
+from .plots import OverlayStyle, curves_figure, figure_png, randomisation_figure
 from .report_cases import LOOK_FIRST, CaseContext, anchor, case_pages, look_first
 from .report_images import data_uri
 from .report_pages import remove_paged, write_paged
@@ -69,7 +69,7 @@ def read_tables(run) -> Tables:
     return Tables(cases, pairs, metric_cols, rd.metric_names(metric_cols), cf, rd.counterfactual_columns(cf))
 
 
-def run_context(run, t: Tables, *, clip_percentile: float, case_href, notes: list[str], files: list[str],
+def run_context(run, t: Tables, *, overlay: OverlayStyle, case_href, notes: list[str], files: list[str],
                 n_figures: int) -> dict:
     """Everything the run-level panels show, as plain values."""
     spec = run.spec
@@ -94,7 +94,7 @@ def run_context(run, t: Tables, *, clip_percentile: float, case_href, notes: lis
     return {
         "first": first, "recommend": (verdicts["ranked"], verdicts["reason"]),
         "title": Path(run.root).resolve().name, "created": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "version": (spec.get("versions") or {}).get("counterlens", "?"), "clip_percentile": clip_percentile,
+        "version": (spec.get("versions") or {}).get("counterlens", "?"), "clip_percentile": overlay.clip_percentile,
         "model": {"description": model.get("description", "?"), "hash": model.get("sha256"),
                   "source": model.get("source"), "test_accuracy": model.get("test_accuracy"),
                   "value_range": model.get("value_range")},
@@ -128,8 +128,9 @@ def run_context(run, t: Tables, *, clip_percentile: float, case_href, notes: lis
     }
 
 
-def write_report(run_dir, *, clip_percentile: float = 0.5, out: str | Path | None = None,
-                 figures: bool = False, page_size: int = PAGE_SIZE, single_file_max: int = SINGLE_FILE_MAX) -> Path:
+def write_report(run_dir, *, clip_percentile: float = 0.5, cmap: str | None = None, alpha: float = 0.75,
+                 absolute: bool = False, out: str | Path | None = None, figures: bool = False,
+                 page_size: int = PAGE_SIZE, single_file_max: int = SINGLE_FILE_MAX) -> Path:
     """Write the report of a run directory and return the path of the page to open.
 
     Up to ``single_file_max`` cases: one self-contained ``RUN/report.html`` (or ``out``), returned.
@@ -142,9 +143,13 @@ def write_report(run_dir, *, clip_percentile: float = 0.5, out: str | Path | Non
     matplotlib figure per case (off by default: about 0.5 s per case, 1 s with a counterfactual,
     on these CPUs, against about 2 ms per case for the report itself). ``page_size``: cases per
     page of the gallery.
+
+    How maps are shown (:class:`~.plots.OverlayStyle`, stated in the run summary): ``cmap`` (a
+    matplotlib colour map name; default: ``RdBu_r`` centred on zero for signed maps, ``inferno``
+    for non-negative ones), ``alpha`` (where ``|map|`` reaches the clip: the start of the page's
+    opacity sliders), ``absolute`` (show ``|map|``), ``clip_percentile``. The case figures use the same.
     """
-    if not 0 <= clip_percentile < 50:
-        raise InputError(f"clip_percentile={clip_percentile}; pass a percentage in [0, 50), e.g. 0.5")
+    overlay = OverlayStyle(cmap, alpha, absolute, clip_percentile)          # every setting checked first
     for name, value in (("page_size", page_size), ("single_file_max", single_file_max)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name}={value!r}; pass a positive number of cases")
@@ -154,7 +159,7 @@ def write_report(run_dir, *, clip_percentile: float = 0.5, out: str | Path | Non
     write_results_csv(t.cases, t.pairs, t.metric_cols, t.cf, run_dir / "results.csv")
     figure_dir = run_dir / "figures"
     if figures:
-        write_case_figures(run, t.cases, t.cf, figure_dir, clip_percentile=clip_percentile)
+        write_case_figures(run, t.cases, t.cf, figure_dir, **overlay.kwargs())
     present = {p.name for p in figure_dir.glob("*.png")} if figure_dir.is_dir() else set()
     notes: list[str] = []
     if run.spec.get("data", {}).get("read", {}).get("slice_index", "middle") is None:   # volumes: slice viewers
@@ -163,14 +168,15 @@ def write_report(run_dir, *, clip_percentile: float = 0.5, out: str | Path | Non
     paged = len(t.cases) > single_file_max
     case_href = (lambda pos: f"gallery/page-{pos // page_size + 1:05d}.html#{anchor(pos)}") if paged \
         else (lambda pos: f"#{anchor(pos)}")
-    context = run_context(run, t, clip_percentile=clip_percentile, case_href=case_href, notes=notes,
+    context = run_context(run, t, overlay=overlay, case_href=case_href, notes=notes,
                           files=["results.csv"], n_figures=0)
     ctx = CaseContext(classes=context["classes"], prob_columns=rd.prob_columns(t.cases),
-                      value_range=context["model"]["value_range"], clip_percentile=clip_percentile,
+                      value_range=context["model"]["value_range"], clip_percentile=overlay.clip_percentile,
+                      cmap=overlay.cmap, absolute=overlay.absolute,
                       metric_order=t.metric_order, sanity=context.pop("sanity"), cf_extra=t.cf_extra, figures=present,
                       multilabel=run.multilabel, recommend=context.pop("recommend"))
     context["n_figures"] = sum(figure_name(p) in present for p in t.cases["path"]) if present else 0
-    context.update(page_assets())
+    context.update(page_assets(overlay))
     path = Path(out) if out else run_dir / "report.html"
     if paged:
         return write_paged(run, t, ctx, context, run_dir=run_dir, redirect=path, page_size=page_size,

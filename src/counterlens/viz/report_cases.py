@@ -47,6 +47,8 @@ class CaseContext:
     figures: set = field(default_factory=set)            # names of the case figures in RUN/figures/
     multilabel: bool = False                             # classes are findings, each with its own sigmoid
     recommend: tuple = ((), "")                          # (methods best first, why): see report_verdict
+    cmap: str | None = None                              # colour map of the maps (None: by sign), see OverlayStyle
+    absolute: bool = False                               # maps shown as |map|
 
 
 def anchor(pos: int) -> str:
@@ -122,7 +124,7 @@ def build_case(row: dict, arrays: dict | None, pair_rows: list[dict], cf_rows: l
             continue
         several = sum(p["method"] == method for p in pair_rows) > 1     # multi-label: one map per finding
         volume_maps[f"{method}: {pair.get('target_name')}" if several else method] = amap
-        png, scale = map_png(amap, ctx.clip_percentile, THUMB)
+        png, scale = map_png(amap, ctx.clip_percentile, THUMB, cmap=ctx.cmap, absolute=ctx.absolute)
         room = number(pair.get("insertion_room"))
         if case["note"] is None and room is not None and room < ROOM_MIN:
             case["note"] = ("Insertion cannot separate the maps of this image: the baseline insertion starts from "
@@ -141,7 +143,8 @@ def build_case(row: dict, arrays: dict | None, pair_rows: list[dict], cf_rows: l
     if image is not None and image.ndim == 4:         # a volume: the slice viewer (axial, coronal, sagittal)
         from .report_volumes import shown_spacing, volume_view
         case["volume"] = volume_view(image, volume_maps, ctx.value_range, ctx.clip_percentile,
-                                     spacing=shown_spacing(row.get("file"), image.shape[1:]))
+                                     spacing=shown_spacing(row.get("file"), image.shape[1:]), cmap=ctx.cmap,
+                                     absolute=ctx.absolute)
     if image is not None:
         for cf in cf_rows:
             x = arrays["counterfactuals"].get(int(cf["target"]))

@@ -5,7 +5,9 @@ changed there: the grey image is one PNG, the map another with transparency. A m
 an 8-bit palette PNG: its values, clipped at the ``100 - clip_percentile`` percentile of
 ``|map|`` (the same rule as :func:`counterlens.viz.plots.map_scale`), are quantised to 256 levels;
 each level has the colour of the map's colour scale and an alpha proportional to ``|value|``, so
-unimportant regions show the image. Signed maps use the diverging scale centred on zero.
+unimportant regions show the image. Signed maps use the diverging scale centred on zero, unless
+a colour map is named; ``absolute`` shows ``|map|`` (see :class:`counterlens.viz.plots.OverlayStyle`).
+The map's overall opacity (``alpha``) is the page's: a CSS opacity that the reader can change.
 
 ``max_side``: images larger than that (pixels a side) are area-averaged down first; the report
 shows them 200 px wide, so a gallery of 512 x 512 scans does not carry 512 x 512 PNGs (the
@@ -21,7 +23,7 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image
 
-from .plots import POSITIVE_CMAP, SIGNED_CMAP, display_image, display_map, map_scale
+from .plots import OverlayStyle, display_image, display_map
 
 DIFF_CMAP = "RdBu_r"
 
@@ -77,19 +79,20 @@ def _palette_png(levels: np.ndarray, cmap_name: str, signed: bool) -> bytes:
     return _encode(img, transparency=alpha)
 
 
-def map_png(attribution, clip_percentile: float = 0.5, max_side: int | None = None) -> tuple[bytes, dict]:
+def map_png(attribution, clip_percentile: float = 0.5, max_side: int | None = None, *, cmap: str | None = None,
+            absolute: bool = False) -> tuple[bytes, dict]:
     """An attribution map ``[*spatial]`` as a transparent PNG, and its colour scale
-    ``{"vmin", "vmax", "signed", "cmap"}`` (the values at the ends of the colour bar)."""
+    ``{"vmin", "vmax", "signed", "cmap"}`` (the values at the ends of the colour bar).
+    ``cmap``, ``absolute``: see :class:`counterlens.viz.plots.OverlayStyle`."""
     amap = display_map(attribution)
     amap = np.nan_to_num(amap, nan=0.0, posinf=0.0, neginf=0.0)
-    vmin, vmax, signed = map_scale(amap, clip_percentile)
+    amap, vmin, vmax, signed, cmap = OverlayStyle(cmap, absolute=absolute, clip_percentile=clip_percentile).scale(amap)
     amap = shrink(amap, max_side)
     if signed:
         unit = (np.clip(amap, -vmax, vmax) / vmax + 1) / 2          # 0 .. 1, zero at 0.5
     else:
         unit = np.clip(amap, 0, vmax) / vmax
     levels = np.round(unit * 255).astype(np.uint8)
-    cmap = SIGNED_CMAP if signed else POSITIVE_CMAP
     return _palette_png(levels, cmap, signed), {"vmin": vmin, "vmax": vmax, "signed": signed, "cmap": cmap}
 
 

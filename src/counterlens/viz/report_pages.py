@@ -85,7 +85,7 @@ def write_paged(run, t, ctx, context: dict, *, run_dir: Path, redirect: Path, pa
     n_cases = len(t.cases)
     n_pages = max(1, math.ceil(n_cases / page_size))
     written: set[Path] = set()
-    base = {k: context[k] for k in ("title", "clip_percentile", "script", "script_hash", "css", "gradients",
+    base = {k: context[k] for k in ("title", "clip_percentile", "script", "script_hash", "css", "gradients", "overlay",
                                     "filter_classes", "outcomes", "method_names")}
     has_badges = bool(context["metric_order"] or context["sanity_rows"])
 

@@ -11,7 +11,8 @@ import jinja2
 from markupsafe import Markup
 
 from .report_data import fmt
-from .report_images import css_gradient
+from .plots import OverlayStyle
+from .report_images import DIFF_CMAP, css_gradient
 
 _ENV = jinja2.Environment(loader=jinja2.PackageLoader("counterlens.viz", "templates"),
                           autoescape=True, undefined=jinja2.StrictUndefined)
@@ -28,13 +29,18 @@ def csp_hash(script: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii") + "'"
 
 
-def page_assets() -> dict:
-    """What every page of a report shares: the script, its CSP hash, the style sheet, colour scales."""
+def page_assets(overlay: OverlayStyle = OverlayStyle()) -> dict:
+    """What every page of a report shares: the script, its CSP hash, the style sheet, colour scales,
+    and how maps are shown (``overlay``: its colour maps for the maps' colour bars, its ``alpha``
+    for the opacity sliders' start; ``signed``/``positive``: the counterfactual difference scale)."""
     script = _static("report.js") + "\n" + _static("slice_viewer.js")      # the viewer of 3-D cases
     if "</script" in script.lower():
         raise RuntimeError("report.js must not contain a closing script tag")
     return {"script": Markup(script), "script_hash": Markup(csp_hash(script)), "css": Markup(_static("report.css") + _static("slice_viewer.css")),
-            "gradients": {"signed": css_gradient("RdBu_r"), "positive": css_gradient("inferno")}}
+            "gradients": {"signed": css_gradient(DIFF_CMAP), "positive": css_gradient("inferno"),
+                          "map_signed": css_gradient(overlay.colormap(True)),
+                          "map_positive": css_gradient(overlay.colormap(False))},
+            "overlay": overlay}
 
 
 def render_to(path: Path, template: str, context: dict) -> Path:

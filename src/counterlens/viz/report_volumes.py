@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from .plots import POSITIVE_CMAP, SIGNED_CMAP, map_scale
+from .plots import OverlayStyle
 from .report_images import _encode, _indexed, _palette, data_uri, scale_labels
 
 PLANES = ("axial", "coronal", "sagittal")
@@ -123,11 +123,12 @@ def shown_spacing(file, shape) -> tuple[float, float, float] | None:
 
 
 def volume_view(image: np.ndarray, maps: dict[str, np.ndarray], value_range=None, clip_percentile: float = 0.5,
-                spacing=None, max_side: int = MAX_SIDE) -> dict:
+                spacing=None, max_side: int = MAX_SIDE, *, cmap: str | None = None, absolute: bool = False) -> dict:
     """What the slice viewer of one 3-D case shows.
 
     ``image``: ``[C, D, H, W]`` (the first channel is shown); ``maps``: ``{method: [D, H, W]}``;
     ``spacing``: voxel size (D, H, W) for the planes' aspect ratios (default: cubic voxels).
+    ``cmap``, ``absolute``, ``clip_percentile``: see :class:`counterlens.viz.plots.OverlayStyle`.
     Returns ``{"planes": [{"name", "n", "cols", "rows", "aspect", "image_uri", "start", "position",
     "maps": [{"method", "uri"}]}], "methods": [{"name", "peaks", "labels", "signed"}], "shape"}``.
     """
@@ -143,13 +144,14 @@ def volume_view(image: np.ndarray, maps: dict[str, np.ndarray], value_range=None
                "coronal": (grey.shape[2] * sw) / (grey.shape[0] * sd),
                "sagittal": (grey.shape[1] * sh) / (grey.shape[0] * sd)}
     methods, sprites = [], {}
+    style = OverlayStyle(cmap, absolute=absolute, clip_percentile=clip_percentile)
     for name, amap in maps.items():
         a = np.nan_to_num(np.asarray(amap, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        vmin, vmax, signed = map_scale(a, clip_percentile)
+        a, vmin, vmax, signed, colours = style.scale(a)
         small = _reduce(a, max_side)
         methods.append({"name": name, "signed": signed, "labels": scale_labels(vmin, vmax, signed),
                         "peaks": {p: peak_slice(small, p) for p in PLANES}})
-        sprites[name] = (small, vmax, signed)
+        sprites[name] = (small, vmax, signed, colours)
     planes = []
     for p in PLANES:
         stack = plane_slices(grey, p)
@@ -159,9 +161,9 @@ def volume_view(image: np.ndarray, maps: dict[str, np.ndarray], value_range=None
         sprite = np.round(_tile(stack, 0.0) * 255).astype(np.uint8)
         from PIL import Image
         layers = []
-        for name, (small, vmax, signed) in sprites.items():
+        for name, (small, vmax, signed, colours) in sprites.items():
             levels = _tile(_map_levels(plane_slices(small, p), vmax, signed), 127 if signed else 0)
-            palette, alpha = _palette(SIGNED_CMAP if signed else POSITIVE_CMAP, signed)
+            palette, alpha = _palette(colours, signed)
             img = _indexed(levels)
             img.putpalette(palette)
             layers.append({"method": name, "uri": data_uri(_encode(img, transparency=alpha))})

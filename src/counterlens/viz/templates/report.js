@@ -37,6 +37,17 @@
   var methodBoxes = list(document.querySelectorAll("input.method-toggle"));
   var pagers = list(document.querySelectorAll("[data-pager]"));
   var state = { matches: all, page: 0 };
+  /* the map opacity the report was written with (counterlens report --alpha): where the sliders start */
+  var startOpacity = Math.round(100 * (parseFloat(document.documentElement.getAttribute("data-map-opacity")) || 0.75));
+
+  function startSliders(inputs) {
+    inputs.forEach(function (input) {
+      if (startOpacity % 5) { input.step = "1"; }
+      input.value = String(startOpacity);
+      var out = input.parentNode.querySelector("output");
+      if (out) { out.textContent = input.value + "%"; }
+    });
+  }
 
   all.forEach(function (t, i) {
     var c = t.getAttribute("data-confidence");
@@ -120,6 +131,7 @@
     shown.forEach(function (t) { fragment.appendChild(document.importNode(t.content, true)); });
     fillCopies(fragment);
     applyToggles(fragment);
+    startSliders(list(fragment.querySelectorAll("input.sv-opacity")));      /* the slice viewers' own */
     gallery.replaceChildren(fragment);
     byId("no-match").hidden = total > 0;
     var text = total === 0 ? "no case matches (" + all.length + " in the run)"
@@ -208,7 +220,8 @@
     });
   }
 
-  if (!useTemplates) { fillCopies(gallery); applyToggles(gallery); }
+  if (!useTemplates) { fillCopies(gallery); applyToggles(gallery); startSliders(list(gallery.querySelectorAll("input.sv-opacity"))); }
+  startSliders([controls.opacity]);
   setOpacity();
   applyFilters();
   window.addEventListener("hashchange", showCase);
