@@ -15,11 +15,14 @@ def evaluate_cmd(args) -> int:
     Reads ``args.run``, ``args.masks``; optional ``model`` (default: the run's model source in
     ``run.yaml``), ``factory``, ``trust_model_file``, ``device``, ``classes``, ``metrics`` (list),
     ``batch_size``, ``seed``, ``steps``, ``baseline``, ``sanity_images`` (0 skips the sanity check),
-    ``quiet``. Refuses a model whose SHA-256 differs from the one the run was made with.
+    ``quiet``; the report's ``colormap``, ``alpha``, ``absolute``, ``clip_percentile``. Refuses a model
+    whose SHA-256 differs from the one the run was made with.
     """
     from ..loading import load_model
     from ..runs.store import open_run
+    from .report import display_options
     run = Path(args.run)
+    display = display_options(args)                  # the report's settings, checked before the model loads
     spec = open_run(run).spec
     model = spec.get("model") or {}
     source = getattr(args, "model", None) or model.get("source")
@@ -64,7 +67,7 @@ def evaluate_cmd(args) -> int:
           + (", sanity.json" if sanity_images > 0 else ""))
     if not getattr(args, "no_report", False):
         from ..viz.report import write_report
-        print(f"report: {write_report(run)}")                  # the page shows the metrics just written
+        print(f"report: {write_report(run, **display)}")       # the page shows the metrics just written
     return 0
 
 

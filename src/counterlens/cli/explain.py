@@ -15,6 +15,8 @@ def explain(args) -> int:
     resolved_methods(methods, params, args.batch_size, args.seed)      # every argument checked before the model loads
     if not 0 <= args.clip_percentile < 50:
         raise InputError(f"--clip-percentile {args.clip_percentile}: pass a percentage in [0, 50), e.g. 0.5")
+    from .report import display_options
+    display = display_options(args)                                     # the report's other settings too
     engine = engine_of(args, model_args(args))
     clf = load_classifier(args)
     dataset, diagnosis = image_dataset(clf, args.data, masks=args.masks, limit=args.limit,
@@ -31,5 +33,5 @@ def explain(args) -> int:
         print(f"  skipped {method}: {reason}")
     if not args.no_report:
         from ..viz.report import write_report
-        print(f"report: {write_report(args.out, clip_percentile=args.clip_percentile)}")
+        print(f"report: {write_report(args.out, **display)}")
     return 1 if summary.failed and not summary.done and not summary.skipped else 0

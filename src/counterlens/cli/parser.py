@@ -84,6 +84,39 @@ def _add_run_args(p: argparse.ArgumentParser, what: str) -> None:
                    help="write the run into a folder that holds other files (they are left untouched)")
 
 
+def _display_arg(check: str, number: bool):
+    """An argparse type that checks a report display option with :mod:`counterlens.viz.plots`'s own
+    check (imported when the option is given, so building the parser still imports no library code)."""
+    def convert(text: str):
+        from ..viz import plots
+        value = text
+        if number:
+            try:
+                value = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        try:
+            return getattr(plots, check)(value, None)
+        except ValueError as exc:                 # InputError: one line that says what to pass
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = check.replace("check_", "") + "_arg"
+    return convert
+
+
+def _add_display_args(p: argparse.ArgumentParser) -> None:
+    """How the report and its figures show a map over its image (counterlens.viz.plots.OverlayStyle)."""
+    p.add_argument("--clip-percentile", type=float, default=0.5, metavar="P",
+                   help="clip the colour scale of maps at 100 minus this percentile of |map|, in [0, 50) (default: 0.5)")
+    p.add_argument("--colormap", type=_display_arg("check_cmap", False), default=None, metavar="NAME",
+                   help="a matplotlib colour map for the maps, e.g. jet, viridis, inferno (default: RdBu_r centred "
+                        "on zero for signed maps, inferno for non-negative ones)")
+    p.add_argument("--alpha", type=_display_arg("check_alpha", True), default=0.75, metavar="A",
+                   help="opacity in (0, 1] of a map where |map| reaches the clip, fading with |map|; the report's "
+                        "opacity sliders start there (default: 0.75)")
+    p.add_argument("--absolute", action="store_true",
+                   help="show |map| (colour scale from 0 to the clip) instead of the signed map")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="counterlens",
@@ -169,8 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="how maps are stored (default: float32; float16 halves the disk and refuses maps whose "
                               "values it cannot hold)")
     explain.add_argument("--seed", type=int, default=0, help="seed of random methods (default: 0)")
-    explain.add_argument("--clip-percentile", type=float, default=0.5,
-                         help="clip the colour scale of maps at 100 minus this percentile of |map| (default: 0.5)")
+    _add_display_args(explain)
     explain.add_argument("--no-report", action="store_true", help="do not write report.html")
     explain.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -304,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="score only the images the model got wrong, right, or of one class; recorded in the run "
                          "(another selection later is refused)")
     ev.add_argument("--no-report", action="store_true", help="do not re-write RUN/report.html with the metrics")
+    _add_display_args(ev)
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sub.add_parser("methods", help="list the attribution methods with their defaults",
@@ -313,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Render the HTML report of a run directory: one self-contained file, or for "
                                         "large runs RUN/report/index.html with a paged gallery (opens offline).")
     report.add_argument("run", type=Path, help="run directory")
-    report.add_argument("--clip-percentile", type=float, default=0.5, help="colour-scale clip (default: 0.5)")
+    _add_display_args(report)
     report.add_argument("--figures", action="store_true",
                         help="also write RUN/figures/<id>_<name>.png, one figure per case (about 0.5-1 s per case)")
     report.add_argument("--page-size", type=positive_int, default=24, help="cases per page of the gallery (default: 24)")
