@@ -43,7 +43,8 @@ def test_example_spec_validates_with_the_notebook_settings():
     assert explain[explain.index("--data") + 1] == "demo-run-work/data/Testing"
     assert explain[explain.index("--model") + 1] == "demo-run-work/model"
     assert "--no-report" in explain                          # the report is written once, by the report step
-    assert steps[2].argv == ["notebook-run", "--clip-percentile", "0.5", "--figures"]
+    assert steps[2].argv == ["notebook-run", "--colormap", "jet", "--alpha", "0.4", "--absolute",
+                             "--clip-percentile", "0.5", "--figures"]   # the notebook's overlays: jet, 0.4, |map|
     build_parser().parse_args(["explain", *explain])         # what the command itself accepts
 
 
@@ -51,7 +52,8 @@ def test_dry_run_prints_the_commands(capsys):
     assert main(["run", str(EXAMPLE), "--dry-run", "--out", "elsewhere"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("counterlens explain --out elsewhere --model demo-run-work/model")
-    assert out[-1] == "counterlens report elsewhere --clip-percentile 0.5 --figures"
+    assert out[-1] == ("counterlens report elsewhere --colormap jet --alpha 0.4 --absolute --clip-percentile 0.5 "
+                       "--figures")
 
 
 def test_every_option_of_a_command_is_a_key():
