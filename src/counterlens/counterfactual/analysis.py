@@ -6,7 +6,8 @@ Every function takes either a counterfactual result (anything with ``x`` = the c
 - :func:`difference_map`: the signed edit ``x_cf - x`` summed over channels, ``[B, *spatial]``.
 - :func:`activation_changes`: how much each layer's output moved between original and
   counterfactual (mean ``|change|``, change relative to the original activation's norm, and the
-  channels that moved most), in execution order.
+  channels that moved most), in execution order; :func:`summary_layers`: the bounded set of
+  layers a dataset run records them for.
 - :func:`attribute_difference`: integrated gradients from the original (baseline) to the
   counterfactual (input), which splits the change of the target logit over the edited pixels:
   ``attr.sum() ~= logit_t(x_cf) - logit_t(x)`` (completeness).
@@ -78,11 +79,39 @@ def _select_layers(module: nn.Module, layers) -> dict[str, nn.Module]:
     return {n: named[n] for n in layers}
 
 
+# activation functions: with the leaf modules that hold parameters, the layers a run summarises
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+               nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus)
+
+
+def summary_layers(module: nn.Module, limit: int = 32) -> tuple[list[str], str]:
+    """The layers a dataset run records :func:`activation_changes` of, and a line saying which.
+
+    The leaf modules that hold parameters (convolutions, linear, normalisation) or are activation
+    functions (:data:`ACTIVATIONS`), in registration order; every leaf module when none is; at most
+    ``limit`` of them, evenly spaced from the first to the last when there are more (a module
+    called twice still gives two entries). Returns ``(names, description)``."""
+    leaves = {n: m for n, m in module.named_modules() if n and not any(True for _ in m.children())}
+    chosen = [n for n, m in leaves.items()
+              if isinstance(m, ACTIVATIONS) or any(True for _ in m.parameters(recurse=False))]
+    if not leaves:
+        return [], "the model's output (it has no submodules)"
+    what = "leaf modules with parameters or an activation function"
+    if not chosen:
+        chosen, what = list(leaves), "leaf modules"
+    if len(chosen) > limit:
+        keep = sorted({round(i * (len(chosen) - 1) / (limit - 1)) for i in range(limit)})
+        return [chosen[i] for i in keep], f"{len(keep)} of the model's {len(chosen)} {what}, evenly spaced"
+    return chosen, f"the model's {len(chosen)} {what}"
+
+
 class _LayerStats:
     """Running sums over chunks for one (layer, call) output."""
 
-    def __init__(self, name: str, module: str, shape: tuple, conv_like: bool, n_rows: int):
-        self.name, self.module, self.shape, self.conv_like = name, module, shape, conv_like
+    def __init__(self, name: str, module: str, shape: tuple, conv_like: bool, n_rows: int, per_row: bool = False):
+        self.name, self.module, self.shape, self.conv_like, self.per_row = name, module, shape, conv_like, per_row
+        # per row: sum |delta| per channel, [n_rows, C] (for each image's own top channels)
+        self.row_channel_abs = torch.zeros(n_rows, shape[0], dtype=torch.float64) if per_row and conv_like else None
         self.abs_sum = torch.zeros(n_rows, dtype=torch.float64)     # per row: sum |delta|
         self.delta_sq = torch.zeros(n_rows, dtype=torch.float64)    # per row: sum delta^2
         self.orig_sq = torch.zeros(n_rows, dtype=torch.float64)     # per row: sum a^2
@@ -100,6 +129,8 @@ class _LayerStats:
         if self.conv_like:
             per_channel = delta.abs().transpose(0, 1).flatten(1).sum(1).cpu()
             self.channel_abs = per_channel if self.channel_abs is None else self.channel_abs + per_channel
+            if self.row_channel_abs is not None:
+                self.row_channel_abs[a:a + b] = delta.abs().flatten(2).sum(2).cpu()
 
     def report(self, top: int) -> dict:
         n_rows = self.abs_sum.numel()
@@ -123,12 +154,19 @@ class _LayerStats:
             k = min(int(top), per_channel.numel())
             values, idx = per_channel.topk(k)
             out["top_channels"] = [(int(i), float(v)) for i, v in zip(idx, values, strict=True)]
+        if self.row_channel_abs is not None:
+            per_row = self.row_channel_abs / (self.numel // self.shape[0])
+            values, idx = per_row.topk(min(int(top), per_row.shape[1]), dim=1)
+            out["top_channels_per_row"] = [[(int(i), float(v)) for i, v in zip(ri, rv, strict=True)]
+                                           for ri, rv in zip(idx.tolist(), values.tolist(), strict=True)]
+        elif self.per_row:
+            out["top_channels_per_row"] = [[] for _ in range(n_rows)]
         return out
 
 
 @torch.no_grad()
 def activation_changes(clf: Classifier, x, x_cf=None, *, layers: Sequence[str] | str | None = None,
-                       top: int = 5, batch_size: int = 64) -> list[dict]:
+                       top: int = 5, batch_size: int = 64, top_per_row: bool = False) -> list[dict]:
     """How far each layer's output moved between the originals and their counterfactuals.
 
     ``activation_changes(clf, result)`` or ``activation_changes(clf, x, x_cf)`` with
@@ -146,7 +184,8 @@ def activation_changes(clf: Classifier, x, x_cf=None, *, layers: Sequence[str] |
         relative_change        ||a_cf - a|| / ||a|| over the whole batch (inf if ||a|| = 0 < ||a_cf - a||),
         mean_abs_change_per_row, relative_change_per_row   the same per image (lists of B floats),
         top_channels           [(channel, mean |change|), ...] largest first, for outputs
-                               [B, C, *spatial] with at least one spatial axis; [] otherwise.
+                               [B, C, *spatial] with at least one spatial axis; [] otherwise;
+        top_channels_per_row   with ``top_per_row=True``: each image's own top channels (B lists).
     """
     if not isinstance(clf.module, nn.Module):
         raise MethodError("activation_changes needs the classifier's module to be a torch nn.Module "
@@ -169,7 +208,7 @@ def activation_changes(clf: Classifier, x, x_cf=None, *, layers: Sequence[str] |
         half = out.shape[0] // 2
         if key not in stats:
             shape = tuple(out.shape[1:])
-            stats[key] = _LayerStats(key, type(modules[name]).__name__, shape, out.dim() >= 3, n_rows)
+            stats[key] = _LayerStats(key, type(modules[name]).__name__, shape, out.dim() >= 3, n_rows, top_per_row)
         # stats computed right away: a later in-place op (ReLU(inplace=True)) must not change them
         stats[key].add(state["start"], out[:half].detach(), out[half:].detach())
 
