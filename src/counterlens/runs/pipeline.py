@@ -193,15 +193,18 @@ def explain_batch(clf, batch: ReadBatch, methods: dict[str, dict], target="predi
 
 
 def counterfactual_batch(clf, batch: ReadBatch, target="other", params: dict | None = None,
-                         train: tuple | None = None) -> list[CaseResult]:
+                         train: tuple | None = None, activations: bool = True) -> list[CaseResult]:
     """Counterfactuals of the images of ``batch`` (one per case), failures included.
 
     ``params`` go to :func:`counterlens.counterfactual.counterfactual`; a case's mask, when it has
     one, is its ``editable`` region (no mask: everything editable). ``train``: optional
     ``(x_train, y_train)``; each counterfactual then records its L2 distance to the nearest
-    training image of its target class.
+    training image of its target class. ``activations``: also record each case's layer activation
+    change between original and counterfactual (:mod:`counterlens.runs.activations`: one more
+    forward pass of both per batch).
     """
     from ..counterfactual import counterfactual
+    from .activations import case_activation_changes
     from ..metrics.counterfactual import nearest_training_distance
     results = [CaseResult.failure(case, error) for case, error in batch.failed]
     for idx in _groups(batch):
@@ -219,6 +222,9 @@ def counterfactual_batch(clf, batch: ReadBatch, target="other", params: dict | N
         editable = None if kwargs.get("editable") is None else (      # [b, *S] bool: the region each search had
             torch.as_tensor(kwargs["editable"]).bool().expand(len(idx), 1, *x.shape[2:])[:, 0].numpy())
         nearest = nearest_training_distance(res.x, res.target, *train) if train is not None else None
+        chunk = kwargs.get("batch_size")                # a number, or "auto" / None (the search's own choice)
+        layer_changes = (case_activation_changes(clf, x, res.x, batch_size=chunk if isinstance(chunk, int) else 64)
+                         if activations else [None] * len(idx))
         for j, i in enumerate(idx):
             probs = res.probs_before[j]
             pred, t = int(probs.argmax()), int(res.target[j])
@@ -233,7 +239,7 @@ def counterfactual_batch(clf, batch: ReadBatch, target="other", params: dict | N
                     "distance": {k: float(v[j]) for k, v in res.distance.items()},
                     "probs_before": res.probs_before[j].tolist(), "probs_after": res.probs_after[j].tolist(),
                     "seconds": seconds, "x": res.x[j].numpy(),
-                    "editable": None if editable is None else editable[j],
+                    "editable": None if editable is None else editable[j], "activations": layer_changes[j],
                     "nearest_train_distance": None if nearest is None else float(nearest[j])}))
     return results
 

@@ -24,6 +24,8 @@ import yaml
 
 from ...errors import InputError
 
+# Tables and columns added since (e.g. ``activations``) leave it as is: a shard written before
+# lacks them and reads as empty (see ``merged.merged``), so an older run still opens and resumes.
 SCHEMA_VERSION = 2
 SPEC_FILE = "run.yaml"
 INDEX_DIR = "index"
@@ -69,6 +71,15 @@ CREATE TABLE IF NOT EXISTS counterfactuals (
     written REAL NOT NULL,
     PRIMARY KEY (case_id, target)
 );
+CREATE TABLE IF NOT EXISTS activations (
+    case_id TEXT NOT NULL, target INTEGER NOT NULL,   -- the counterfactual's case and target
+    layers TEXT,                   -- JSON list in execution order: name, module, shape, relative_change,
+                                   -- mean_abs_change, top_channels ([[channel, mean |change|], ...])
+    selection TEXT,                -- which layers (e.g. "the model's 9 leaf modules with parameters or ...")
+    skipped TEXT,                  -- why there are none (the model's layers cannot be observed); NULL if computed
+    written REAL NOT NULL,
+    PRIMARY KEY (case_id, target)
+);
 CREATE TABLE IF NOT EXISTS metrics (
     case_id TEXT NOT NULL, method TEXT NOT NULL, metric TEXT NOT NULL, value REAL,
     written REAL NOT NULL,
@@ -84,7 +95,7 @@ CREATE TABLE IF NOT EXISTS tabular_counterfactuals (
 """
 # the key columns of each table: rows of the same key in several shards are one row (the newest wins)
 KEYS = {"cases": ["case_id"], "maps": ["case_id", "method", "target"], "skipped": ["case_id", "method"],
-        "counterfactuals": ["case_id", "target"],
+        "counterfactuals": ["case_id", "target"], "activations": ["case_id", "target"],
         "metrics": ["case_id", "method", "target", "metric"], "tabular_counterfactuals": ["row_index", "rank"]}
 
 

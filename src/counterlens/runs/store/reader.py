@@ -17,8 +17,10 @@ import numpy as np
 import pandas as pd
 
 from ...errors import InputError
+from .counterfactual_reads import CounterfactualReads
 from .findings import finding_columns
-from .layout import INDEX_DIR, KEYS, SCHEMA, is_run_dir, read_spec
+from .layout import KEYS, is_run_dir, read_spec
+from .merged import merged, shards
 
 
 def open_run(path) -> "Run":
@@ -31,7 +33,7 @@ def open_run(path) -> "Run":
     return Run(path)
 
 
-class Run:
+class Run(CounterfactualReads):
     """A run directory, read-only. See :func:`open_run`.
 
     Attributes
@@ -82,7 +84,7 @@ class Run:
         if name not in KEYS:
             raise InputError(f"table={name!r}: one of {sorted(KEYS)}")
         if name not in self._loaded:
-            self._loaded[name] = _merged(self.root, name)
+            self._loaded[name] = merged(self.root, name)
         return self._loaded[name]
 
     @property
@@ -163,25 +165,6 @@ class Run:
             out["target"] = pd.array(m["target"], dtype="Int64")
             out["target_name"] = [self._target_name(int(t)) if pd.notna(t) else None for t in m["target"]]
         return out
-
-    @cached_property
-    def counterfactuals(self) -> pd.DataFrame | None:
-        cf = self.table("counterfactuals")
-        if not len(cf):
-            return None
-        out = cf.drop(columns=["array_file", "array_group", "array_row", "written", "shard"]).rename(
-            columns={"case_id": "path"})
-        out["valid"] = out["valid"].astype(bool)
-        for col in ("probs_before", "probs_after"):
-            out[col] = [json.loads(v) if isinstance(v, str) else None for v in out[col]]
-        return out.reset_index(drop=True)
-
-    @property
-    def tabular_counterfactuals(self) -> pd.DataFrame | None:
-        t = self.table("tabular_counterfactuals")
-        if not len(t):
-            return None
-        return pd.DataFrame([json.loads(r) for r in t.sort_values(["row_index", "rank"])["record"]])
 
     def json_file(self, name: str):
         """``RUN/<name>`` parsed (``audit.json``, ``curves.json``, ``sanity.json``), or None when absent."""
@@ -265,28 +248,6 @@ class Run:
             return mask[self._target_index(target)]
         return mask
 
-    def _counterfactual_at(self, path: str, target) -> tuple[str, str, int]:
-        """``(file, group, row)`` of case ``path``'s counterfactual (the first target when None)."""
-        cid = self._case_id(path)
-        for t, file, group, row in self._case_locations()["counterfactuals"].get(cid, ()):
-            if target is None or t == int(target):
-                return file, group, row
-        raise InputError(f"case {cid!r} has no counterfactual{'' if target is None else f' for target {target}'} "
-                         f"in {self.root}")
-
-    def counterfactual(self, path: str, target: int | None = None) -> np.ndarray:
-        """The counterfactual image of case ``path`` (float32 ``[C, *S]``; the first target when None)."""
-        file, group, row = self._counterfactual_at(path, target)
-        return self._array(file, f"{group}/counterfactual")[row]
-
-    def editable_mask(self, path: str, target: int | None = None) -> np.ndarray | None:
-        """The region the counterfactual search of case ``path`` could change (bool ``[*S]``;
-        ``--editable-masks``), or None when it could change the whole image. The case's own
-        :meth:`mask` stays its ground truth."""
-        file, group, row = self._counterfactual_at(path, target)
-        arrays = self._npz(file)
-        return arrays[f"{group}/editable"][row] if f"{group}/editable" in arrays else None
-
     # -- bookkeeping for resuming -----------------------------------------------------------------
     def done_cases(self, methods) -> set[str]:
         """Cases with status done and a map of every one of ``methods`` (or that method skipped: it
@@ -299,10 +260,6 @@ class Run:
             done &= (set(maps.loc[maps["method"] == m, "case_id"].astype(str))
                      | set(skipped.loc[skipped["method"] == m, "case_id"].astype(str)) | nothing)
         return done
-
-    def counterfactual_cases(self) -> set[str]:
-        cf = self.table("counterfactuals")
-        return set(cf["case_id"].astype(str))
 
     def written_rows(self, table: str = "cases") -> int:
         """Rows of ``table`` over all shards, duplicates included (work done twice shows here)."""
@@ -324,7 +281,8 @@ class Run:
         """Every stored array of case ``path`` in one call: ``{"image": [C, *S] float32 or None,
         "mask": [*S] bool or None, "maps": {method: [*S] float32}, "target_maps": {(method, target):
         [*S] float32} (every map: several per method for a multi-label case), "counterfactuals":
-        {target: [C, *S] float32}}`` (None and empty for a case that failed to load).
+        {target: [C, *S] float32}, "activations": {target: :meth:`activation_record`}}`` (None and
+        empty for a case that failed to load).
 
         The same arrays as :meth:`image`, :meth:`mask`, :meth:`map` and :meth:`counterfactual`,
         found through dictionaries built once per snapshot instead of a scan of the index per
@@ -345,6 +303,7 @@ class Run:
             out["maps"].setdefault(method, out["target_maps"][(method, target)])
         for target, file, group, row in where["counterfactuals"].get(path, ()):
             out["counterfactuals"][target] = self._array(file, f"{group}/counterfactual")[row]
+        out["activations"] = {t: self.activation_record(path, t) for t in self._activations().get(path, {})}
         return out
 
     def _case_locations(self) -> dict:
@@ -369,58 +328,3 @@ class Run:
             where["counterfactuals"].setdefault(cid, []).append((int(target), file, group, int(row)))
         self.__dict__["_locations"] = (key, where)
         return where
-
-
-def shards(root: Path) -> list[Path]:
-    return sorted((Path(root) / INDEX_DIR).glob("*.sqlite"))
-
-
-_EMPTY: dict[str, pd.DataFrame] = {}
-
-
-def _empty(table: str) -> pd.DataFrame:
-    if table not in _EMPTY:
-        con = sqlite3.connect(":memory:")
-        con.executescript(SCHEMA)
-        _EMPTY[table] = pd.read_sql_query(f"SELECT * FROM {table}", con)
-        con.close()
-    return _EMPTY[table].assign(shard=pd.Series(dtype=str))
-
-
-def _merged(root: Path, table: str) -> pd.DataFrame:
-    frames = []
-    for shard in shards(root):
-        try:
-            con = sqlite3.connect(f"file:{shard}?mode=ro", uri=True, timeout=60)
-            try:
-                df = pd.read_sql_query(f"SELECT * FROM {table}", con)
-            finally:
-                con.close()
-        except (sqlite3.DatabaseError, pd.errors.DatabaseError) as exc:
-            if "no such table" in str(exc):
-                continue
-            raise InputError(f"{shard} cannot be read ({exc}); move it aside to read the rest of the run") from exc
-        if len(df):
-            for col in _empty(table).columns.drop("shard"):      # a shard of an older version lacks newer columns
-                if col not in df:
-                    df[col] = None
-            frames.append(df.assign(shard=shard.stem))
-    if not frames:
-        return _empty(table)
-    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    if len(frames) > 1:
-        order = ["written"]
-        if table == "cases":
-            # A case is written once per stage (explain, then counterfactual into the same run): the first done
-            # row is the case as the run first read it (its label, ground-truth mask); a later stage's row (with
-            # the editable mask, or none) must not replace it. Done beats failed; among failed rows the newest.
-            df["_done"] = (df["status"] == "done").astype(int)
-            df["_first"] = np.where(df["_done"] == 1, -df["written"], df["written"])   # kept: the largest
-            order = ["_done", "_first"]
-        df = df.sort_values(order, kind="stable").drop_duplicates(KEYS[table], keep="last")
-        df = df.drop(columns=[c for c in ("_done", "_first") if c in df]).sort_values(KEYS[table], kind="stable")
-    elif table != "tabular_counterfactuals":
-        df = df.sort_values(KEYS[table], kind="stable")
-    if table == "metrics":                     # millions of rows at 100,000 cases: repeated strings as categories
-        df = df.astype({"case_id": "category", "method": "category", "metric": "category", "shard": "category"})
-    return df.reset_index(drop=True)

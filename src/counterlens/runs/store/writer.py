@@ -156,6 +156,13 @@ class ShardWriter:
                          _num(d.get("l2")), _num(d.get("linf")), json.dumps([float(v) for v in cf["probs_before"]]),
                          json.dumps([float(v) for v in cf["probs_after"]]), _num(cf.get("seconds")),
                          _num(cf.get("nearest_train_distance")), _num(cf.get("im1")), file, group, row, now))
+                    acts = cf.get("activations")        # the layer activation change (None: not computed)
+                    if acts is not None:
+                        self.db.execute(
+                            "INSERT OR REPLACE INTO activations (case_id, target, layers, selection, skipped, written)"
+                            " VALUES (?,?,?,?,?,?)",
+                            (c.id, int(cf["target"]), json.dumps(acts.get("layers") or []), text_of(acts.get("selection")),
+                             text_of(acts.get("skipped")), now))
         return len(results)
 
     def write_metrics(self, rows) -> int:
