@@ -26,7 +26,8 @@ LAYERS = [
     {"errors"},
     {"model", "heads", "preprocessing", "models", "cards", "loading",   # the wrapped model, its output head; architectures, cards, loading;
      "exported_programs",                                            # torch.export programs loaded as modules
-     "keras_models", "keras_graph", "keras_layers", "keras_modules"},  # Keras models converted to torch modules or wrapped
+     "keras_models", "keras_graph", "keras_layers", "keras_convert",  # Keras models converted to torch modules or wrapped
+     "keras_modules"},
     {"data", "attribution", "training"},          # training fits a model on data
     {"metrics", "counterfactual"},
     {"runs"},                                     # the application layer
