@@ -20,6 +20,7 @@ from .report_data import (
     METRIC_HINTS,
     OUTCOME_TEXT,
     ROOM_MIN,
+    activation_view,
     class_names,
     faithfulness_badge,
     fmt,
@@ -149,7 +150,8 @@ def build_case(row: dict, arrays: dict | None, pair_rows: list[dict], cf_rows: l
         for cf in cf_rows:
             x = arrays["counterfactuals"].get(int(cf["target"]))
             if x is not None:
-                case["counterfactuals"].append(counterfactual_view(image, x, cf, names, ctx))
+                layers = (arrays.get("activations") or {}).get(int(cf["target"]))
+                case["counterfactuals"].append(counterfactual_view(image, x, cf, names, ctx, layers))
     return case
 
 
@@ -159,9 +161,11 @@ def _text(value) -> str | None:
     return str(value)
 
 
-def counterfactual_view(image: np.ndarray, x: np.ndarray, cf: dict, names: list[str], ctx: CaseContext) -> dict:
+def counterfactual_view(image: np.ndarray, x: np.ndarray, cf: dict, names: list[str], ctx: CaseContext,
+                        layers: dict | None = None) -> dict:
     """One stored counterfactual: original and counterfactual on one grey scale, the signed
-    difference, the probabilities before and after, distances and (when stored) plausibility."""
+    difference, the probabilities before and after, distances, (when stored) plausibility and the
+    layer activation change (``layers``: the case's :meth:`~counterlens.runs.store.Run.activation_record`)."""
     if ctx.value_range is not None:
         lo, hi = (float(v) for v in ctx.value_range)
     else:
@@ -191,7 +195,7 @@ def counterfactual_view(image: np.ndarray, x: np.ndarray, cf: dict, names: list[
                   for i, (n, b, a) in enumerate(zip(names, before, after))],
         "distances": [{"name": k.upper() if k != "linf" else "L\u221e", "value": fmt(cf.get(k))}
                       for k in ("l0", "l1", "l2", "linf") if number(cf.get(k)) is not None],
-        "extra": extra, "column": "class", **view}
+        "extra": extra, "column": "class", "layers": activation_view(layers), **view}
 
 
 # -- what to look at first -------------------------------------------------------------------------

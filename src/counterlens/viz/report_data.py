@@ -322,3 +322,32 @@ def loading_view(spec: dict) -> dict | None:
     described = [flag_text(k, v) for k, v in overrides.items()]
     return {"lines": [str(line) for line in loading.get("lines") or []], "warnings": list(loading.get("warnings") or []),
             "described": described, "notes": [str(n) for n in loading.get("model_input") or []]}
+
+
+ACTIVATION_NOTE = ("Relative change: how far each layer's output a moved from the original to the counterfactual, "
+                   "||a_cf \u2212 a|| / ||a|| (0.1: by a tenth of its size); mean |change| in the layer's own "
+                   "units; top channels: those that moved most (channel: mean |change|).")
+
+
+def activation_view(record: dict | None) -> dict | None:
+    """The counterfactual panel's layer table from a case's stored activation record
+    (:meth:`~counterlens.runs.store.Run.activation_record`): a row per layer with a bar of its
+    relative change (the case's largest is full width; inf is full width too); None when the
+    run recorded none (a run from before they were stored)."""
+    if record is None:
+        return None
+    if record.get("skipped"):
+        return {"skipped": str(record["skipped"]), "rows": [], "note": ACTIVATION_NOTE, "selection": ""}
+    layers = record.get("layers") or []
+    finite = [float(c["relative_change"]) for c in layers if math.isfinite(float(c["relative_change"]))]
+    top = max(finite, default=0.0)
+    rows = []
+    for c in layers:
+        rel = float(c["relative_change"])
+        share = 1.0 if not math.isfinite(rel) else (rel / top if top > 0 else 0.0)
+        rows.append({"name": str(c["name"]), "module": str(c.get("module") or ""),
+                     "shape": "\u00d7".join(str(int(s)) for s in c.get("shape") or []),
+                     "relative": "inf" if not math.isfinite(rel) else fmt(rel), "bar": round(80 * share, 1),
+                     "mean_abs": fmt(c.get("mean_abs_change")),
+                     "channels": ", ".join(f"{int(i)}: {fmt(v, 2)}" for i, v in c.get("top_channels") or [] if v > 0)})
+    return {"skipped": None, "rows": rows, "note": ACTIVATION_NOTE, "selection": str(record.get("selection") or "")}
