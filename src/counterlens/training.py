@@ -25,7 +25,10 @@ from tqdm.auto import tqdm
 from .errors import InputError
 from .model import Classifier, Normalize, preprocess_from_spec, resolve_device
 
-__all__ = ["train_classifier", "evaluate_accuracy", "random_flip_shift", "train_model"]
+__all__ = ["train_classifier", "evaluate_accuracy", "random_flip_shift", "train_model", "fan_in_lr"]
+
+#: ``lr="auto"`` (:func:`fan_in_lr`): Adam's base rate, and the fan-in above which a dense layer's rate shrinks.
+AUTO_LR, AUTO_LR_FAN_IN = 1e-3, 8192
 
 
 def _as_xy(x, y, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +153,8 @@ def random_flip_shift(flip_axes: Sequence[int] = (-1,), max_shift: float = 0.062
 def train_classifier(module, x_train, y_train, *, x_val=None, y_val=None, epochs: int = 10,
                      batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
                      preprocess=None, augment: Callable | None = None, progress: bool = True,
-                     device="auto", log: Callable[[str], None] | None = None) -> dict:
+                     device="auto", log: Callable[[str], None] | None = None,
+                     layer_lr: dict[str, float] | None = None) -> dict:
     """Train ``module`` with Adam and cross-entropy (multi-label ``y [N, K]``: binary cross-entropy
     of each finding's logit, unknown labels left out); return the per-epoch history.
 
@@ -170,6 +174,9 @@ def train_classifier(module, x_train, y_train, *, x_val=None, y_val=None, epochs
     augment : ``augment(x [B, C, *spatial]) -> same shape``, on data-space training batches
         (e.g. :func:`random_flip_shift`).
     progress : show a tqdm bar with running loss and accuracy. ``log`` gets one line per epoch.
+    layer_lr : ``{module name: learning rate}`` for the parameters of those submodules of
+        ``module`` (names as in ``named_modules()``, e.g. from :func:`fan_in_lr`); the rest train
+        at ``lr``. Default None: every parameter at ``lr``.
 
     Returns
     -------
@@ -194,6 +201,8 @@ def train_classifier(module, x_train, y_train, *, x_val=None, y_val=None, epochs
     config = {"epochs": int(epochs), "batch_size": int(batch_size), "lr": lr, "weight_decay": weight_decay,
               "seed": int(seed), "augment": getattr(augment, "__name__", None) if augment else None,
               "device": str(dev), "n_train": int(x.shape[0]), "n_val": int(x_val.shape[0]) if has_val else 0}
+    if layer_lr:
+        config["layer_lr"] = dict(layer_lr)
     history = {"epoch": [], "loss": [], "train_acc": [], "val_acc": [], "seconds": []}
     fork_devices = []
     if dev.type == "cuda":
@@ -213,7 +222,7 @@ def train_classifier(module, x_train, y_train, *, x_val=None, y_val=None, epochs
             return module(pre(xb) if pre is not None else xb)
 
         _check_fit(module, forward, x, y, dev)
-        optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.Adam(_param_groups(module, lr, layer_lr), lr=lr, weight_decay=weight_decay)
         shuffle = torch.Generator().manual_seed(int(seed))
         n, bs = x.shape[0], int(batch_size)
         steps = math.ceil(n / bs)
@@ -271,6 +280,39 @@ def train_classifier(module, x_train, y_train, *, x_val=None, y_val=None, epochs
             "module": module}
 
 
+def _param_groups(module: nn.Module, lr: float, layer_lr: dict[str, float] | None) -> list[dict]:
+    """Adam parameter groups: the parameters of each module named in ``layer_lr`` at its rate, the rest at ``lr``."""
+    if not layer_lr:
+        return [{"params": list(module.parameters())}]
+    modules = dict(module.named_modules())
+    unknown = sorted(set(layer_lr) - set(modules))
+    if unknown:
+        raise InputError(f"train_classifier: layer_lr names {unknown}, which are not submodules of the model; "
+                         f"pass names from named_modules(), e.g. {sorted(n for n in modules if n)[:4]}")
+    special = {id(p): layer_lr[name] for name in layer_lr for p in modules[name].parameters()}
+    groups = [{"params": [p for p in module.parameters() if id(p) not in special]}]
+    for rate in sorted(set(special.values()), reverse=True):
+        groups.append({"params": [p for p in module.parameters() if special.get(id(p)) == rate], "lr": rate})
+    return [g for g in groups if g["params"]]
+
+
+def fan_in_lr(module: nn.Module, lr: float | None = None, max_fan_in: int | None = None) -> dict[str, float]:
+    """The learning rate of each dense layer whose fan-in exceeds ``max_fan_in``: ``lr * max_fan_in / fan_in``
+    (``{module name: rate}``; empty when no layer is that wide). What ``train --lr auto`` trains with;
+    defaults :data:`AUTO_LR` and :data:`AUTO_LR_FAN_IN`.
+
+    Adam moves every weight by about ``lr`` a step whatever its gradient, so a dense layer's output moves
+    by about ``lr * fan_in * |input|``: the flatten -> dense 512 of the pneumonia CNN at 224x224 (fan-in
+    100,352) moves 12x as far as at 64x64 and on the first steps pushes its units dead or its logits
+    far past the labels (test accuracy at chance). Dividing the rate by the fan-in (as muP does for
+    Adam) keeps that step the same at every input size; convolutions (fan-in 9 x channels) keep ``lr``.
+    """
+    lr = AUTO_LR if lr is None else lr
+    max_fan_in = AUTO_LR_FAN_IN if max_fan_in is None else max_fan_in
+    return {name: lr * max_fan_in / m.in_features for name, m in module.named_modules()
+            if isinstance(m, nn.Linear) and m.in_features > max_fan_in}
+
+
 @torch.no_grad()
 def _check_fit(module: nn.Module, forward: Callable, x: torch.Tensor, y: torch.Tensor, device) -> None:
     """One eval-mode forward on two rows: the input fits and the labels are within the logits."""
@@ -296,17 +338,26 @@ def _check_fit(module: nn.Module, forward: Callable, x: torch.Tensor, y: torch.T
 
 
 def train_model(data: Path, arch: str, out: Path, *, size: int, width: float, epochs: int, batch_size: int,
-                lr: float, seed: int, device: str, progress: bool, log=print, volume: bool | None = None) -> dict:
+                lr: float | str = "auto", seed: int, device: str, progress: bool, log=print,
+                volume: bool | None = None) -> dict:
     """Train ``arch`` on ``data`` and write a model directory; returns the model card.
 
-    ``volume``: train on whole volumes resized to ``size``^3 (NIfTI files, DICOM series folders) and
-    build the 3-D network; default: when ``arch`` is a 3-D architecture (``brain-tumor-cnn3d``)."""
+    ``lr``: Adam's learning rate for every layer, or ``"auto"``: :data:`AUTO_LR`, and for each dense
+    layer wider than :data:`AUTO_LR_FAN_IN` inputs the smaller rate of :func:`fan_in_lr` (the card's
+    ``training`` section records the rule and the rates). ``volume``: train on whole volumes resized
+    to ``size``^3 (NIfTI files, DICOM series folders) and build the 3-D network; default: when ``arch``
+    is a 3-D architecture (``brain-tumor-cnn3d``)."""
     from .data.folders import load_arrays, split_folders
     from .data.images import ImageFolder
     from .loading import save_model_card
     from .models import architecture_name, build_model
 
     arch = architecture_name(arch)   # fail before loading any data
+    auto_lr = isinstance(lr, str)
+    if auto_lr and lr != "auto":
+        raise InputError(f"train: lr={lr!r}; pass a positive number or 'auto'")
+    if not auto_lr and not lr > 0:
+        raise InputError(f"train: lr={lr!r}; pass a positive number such as 1e-3, or 'auto'")
     from .models import VOLUME_ARCHITECTURES
     shape = (size,) * (3 if (arch in VOLUME_ARCHITECTURES if volume is None else volume) else 2)
     train_dir, test_dir = split_folders(Path(data))
@@ -324,10 +375,15 @@ def train_model(data: Path, arch: str, out: Path, *, size: int, width: float, ep
     torch.manual_seed(seed)
     module = build_model(arch, **kwargs)
     preprocess = Normalize([0.5], [0.25])
+    lr, layer_lr = (AUTO_LR, fan_in_lr(module)) if auto_lr else (float(lr), {})
     log(f"training {arch} on {len(x)} images of {'x'.join(map(str, shape))} ({', '.join(classes)}"
-        f"{'; multi-label: a sigmoid per finding' if train_set.multilabel else ''}), {epochs} epochs")
+        f"{'; multi-label: a sigmoid per finding' if train_set.multilabel else ''}), {epochs} epochs, "
+        f"learning rate {lr:g}{' (auto)' if auto_lr else ''}"
+        + "".join(f", {name} {rate:.3g} (fan-in {module.get_submodule(name).in_features})"
+                  for name, rate in layer_lr.items()))
     result = train_classifier(module, x, y, x_val=x_test, y_val=y_test, epochs=epochs, batch_size=batch_size,
-                               lr=lr, seed=seed, preprocess=preprocess, progress=progress, device=device)
+                               lr=lr, seed=seed, preprocess=preprocess, progress=progress, device=device,
+                               layer_lr=layer_lr)
     clf = Classifier(module, preprocess=preprocess, classes=classes, device=device,
                      output="multilabel" if train_set.multilabel else "auto")
     accuracy = evaluate_accuracy(clf, x_test, y_test)
@@ -341,6 +397,8 @@ def train_model(data: Path, arch: str, out: Path, *, size: int, width: float, ep
                     extra={**head, "test_accuracy": accuracy, "n_test": len(x_test),
                            "trained_on": str(Path(data).resolve()),
                            "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+                                        "width": width, "lr_rule": _lr_rule(auto_lr),
+                                        "layer_lr": {k: float(f"{v:.6g}") for k, v in layer_lr.items()},
                                         "seconds": round(float(result["seconds"]), 1),
                                         "val_acc_per_epoch": [round(a, 4) for a in result["history"]["val_acc"]]}})
     auc = ", ".join(f"{c} {v:.3f}" for c, v in head.get("test_auc", {}).items() if v is not None)
@@ -351,6 +409,12 @@ def train_model(data: Path, arch: str, out: Path, *, size: int, width: float, ep
         import warnings
         warnings.warn(at_chance, stacklevel=2)
     return json.loads((Path(out) / "model.json").read_text())
+
+
+def _lr_rule(auto: bool) -> str:
+    if not auto:
+        return "given: every layer at lr"
+    return f"auto: lr {AUTO_LR:g}; a dense layer with fan-in F > {AUTO_LR_FAN_IN} at lr * {AUTO_LR_FAN_IN} / F (layer_lr)"
 
 
 CHANCE_MARGIN = 0.05

@@ -150,9 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="chest-xray only: plant a marker that agrees with the label at this rate in training "
                             "(e.g. 0.9); the test split stays clean")
 
+    def learning_rate(text: str):
+        if text == "auto":
+            return text
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: pass a number such as 1e-3, or auto") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: pass a positive number, or auto")
+        return value
+
     train = sub.add_parser("train", help="train a reference model on an image folder",
                            description="Train a reference CNN on DATA/Training (or DATA itself), test on DATA/Testing "
-                                       "when present, and save a model directory (weights + model.json card).")
+                                       "when present, and save a model directory (weights + model.json card). "
+                                       "Documented sizes, at which the defaults train each reference model on its "
+                                       "`counterlens data synth` set to a useful accuracy (BENCHMARKS.md): --size 32, "
+                                       "64, 128 and 224 for the 2-D models, 32 for brain-tumor-cnn3d. A test "
+                                       "accuracy at chance ends with a warning.")
     train.add_argument("--data", required=True, type=Path, help="dataset folder in class-subfolder layout")
     train.add_argument("--arch", required=True,
                        help="pneumonia-cnn, brain-tumor-cnn, small-resnet, brain-tumor-cnn3d (volumes) or "
@@ -167,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--width", type=float, default=1.0, help="channel-width multiplier (default: 1.0)")
     train.add_argument("--epochs", type=int, default=8, help="training epochs (default: 8)")
     train.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
-    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    train.add_argument("--lr", type=learning_rate, default="auto",
+                       help="Adam learning rate of every layer, or auto (default): 1e-3, and 1e-3 * 8192 / F for a "
+                            "dense layer with F > 8192 inputs (the flatten of pneumonia-cnn from 128 px and of "
+                            "brain-tumor-cnn from 64 px), which at 1e-3 can end at chance; the card records the rates")
     train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     train.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]' (default: auto)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
