@@ -137,7 +137,10 @@ def test_report_uses_the_settings_everywhere(tiny_run):
     assert 'class="strip positive"' in html and 'class="strip signed"' in html
     summary = re.search(r'<td id="map-display">(.*?)</td>', html).group(1)
     assert summary.startswith("|map| on jet, clipped at the 99.5th percentile of |map|, opacity 0.4")
-    default = write_report(tiny_run).read_text()                          # the default is what it was
+    again = write_report(tiny_run).read_text()                            # a re-write without settings keeps them
+    assert 'data-map-opacity="0.4"' in again and all(
+        (_palette_rgba(p)[:, :3] == _jet_palette()).all() for p in _map_pngs(again))
+    default = write_report(tiny_run, cmap="auto", alpha=0.75, absolute=False).read_text()   # the default is what it was
     assert 'data-map-opacity="0.75"' in default
     assert "signed maps on RdBu_r centred on 0, non-negative ones on inferno" in default
     assert not any((_palette_rgba(p)[:, :3] == _jet_palette()).all() for p in _map_pngs(default))
@@ -167,13 +170,13 @@ def test_report_command_takes_the_options_and_refuses_wrong_ones(tiny_run, capsy
         for word in words:
             assert word in err, (word, err)
     assert main(["report", str(tiny_run), "--clip-percentile", "60"]) == 2
-    assert "clip_percentile=60.0: pass a percentage in [0, 50)" in capsys.readouterr().err
+    assert "--clip-percentile=60.0: pass a percentage in [0, 50)" in capsys.readouterr().err
     for argv in (["explain", "--model", "m", "--data", "d", "--out", "o"], ["evaluate", "RUN"]):   # they write it too
         with pytest.raises(SystemExit):
             build_parser().parse_args([*argv, "--colormap", "jett"])
         assert "not a matplotlib colour map" in capsys.readouterr().err
         args = build_parser().parse_args([*argv, "--colormap", "jet", "--alpha", "0.4", "--absolute"])
-        assert (args.colormap, args.alpha, args.absolute, args.clip_percentile) == ("jet", 0.4, True, 0.5)
+        assert (args.colormap, args.alpha, args.absolute, args.clip_percentile) == ("jet", 0.4, True, None)
 
 
 OPTIONS = command_options(build_parser())
@@ -210,3 +213,30 @@ def test_the_notebook_example_reaches_the_renderer(monkeypatch, capsys):
     assert {k: seen[k] for k in NOTEBOOK} == NOTEBOOK and seen["figures"] is True
     explain = build_parser().parse_args(["explain", *steps[0].argv, "--colormap", "jet"])   # explain: the same keys
     assert explain.colormap == "jet" and explain.no_report
+
+
+def test_the_settings_stick_to_the_run_until_changed(tmp_path, capsys):
+    """The report keeps its settings in RUN/run.yaml: evaluate, counterfactual, audit and report
+    re-write it the same way unless told otherwise; run.yaml re-makes a run with the same report."""
+    from counterlens.runs.store import read_spec
+    run = make_run(tmp_path / "run", n=2, size=32, n_cf=0, failed=0, extras=False)
+    assert main(["report", str(run), "--colormap", "jet", "--alpha", "0.4", "--absolute"]) == 0
+    assert read_spec(run)["report"] == {"colormap": "jet", "alpha": 0.4, "absolute": True, "clip_percentile": 0.5}
+    assert main(["report", str(run), "--clip-percentile", "2"]) == 0                  # one setting changed
+    html = (run / "report.html").read_text()
+    assert 'data-map-opacity="0.4"' in html and "|map| on jet, clipped at the 98th percentile" in html
+    assert read_spec_file(run)["report"] == {"colormap": "jet", "alpha": 0.4, "absolute": True, "clip_percentile": 2.0}
+    assert main(["report", str(run), "--no-absolute", "--colormap", "auto"]) == 0     # back to the defaults
+    html = (run / "report.html").read_text()
+    assert "signed maps on RdBu_r centred on 0, non-negative ones on inferno" in html
+    assert read_spec(run)["report"] == {"colormap": None, "alpha": 0.4, "absolute": False, "clip_percentile": 2.0}
+    capsys.readouterr()
+
+
+def test_a_spec_says_absolute_false_as_no_absolute():
+    options = command_options(build_parser())
+    on, = plan({"out": "r", "report": {"absolute": True}}, options)
+    off, = plan({"out": "r", "report": {"absolute": False, "colormap": "auto"}}, options)
+    assert "--absolute" in on.argv and "--no-absolute" in off.argv and "auto" in off.argv
+    with pytest.raises(InputError, match="report.absolute"):
+        plan({"out": "r", "report": {"absolute": "yes"}}, options)

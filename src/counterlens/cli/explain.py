@@ -13,7 +13,7 @@ def explain(args) -> int:
     methods = list(METHODS) if args.methods == ["all"] else [get_method(m).name for m in args.methods]
     params = parse_params(args.param)
     resolved_methods(methods, params, args.batch_size, args.seed)      # every argument checked before the model loads
-    if not 0 <= args.clip_percentile < 50:
+    if args.clip_percentile is not None and not 0 <= args.clip_percentile < 50:
         raise InputError(f"--clip-percentile {args.clip_percentile}: pass a percentage in [0, 50), e.g. 0.5")
     from .report import display_options
     display = display_options(args)                                     # the report's other settings too

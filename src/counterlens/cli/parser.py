@@ -86,10 +86,13 @@ def _add_run_args(p: argparse.ArgumentParser, what: str) -> None:
 
 def _display_arg(check: str, number: bool):
     """An argparse type that checks a report display option with :mod:`counterlens.viz.plots`'s own
-    check (imported when the option is given, so building the parser still imports no library code)."""
+    check (imported when the option is given, so building the parser still imports no library code).
+    ``auto`` passes as it is (the colour map's default)."""
     def convert(text: str):
         from ..viz import plots
         value = text
+        if not number and text == "auto":
+            return text
         if number:
             try:
                 value = float(text)
@@ -104,17 +107,19 @@ def _display_arg(check: str, number: bool):
 
 
 def _add_display_args(p: argparse.ArgumentParser) -> None:
-    """How the report and its figures show a map over its image (counterlens.viz.plots.OverlayStyle)."""
-    p.add_argument("--clip-percentile", type=float, default=0.5, metavar="P",
-                   help="clip the colour scale of maps at 100 minus this percentile of |map|, in [0, 50) (default: 0.5)")
+    """How the report and its figures show a map over its image (counterlens.viz.plots.OverlayStyle).
+    Each is kept in RUN/run.yaml by the report, so a later command that re-writes it keeps it."""
+    last = "default: as this run's report was last drawn, else "
+    p.add_argument("--clip-percentile", type=float, default=None, metavar="P",
+                   help=f"clip the colour scale of maps at 100 minus this percentile of |map|, in [0, 50) ({last}0.5)")
     p.add_argument("--colormap", type=_display_arg("check_cmap", False), default=None, metavar="NAME",
-                   help="a matplotlib colour map for the maps, e.g. jet, viridis, inferno (default: RdBu_r centred "
-                        "on zero for signed maps, inferno for non-negative ones)")
-    p.add_argument("--alpha", type=_display_arg("check_alpha", True), default=0.75, metavar="A",
+                   help="a matplotlib colour map for the maps, e.g. jet, viridis, inferno; 'auto': RdBu_r centred "
+                        f"on zero for signed maps, inferno for non-negative ones ({last}auto)")
+    p.add_argument("--alpha", type=_display_arg("check_alpha", True), default=None, metavar="A",
                    help="opacity in (0, 1] of a map where |map| reaches the clip, fading with |map|; the report's "
-                        "opacity sliders start there (default: 0.75)")
-    p.add_argument("--absolute", action="store_true",
-                   help="show |map| (colour scale from 0 to the clip) instead of the signed map")
+                        f"opacity sliders start there ({last}0.75)")
+    p.add_argument("--absolute", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"show |map| (colour scale from 0 to the clip) instead of the signed map ({last}signed)")
 
 
 def build_parser() -> argparse.ArgumentParser:

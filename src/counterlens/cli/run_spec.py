@@ -48,6 +48,7 @@ def command_options(parsers) -> dict:
             if isinstance(action, argparse._HelpAction):
                 continue
             kind = ("switch" if isinstance(action, argparse._StoreTrueAction)
+                    else "toggle" if isinstance(action, argparse.BooleanOptionalAction)
                     else "append" if isinstance(action, argparse._AppendAction) else "value")
             flag = next((s for s in action.option_strings if s.startswith("--")), "")
             rows.append(Option(action.dest, flag, kind, action.nargs,

@@ -40,8 +40,9 @@ SPEC_KEY = "run_spec"                               # where run.yaml keeps the s
 @dataclass(frozen=True)
 class Option:
     """One command-line option: ``dest`` (the spec key), ``flag`` (``--batch-size``; ``""`` for a
-    positional), ``kind`` (``"switch"``, ``"append"`` or ``"value"``), ``nargs``, ``choices`` and
-    ``convert`` (the argparse type, which checks a value given as text)."""
+    positional), ``kind`` (``"switch"``, ``"toggle"`` for ``--x/--no-x``, ``"append"`` or
+    ``"value"``), ``nargs``, ``choices`` and ``convert`` (the argparse type, which checks a value
+    given as text)."""
     dest: str
     flag: str
     kind: str = "value"
@@ -123,6 +124,9 @@ def from_run_record(rec: dict) -> dict:
     if isinstance(audit, dict):
         spec["audit"] = {k: audit[k] for k in ("region", "inpaint", "n_random") if k in audit}
         spec["audit"].update(methods=rec.get("methods") or {}, seed=rec.get("seed", 0))
+    shown = rec.get("report")
+    if isinstance(shown, dict):                  # how its report drew the maps (written by the report)
+        spec["report"] = {k: v for k, v in shown.items() if v is not None}
     given = rec.get(SPEC_KEY)
     if isinstance(given, dict):                  # started by `counterlens run`: its spec, with what the run resolved
         merged = {k: v for k, v in given.items() if k != "out"}
@@ -216,9 +220,11 @@ def _option_args(opt: Option, where: str, value, command: str) -> list[str]:
     """The command-line words of one spec value, checked with the option's own type and choices."""
     if value is None:
         return []
-    if opt.kind == "switch":
+    if opt.kind in ("switch", "toggle"):
         if not isinstance(value, bool):
             raise InputError(f"{where}: {value!r} is not true or false")
+        if opt.kind == "toggle":                 # --absolute / --no-absolute: false is said, not left out
+            return [opt.flag if value else "--no-" + opt.flag[2:]]
         return [opt.flag] if value else []
     if opt.dest == "methods":
         return _methods_args(opt, where, value, command)

@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import InputError
-from ..runs.store import open_run
+from ..runs.store import open_run, read_spec, write_spec
 from . import report_data as rd
 from . import report_verdict as rv
 from .exports import counterfactual_grid_png, figure_name, write_case_figures, write_results_csv
@@ -128,8 +128,38 @@ def run_context(run, t: Tables, *, overlay: OverlayStyle, case_href, notes: list
     }
 
 
-def write_report(run_dir, *, clip_percentile: float = 0.5, cmap: str | None = None, alpha: float = 0.75,
-                 absolute: bool = False, out: str | Path | None = None, figures: bool = False,
+DISPLAY_KEYS = {"cmap": "colormap", "alpha": "alpha", "absolute": "absolute", "clip_percentile": "clip_percentile"}
+
+
+def display_style(run_dir, *, cmap=None, alpha=None, absolute=None, clip_percentile=None) -> OverlayStyle:
+    """How the report of ``run_dir`` draws its maps: each setting given here, else the one recorded
+    in ``RUN/run.yaml`` by the run's last report (``report: {colormap, alpha, absolute,
+    clip_percentile}``), else the default (:class:`~.plots.OverlayStyle`). ``cmap="auto"`` asks for
+    the default colour map even when another one was recorded. Checked (one-line InputErrors)."""
+    recorded = read_spec(Path(run_dir)).get("report") if Path(run_dir).is_dir() else None
+    recorded = recorded if isinstance(recorded, dict) else {}
+    given = {"cmap": cmap, "alpha": alpha, "absolute": absolute, "clip_percentile": clip_percentile}
+    chosen = {k: v if v is not None else recorded.get(DISPLAY_KEYS[k]) for k, v in given.items()}
+    if chosen["cmap"] == "auto":
+        chosen["cmap"] = None
+    defaults = OverlayStyle()
+    return OverlayStyle(**{k: getattr(defaults, k) if v is None and k != "cmap" else v for k, v in chosen.items()})
+
+
+def _record_display(run_dir: Path, overlay: OverlayStyle) -> None:
+    """Keep the settings the report was drawn with in ``RUN/run.yaml`` (``report:``), so the next
+    command that re-writes the report (evaluate, audit, counterfactual, report) draws it the same way
+    and ``counterlens run RUN/run.yaml`` makes the new run's report alike."""
+    spec = read_spec(run_dir)
+    if not spec:
+        return
+    wanted = {DISPLAY_KEYS[k]: v for k, v in overlay.kwargs().items()}
+    if spec.get("report") != wanted:
+        write_spec(run_dir, {**spec, "report": wanted})
+
+
+def write_report(run_dir, *, clip_percentile: float | None = None, cmap: str | None = None, alpha: float | None = None,
+                 absolute: bool | None = None, out: str | Path | None = None, figures: bool = False,
                  page_size: int = PAGE_SIZE, single_file_max: int = SINGLE_FILE_MAX) -> Path:
     """Write the report of a run directory and return the path of the page to open.
 
@@ -145,11 +175,14 @@ def write_report(run_dir, *, clip_percentile: float = 0.5, cmap: str | None = No
     page of the gallery.
 
     How maps are shown (:class:`~.plots.OverlayStyle`, stated in the run summary): ``cmap`` (a
-    matplotlib colour map name; default: ``RdBu_r`` centred on zero for signed maps, ``inferno``
+    matplotlib colour map name; ``"auto"``: ``RdBu_r`` centred on zero for signed maps, ``inferno``
     for non-negative ones), ``alpha`` (where ``|map|`` reaches the clip: the start of the page's
     opacity sliders), ``absolute`` (show ``|map|``), ``clip_percentile``. The case figures use the same.
+    A setting left at None is the one this run's report was last drawn with (kept in ``RUN/run.yaml``
+    under ``report:``), else the default (:func:`display_style`); the settings used are kept there.
     """
-    overlay = OverlayStyle(cmap, alpha, absolute, clip_percentile)          # every setting checked first
+    overlay = display_style(run_dir, cmap=cmap, alpha=alpha, absolute=absolute,
+                            clip_percentile=clip_percentile)                # every setting checked first
     for name, value in (("page_size", page_size), ("single_file_max", single_file_max)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name}={value!r}; pass a positive number of cases")
@@ -178,6 +211,7 @@ def write_report(run_dir, *, clip_percentile: float = 0.5, cmap: str | None = No
     context["n_figures"] = sum(figure_name(p) in present for p in t.cases["path"]) if present else 0
     context.update(page_assets(overlay))
     path = Path(out) if out else run_dir / "report.html"
+    _record_display(run_dir, overlay)
     if paged:
         return write_paged(run, t, ctx, context, run_dir=run_dir, redirect=path, page_size=page_size,
                            single_file_max=single_file_max)
