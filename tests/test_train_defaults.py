@@ -126,11 +126,11 @@ def test_cli_lr_is_auto_by_default_and_a_number_is_kept():
 
 @pytest.mark.slow
 def test_first_steps_at_224_stay_alive_with_auto_and_die_at_1e3():
-    """The failure at its cause, cheaply: 3 Adam steps of the pneumonia CNN at 224x224 (fan-in 100,352)
+    """The failure at its cause, cheaply: 2 Adam steps of the pneumonia CNN at 224x224 (fan-in 100,352)
     on chest films. At lr 1e-3 the first steps throw the dense units far off (a loss of 3, then units
     dead: in the full training the loss sits at ln 2 and the test accuracy at chance); with --lr auto
     the hidden units move as far as at 64 px and the loss stays near ln 2 while it learns."""
-    s = generate("chest-xray", 96, size=224, seed=0)
+    s = generate("chest-xray", 64, size=224, seed=0)
     x, y = torch.from_numpy(s.images), torch.from_numpy(s.labels)
     pre = Normalize([0.5], [0.25])
     out = {}
@@ -144,8 +144,8 @@ def test_first_steps_at_224_stay_alive_with_auto_and_die_at_1e3():
             z = net.classifier[:2](net.features(pre(x[:64])))
         out[name] = (r["loss"], float((z.max(0).values <= 0).float().mean()), float(z.abs().max()))
     (loss_given, _, peak_given), (loss_auto, _, peak_auto) = out["given"], out["auto"]
-    assert loss_given > 2.0 and loss_auto < 0.9, out          # measured: 3.09 and 0.76 (ln 2 = 0.69)
-    assert peak_given > 4 * peak_auto, out                    # hidden units 4.9 vs 0.69 at the most
+    assert loss_given > 2.0 and loss_auto < 0.9, out          # 3 steps on 96 films: 3.09 and 0.76 (ln 2 = 0.69)
+    assert peak_given > 4 * peak_auto, out                    # there: hidden units 4.9 vs 0.69 at the most
 
 
 @pytest.mark.slow

@@ -171,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "when present, and save a model directory (weights + model.json card). "
                                        "Documented sizes, at which the defaults train each reference model on its "
                                        "`counterlens data synth` set to a useful accuracy (BENCHMARKS.md): --size 32, "
-                                       "64, 128 and 224 for the 2-D models, 32 for brain-tumor-cnn3d. A test "
-                                       "accuracy at chance ends with a warning.")
+                                       "64, 128 and 224 for pneumonia-cnn, brain-tumor-cnn and small-resnet; 32 for "
+                                       "chest-findings-cnn (beyond, it learns effusion only) and brain-tumor-cnn3d. "
+                                       "A test accuracy at chance ends with a warning.")
     train.add_argument("--data", required=True, type=Path, help="dataset folder in class-subfolder layout")
     train.add_argument("--arch", required=True,
                        help="pneumonia-cnn, brain-tumor-cnn, small-resnet, brain-tumor-cnn3d (volumes) or "
