@@ -414,7 +414,8 @@ def train_model(data: Path, arch: str, out: Path, *, size: int, width: float, ep
 def _lr_rule(auto: bool) -> str:
     if not auto:
         return "given: every layer at lr"
-    return f"auto: lr {AUTO_LR:g}; a dense layer with fan-in F > {AUTO_LR_FAN_IN} at lr * {AUTO_LR_FAN_IN} / F (layer_lr)"
+    f = AUTO_LR_FAN_IN
+    return f"auto: lr {AUTO_LR:g}; a dense layer with fan-in F > {f} at lr * {f} / F (layer_lr)"
 
 
 CHANCE_MARGIN = 0.05
