@@ -31,7 +31,7 @@ WIDE = {("pneumonia-cnn", 128): 32768, ("pneumonia-cnn", 224): 100352,
 @pytest.mark.parametrize("size", [32, 64, 128, 224])
 def test_auto_lr_per_architecture_and_size(arch, size):
     if arch == "brain-tumor-cnn3d" and size > 64:
-        pytest.skip("the 3-D model is documented at 32 (and 64) per side")
+        pytest.skip("the 3-D model: 32 per side (documented) and 64")
     shape = [size] * (3 if arch == "brain-tumor-cnn3d" else 2)
     torch.manual_seed(0)
     with torch.device("meta"):       # the shapes only: no 51 M weights drawn
