@@ -49,7 +49,7 @@ PARAMS = {"integrated_gradients": {"steps": 16}}
 
 def prepare(n_max: int) -> tuple[Path, Path]:
     from counterlens.data.synthetic import make_dataset, write_dataset
-    from counterlens.training import train_model
+    from counterlens.train_folder import train_model
     data = WORK / f"data-{n_max}"
     if not (data / "Testing").is_dir():
         t0 = time.perf_counter()

@@ -28,7 +28,7 @@ LAYERS = [
      "exported_programs",                                            # torch.export programs loaded as modules
      "keras_models", "keras_graph", "keras_layers", "keras_convert",  # Keras models converted to torch modules or wrapped
      "keras_modules"},
-    {"data", "attribution", "training"},          # training fits a model on data
+    {"data", "attribution", "training", "train_folder"},   # training fits a model on data; train_folder on a folder
     {"metrics", "counterfactual"},
     {"runs"},                                     # the application layer
     {"viz"},

@@ -22,7 +22,7 @@ import torch
 
 from ..attribution.base import METHODS, Evaluator
 from ..data.folders import load_arrays
-from ..training import train_model
+from ..train_folder import train_model
 from .common import reusable_card
 
 DEMO_ARCH = "brain-tumor-cnn"

@@ -31,7 +31,7 @@ def run_multilabel_demo(args) -> Path:
     from ..runs.dataset import counterfactual_folder, explain_folder
     from ..runs.evaluate import evaluate_run
     from ..runs.store import open_run
-    from ..training import train_model
+    from ..train_folder import train_model
     from ..viz.report import write_report
     from .common import reusable_card
 

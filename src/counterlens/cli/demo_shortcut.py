@@ -22,7 +22,7 @@ ARCH, WIDTH, SIZE, EPOCHS, N_TRAIN, N_TEST = "pneumonia-cnn", 0.25, 64, 6, 800, 
 
 def run_shortcut_demo(args) -> Path:
     from ..data.synthetic import make_dataset, write_dataset
-    from ..training import train_model
+    from ..train_folder import train_model
     from ..viz.report import write_report
     from .audit import audit_cmd
     from .common import reusable_card

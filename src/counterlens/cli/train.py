@@ -1,7 +1,7 @@
 """``counterlens train``: train a reference CNN on an image folder and save a model directory."""
 from __future__ import annotations
 
-from ..training import train_model
+from ..train_folder import train_model
 
 
 def train(args) -> int:
