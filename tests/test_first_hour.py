@@ -131,7 +131,7 @@ def test_a_prior_of_another_size_than_the_model_is_one_line_naming_both(trained,
 
 
 def test_training_at_chance_warns_with_what_to_try(tmp_path):
-    from counterlens.training import chance_warning
+    from counterlens.train_folder import chance_warning
     text = chance_warning(0.26, 4)
     assert "26.0% is at chance for 4 classes (25%)" in text
     assert all(flag in text for flag in ("--lr", "--width", "--epochs"))
@@ -139,6 +139,8 @@ def test_training_at_chance_warns_with_what_to_try(tmp_path):
     assert chance_warning(0.52, 2) is not None                              # within 5 points of 50%
     assert "AUC 0.510" in chance_warning(0.9, 3, {"a": 0.49, "b": 0.53, "c": None})
     assert chance_warning(0.5, 3, {"a": 0.8, "b": 0.7}) is None
+    one = chance_warning(0.8, 3, {"opacity": 0.9, "effusion": 1.0, "cardiomegaly": 0.54})   # mean 0.81 hides it
+    assert "for 1 of 3 findings (cardiomegaly 0.540)" in one and "--epochs" in one
     # through the command: two classes of the same image cannot be told apart (every prediction the same: 50%)
     from PIL import Image
     for split, n in (("Training", 8), ("Testing", 4)):

@@ -18,7 +18,8 @@ from counterlens.data.synthetic import generate
 from counterlens.errors import InputError
 from counterlens.model import Normalize
 from counterlens.models import ARCHITECTURES, build_model, pneumonia_cnn
-from counterlens.training import fan_in_lr, train_classifier, train_model
+from counterlens.train_folder import train_model
+from counterlens.training import fan_in_lr, train_classifier
 
 _one_thread = pytest.fixture(autouse=True)(single_thread)
 
@@ -27,11 +28,9 @@ WIDE = {("pneumonia-cnn", 128): 32768, ("pneumonia-cnn", 224): 100352,
         ("brain-tumor-cnn", 64): 32768, ("brain-tumor-cnn", 128): 131072, ("brain-tumor-cnn", 224): 401408}
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-@pytest.mark.parametrize("size", [32, 64, 128, 224])
+@pytest.mark.parametrize(("arch", "size"), [(a, s) for a in sorted(ARCHITECTURES) for s in (32, 64, 128, 224)
+                                             if a != "brain-tumor-cnn3d" or s <= 64])   # 3-D: 32 (documented), 64
 def test_auto_lr_per_architecture_and_size(arch, size):
-    if arch == "brain-tumor-cnn3d" and size > 64:
-        pytest.skip("the 3-D model: 32 per side (documented) and 64")
     shape = [size] * (3 if arch == "brain-tumor-cnn3d" else 2)
     torch.manual_seed(0)
     with torch.device("meta"):       # the shapes only: no 51 M weights drawn
@@ -156,3 +155,29 @@ def test_random_labels_still_warn_at_chance(tmp_path):
         assert main(["train", "--data", str(data), "--arch", "pneumonia-cnn", "--out", str(tmp_path / "m"),
                      "--size", "16", "--epochs", "2", "--quiet"]) == 0
     assert math.isclose(json.loads((tmp_path / "m" / "model.json").read_text())["training"]["lr"], 1e-3)
+
+
+def test_cli_epochs_are_auto_by_default_per_architecture():
+    from counterlens.train_folder import default_epochs
+    parse = build_parser().parse_args
+    base = ["train", "--data", "d", "--out", "m"]
+    assert parse(base + ["--arch", "chest-findings-cnn"]).epochs == "auto"
+    assert parse(base + ["--arch", "pneumonia-cnn", "--epochs", "3"]).epochs == 3
+    with pytest.raises(SystemExit):
+        parse(base + ["--arch", "pneumonia-cnn", "--epochs", "0"])
+    assert default_epochs("chest-findings-cnn") == 16
+    assert {default_epochs(a) for a in ARCHITECTURES if a != "chest-findings-cnn"} == {8}
+
+
+@pytest.mark.slow
+def test_the_multilabel_chest_cnn_learns_every_finding_at_64_px_with_the_default_epochs(tmp_path):
+    """At 64 px and 8 epochs the chest-findings CNN learned effusion only (AUC 0.63 / 0.94 / 0.60 on
+    800 films); the default for it is 16 epochs, where every finding is learned (0.81 / 1.00 / 0.81)."""
+    from counterlens.data.synthetic import make_dataset, write_dataset
+    write_dataset(make_dataset("chest-multilabel", n_train=800, n_test=200, size=64, seed=0), tmp_path / "d")
+    card = train_model(tmp_path / "d", "chest-findings-cnn", tmp_path / "m", size=64, width=1.0,
+                       batch_size=32, seed=0, device="cpu", progress=False, log=lambda line: None)
+    assert card["training"]["epochs"] == 16
+    aucs = card["test_auc"]
+    assert set(aucs) == {"opacity", "effusion", "cardiomegaly"}
+    assert min(aucs.values()) > 0.72, aucs

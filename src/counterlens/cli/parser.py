@@ -171,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "when present, and save a model directory (weights + model.json card). "
                                        "Documented sizes, at which the defaults train each reference model on its "
                                        "`counterlens data synth` set to a useful accuracy (BENCHMARKS.md): --size 32, "
-                                       "64, 128 and 224 for pneumonia-cnn, brain-tumor-cnn and small-resnet; 32 for "
-                                       "chest-findings-cnn (beyond, it learns effusion only) and brain-tumor-cnn3d. "
-                                       "A test accuracy at chance ends with a warning.")
+                                       "64, 128 and 224 for pneumonia-cnn and brain-tumor-cnn; 32, 64 and 128 for "
+                                       "small-resnet and chest-findings-cnn; 32 for brain-tumor-cnn3d. A test "
+                                       "accuracy at chance (or one finding's AUC at chance) ends with a warning.")
     train.add_argument("--data", required=True, type=Path, help="dataset folder in class-subfolder layout")
     train.add_argument("--arch", required=True,
                        help="pneumonia-cnn, brain-tumor-cnn, small-resnet, brain-tumor-cnn3d (volumes) or "
@@ -186,7 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--size", type=int, default=DEFAULT_SIZE,
                        help=f"input side the model is built for (default: {DEFAULT_SIZE})")
     train.add_argument("--width", type=float, default=1.0, help="channel-width multiplier (default: 1.0)")
-    train.add_argument("--epochs", type=int, default=8, help="training epochs (default: 8)")
+    def epochs_arg(text: str):
+        if text == "auto":
+            return text
+        return positive_int(text)
+
+    train.add_argument("--epochs", type=epochs_arg, default="auto",
+                       help="training epochs, or auto (default): 8, and 16 for chest-findings-cnn (its three "
+                            "findings need them beyond 32 px)")
     train.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
     train.add_argument("--lr", type=learning_rate, default="auto",
                        help="Adam learning rate of every layer, or auto (default): 1e-3, and 1e-3 * 8192 / F for a "
