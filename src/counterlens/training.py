@@ -256,7 +256,8 @@ def train_classifier(module, x_train, y_train, *, x_val=None, y_val=None, epochs
                     if progress and (step % 10 == 0 or step == steps - 1):
                         bar.set_postfix(epoch=epoch, loss=f"{loss_sum.item() / seen:.4f}",
                                         acc=f"{correct.item() / max(counted, 1):.3f}")
-                recalibrated = _recalibrate_batchnorm(module, pre, x, bs, dev)
+                if has_val or epoch == int(epochs):       # the statistics of the weights that are scored or kept
+                    recalibrated = _recalibrate_batchnorm(module, pre, x, bs, dev)
                 val_acc = None
                 if has_val:
                     val_acc = evaluate_accuracy(module, x_val, y_val, batch_size=max(bs, 256), preprocess=pre)

@@ -70,7 +70,8 @@ def resolve_targets(clf: Classifier, x: torch.Tensor, target, logits: torch.Tens
 AUTO_MAX_ROWS = {False: 64, True: 512}   # batch_size="auto" explores up to this many rows (CPU, CUDA)
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a device running out of memory (CUDA's error or a backend's "out of memory")."""
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
@@ -117,7 +118,7 @@ class Evaluator:
             try:
                 results.append(work(start, stop))
             except RuntimeError as exc:
-                if not _is_oom(exc) or stop - start == 1:
+                if not is_out_of_memory(exc) or stop - start == 1:
                     raise
                 self.batch_size = size = max(1, (stop - start) // 2)
                 if self.clf.device.type == "cuda":

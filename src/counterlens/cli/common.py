@@ -54,9 +54,25 @@ def positive_int(text: str) -> int:
     return value
 
 
-def batch_size_arg(text: str):
-    """argparse type: ``"auto"`` or a positive integer."""
+def auto_or_positive_int(text: str):
+    """argparse type: ``"auto"`` or a positive integer (``--batch-size``, ``train --epochs``)."""
     return text if text == "auto" else positive_int(text)
+
+
+batch_size_arg = auto_or_positive_int
+
+
+def learning_rate_arg(text: str):
+    """argparse type: ``"auto"`` or a positive number (``train --lr``)."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: pass a number such as 1e-3, or auto") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: pass a positive number, or auto")
+    return value
 
 
 def target_arg(text: str):
@@ -201,3 +217,25 @@ def reusable_card(model_dir: Path, arch: str, epochs: int) -> dict | None:
     if card is None or card.get("training", {}).get("epochs") != epochs or card.get("architecture") != arch:
         return None
     return card
+
+
+def display_arg(check: str, number: bool):
+    """An argparse type that checks a report display option with :mod:`counterlens.viz.plots`'s own
+    check (imported when the option is given, so building the parser still imports no library code).
+    ``auto`` passes as it is (the colour map's default)."""
+    def convert(text: str):
+        from ..viz import plots
+        value = text
+        if not number and text == "auto":
+            return text
+        if number:
+            try:
+                value = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        try:
+            return getattr(plots, check)(value, None)
+        except ValueError as exc:                 # InputError: one line that says what to pass
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = check.replace("check_", "") + "_arg"
+    return convert

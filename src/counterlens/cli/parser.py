@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import batch_size_arg, comma_list, positive_int, preprocess_arg, share, window_arg
+from .common import (auto_or_positive_int, batch_size_arg, comma_list, display_arg, learning_rate_arg, positive_int,
+                     preprocess_arg, share, window_arg)
 from .engine import add_engine_args
 from .run_spec import add_run_parser
 
@@ -84,38 +85,16 @@ def _add_run_args(p: argparse.ArgumentParser, what: str) -> None:
                    help="write the run into a folder that holds other files (they are left untouched)")
 
 
-def _display_arg(check: str, number: bool):
-    """An argparse type that checks a report display option with :mod:`counterlens.viz.plots`'s own
-    check (imported when the option is given, so building the parser still imports no library code).
-    ``auto`` passes as it is (the colour map's default)."""
-    def convert(text: str):
-        from ..viz import plots
-        value = text
-        if not number and text == "auto":
-            return text
-        if number:
-            try:
-                value = float(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        try:
-            return getattr(plots, check)(value, None)
-        except ValueError as exc:                 # InputError: one line that says what to pass
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    convert.__name__ = check.replace("check_", "") + "_arg"
-    return convert
-
-
 def _add_display_args(p: argparse.ArgumentParser) -> None:
     """How the report and its figures show a map over its image (counterlens.viz.plots.OverlayStyle).
     Each is kept in RUN/run.yaml by the report, so a later command that re-writes it keeps it."""
     last = "default: as this run's report was last drawn, else "
     p.add_argument("--clip-percentile", type=float, default=None, metavar="P",
                    help=f"clip the colour scale of maps at 100 minus this percentile of |map|, in [0, 50) ({last}0.5)")
-    p.add_argument("--colormap", type=_display_arg("check_cmap", False), default=None, metavar="NAME",
+    p.add_argument("--colormap", type=display_arg("check_cmap", False), default=None, metavar="NAME",
                    help="a matplotlib colour map for the maps, e.g. jet, viridis, inferno; 'auto': RdBu_r centred "
                         f"on zero for signed maps, inferno for non-negative ones ({last}auto)")
-    p.add_argument("--alpha", type=_display_arg("check_alpha", True), default=None, metavar="A",
+    p.add_argument("--alpha", type=display_arg("check_alpha", True), default=None, metavar="A",
                    help="opacity in (0, 1] of a map where |map| reaches the clip, fading with |map|; the report's "
                         f"opacity sliders start there ({last}0.75)")
     p.add_argument("--absolute", action=argparse.BooleanOptionalAction, default=None,
@@ -155,17 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="chest-xray only: plant a marker that agrees with the label at this rate in training "
                             "(e.g. 0.9); the test split stays clean")
 
-    def learning_rate(text: str):
-        if text == "auto":
-            return text
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: pass a number such as 1e-3, or auto") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text!r}: pass a positive number, or auto")
-        return value
-
     train = sub.add_parser("train", help="train a reference model on an image folder",
                            description="Train a reference CNN on DATA/Training (or DATA itself), test on DATA/Testing "
                                        "when present, and save a model directory (weights + model.json card). "
@@ -186,16 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--size", type=int, default=DEFAULT_SIZE,
                        help=f"input side the model is built for (default: {DEFAULT_SIZE})")
     train.add_argument("--width", type=float, default=1.0, help="channel-width multiplier (default: 1.0)")
-    def epochs_arg(text: str):
-        if text == "auto":
-            return text
-        return positive_int(text)
-
-    train.add_argument("--epochs", type=epochs_arg, default="auto",
+    train.add_argument("--epochs", type=auto_or_positive_int, default="auto",
                        help="training epochs, or auto (default): 8, and 16 for chest-findings-cnn (its three "
                             "findings need them beyond 32 px)")
     train.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
-    train.add_argument("--lr", type=learning_rate, default="auto",
+    train.add_argument("--lr", type=learning_rate_arg, default="auto",
                        help="Adam learning rate of every layer, or auto (default): 1e-3, and 1e-3 * 8192 / F for a "
                             "dense layer with F > 8192 inputs (the flatten of pneumonia-cnn from 128 px and of "
                             "brain-tumor-cnn from 64 px), which at 1e-3 can end at chance; the card records the rates")

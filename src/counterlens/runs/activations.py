@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..attribution.base import is_out_of_memory
 from ..errors import CounterlensError
 from .records import text_of
 
@@ -37,8 +38,7 @@ def case_activation_changes(clf, x: torch.Tensor, x_cf: torch.Tensor, batch_size
         changes = activation_changes(clf, x, x_cf, layers=names or None, top=TOP_CHANNELS, batch_size=batch_size,
                                      top_per_row=True)
     except (CounterlensError, RuntimeError, NotImplementedError) as exc:
-        if isinstance(exc, RuntimeError) and ("out of memory" in str(exc).lower()
-                                              or isinstance(exc, torch.cuda.OutOfMemoryError)):
+        if isinstance(exc, RuntimeError) and is_out_of_memory(exc):
             raise
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return [_skipped(f"the layer activations cannot be observed on this model ({first}); a TorchScript model "

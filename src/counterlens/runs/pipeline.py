@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..attribution.base import expand_targets, get_method, resolve_targets
+from ..attribution.base import expand_targets, get_method, is_out_of_memory, resolve_targets
 from ..attribution.noise import case_keys
 from ..errors import CounterlensError, InputError
 from .records import Case, CaseResult, ReadBatch, text_of
@@ -142,7 +142,7 @@ def explain_arrays(clf, x: np.ndarray, methods: dict[str, dict], target="predict
             try:
                 maps[name] = get_method(name).function(clf, xt, tgt, **params).detach().float().cpu().numpy()
             except (CounterlensError, RuntimeError, NotImplementedError) as exc:   # this method on this model
-                if isinstance(exc, RuntimeError) and _is_out_of_memory(exc):
+                if isinstance(exc, RuntimeError) and is_out_of_memory(exc):
                     raise
                 skipped[name] = text_of(f"{name} cannot run on this model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
             else:
@@ -152,10 +152,6 @@ def explain_arrays(clf, x: np.ndarray, methods: dict[str, dict], target="predict
     return Explained(probs=probs.numpy(), prediction=probs.argmax(1).numpy(), targets=tgt.cpu().numpy(),
                      maps=maps, seconds=seconds, class_names=names, skipped=skipped,
                      rows=rows.cpu().numpy() if rows is not None else None)
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def _groups(batch: ReadBatch) -> list[list[int]]:

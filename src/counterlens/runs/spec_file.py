@@ -272,7 +272,7 @@ def _expect(opt: Option) -> str:
         return "one of " + ", ".join(map(str, opt.choices))
     name = getattr(opt.convert, "__name__", "text")
     return {"int": "an integer", "float": "a number", "positive_int": "a positive integer",
-            "batch_size_arg": "a positive integer or 'auto'", "comma_list": "a list or a comma-separated text",
+            "auto_or_positive_int": "a positive integer or 'auto'", "comma_list": "a list or a comma-separated text",
             "Path": "a path", "share": "a number between 0 and 1"}.get(name, f"as for {opt.flag or opt.dest}")
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import InputError
-from ..runs.store import open_run, read_spec, write_spec
+from ..runs.store import open_run, write_spec
 from . import report_data as rd
 from . import report_verdict as rv
 from .exports import counterfactual_grid_png, figure_name, write_case_figures, write_results_csv
@@ -131,12 +131,11 @@ def run_context(run, t: Tables, *, overlay: OverlayStyle, case_href, notes: list
 DISPLAY_KEYS = {"cmap": "colormap", "alpha": "alpha", "absolute": "absolute", "clip_percentile": "clip_percentile"}
 
 
-def display_style(run_dir, *, cmap=None, alpha=None, absolute=None, clip_percentile=None) -> OverlayStyle:
-    """How the report of ``run_dir`` draws its maps: each setting given here, else the one recorded
-    in ``RUN/run.yaml`` by the run's last report (``report: {colormap, alpha, absolute,
-    clip_percentile}``), else the default (:class:`~.plots.OverlayStyle`). ``cmap="auto"`` asks for
-    the default colour map even when another one was recorded. Checked (one-line InputErrors)."""
-    recorded = read_spec(Path(run_dir)).get("report") if Path(run_dir).is_dir() else None
+def display_style(recorded: dict | None, *, cmap=None, alpha=None, absolute=None, clip_percentile=None) -> OverlayStyle:
+    """How a run's report draws its maps: each setting given here, else the one ``recorded`` by the
+    run's last report (``RUN/run.yaml``'s ``report: {colormap, alpha, absolute, clip_percentile}``),
+    else the default (:class:`~.plots.OverlayStyle`). ``cmap="auto"`` asks for the default colour
+    map even when another one was recorded. Checked (one-line InputErrors)."""
     recorded = recorded if isinstance(recorded, dict) else {}
     given = {"cmap": cmap, "alpha": alpha, "absolute": absolute, "clip_percentile": clip_percentile}
     chosen = {k: v if v is not None else recorded.get(DISPLAY_KEYS[k]) for k, v in given.items()}
@@ -146,11 +145,10 @@ def display_style(run_dir, *, cmap=None, alpha=None, absolute=None, clip_percent
     return OverlayStyle(**{k: getattr(defaults, k) if v is None and k != "cmap" else v for k, v in chosen.items()})
 
 
-def _record_display(run_dir: Path, overlay: OverlayStyle) -> None:
-    """Keep the settings the report was drawn with in ``RUN/run.yaml`` (``report:``), so the next
-    command that re-writes the report (evaluate, audit, counterfactual, report) draws it the same way
-    and ``counterlens run RUN/run.yaml`` makes the new run's report alike."""
-    spec = read_spec(run_dir)
+def _record_display(run_dir: Path, spec: dict, overlay: OverlayStyle) -> None:
+    """Keep the settings the report was drawn with in ``RUN/run.yaml`` (``spec``: as read) under
+    ``report:``, so the next command that re-writes the report (evaluate, audit, counterfactual,
+    report) draws it the same way and ``counterlens run RUN/run.yaml`` makes the new run's report alike."""
     if not spec:
         return
     wanted = {DISPLAY_KEYS[k]: v for k, v in overlay.kwargs().items()}
@@ -181,13 +179,14 @@ def write_report(run_dir, *, clip_percentile: float | None = None, cmap: str | N
     A setting left at None is the one this run's report was last drawn with (kept in ``RUN/run.yaml``
     under ``report:``), else the default (:func:`display_style`); the settings used are kept there.
     """
-    overlay = display_style(run_dir, cmap=cmap, alpha=alpha, absolute=absolute,
-                            clip_percentile=clip_percentile)                # every setting checked first
+    given = {"cmap": cmap, "alpha": alpha, "absolute": absolute, "clip_percentile": clip_percentile}
+    display_style(None, **given)                         # every given setting checked before the run is opened
     for name, value in (("page_size", page_size), ("single_file_max", single_file_max)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name}={value!r}; pass a positive number of cases")
     run_dir = Path(run_dir)
     run = open_run(run_dir)
+    overlay = display_style(run.spec.get("report"), **given)
     t = read_tables(run)
     write_results_csv(t.cases, t.pairs, t.metric_cols, t.cf, run_dir / "results.csv")
     figure_dir = run_dir / "figures"
@@ -211,7 +210,7 @@ def write_report(run_dir, *, clip_percentile: float | None = None, cmap: str | N
     context["n_figures"] = sum(figure_name(p) in present for p in t.cases["path"]) if present else 0
     context.update(page_assets(overlay))
     path = Path(out) if out else run_dir / "report.html"
-    _record_display(run_dir, overlay)
+    _record_display(run_dir, run.spec, overlay)
     if paged:
         return write_paged(run, t, ctx, context, run_dir=run_dir, redirect=path, page_size=page_size,
                            single_file_max=single_file_max)
